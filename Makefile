@@ -1,0 +1,65 @@
+# avsearch: `make run` (train if needed → export → index → serve) and `make test`.
+# Everything lands in .venv (created here) and artifacts/; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= default
+DATA ?= data/synthetic
+ARTIFACTS ?= artifacts
+# Give MODEL=<exported model dir> to serve an existing model instead of training one.
+MODEL ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/model)
+RUN_DIR := $(ARTIFACTS)/run
+
+.PHONY: run test bench install-run install-test clean
+
+# --- environments (stamp files, so a second `make` installs nothing) -----------------------------
+$(VENV)/.run-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[cpu,train]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[cpu,train,dev]'
+	touch $@ $(VENV)/.run-installed
+
+install-run: $(VENV)/.run-installed
+install-test: $(VENV)/.test-installed
+
+# --- the main job ----------------------------------------------------------------------------------
+$(DATA)/audio_features.npy: | $(VENV)/.run-installed
+	$(PY) -m training make-data --config $(CONFIG) --out $(DATA)
+
+$(RUN_DIR)/checkpoint.pt: | $(DATA)/audio_features.npy
+	$(PY) -m training train --config $(CONFIG) --data $(DATA) --out $(RUN_DIR)
+
+$(ARTIFACTS)/model/manifest.json: $(RUN_DIR)/checkpoint.pt
+	$(PY) -m training export --run $(RUN_DIR) --out $(ARTIFACTS)/model
+
+$(ARTIFACTS)/index/visual/info.json: $(MODEL_DIR)/manifest.json $(DATA)/audio_features.npy
+	$(PY) -m index build --model $(MODEL_DIR) --data $(DATA) --out $(ARTIFACTS)/index
+
+$(ARTIFACTS)/example_query.json: $(DATA)/audio_features.npy
+	$(PY) -m service example --data $(DATA) --out $@
+
+run: $(VENV)/.run-installed $(ARTIFACTS)/index/visual/info.json $(ARTIFACTS)/example_query.json
+	$(PY) -m service serve --model $(MODEL_DIR) --index $(ARTIFACTS)/index --host $(HOST) --port $(PORT) --example $(ARTIFACTS)/example_query.json
+
+# --- tests and benchmarks --------------------------------------------------------------------------
+test: $(VENV)/.test-installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.test-installed
+	mkdir -p bench/results
+	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(ARTIFACTS) data/synthetic

@@ -1,0 +1,63 @@
+"""`make run` end to end on the tiny preset: make-data → train → export → index → serve → curl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_make_run_serves_and_the_printed_curl_works(tmp_path):
+    port = _free_port()
+    venv = Path(sys.executable).parents[1]
+    # The stamp says "installed"; this interpreter's venv is the one make would build.
+    (venv / ".run-installed").touch()
+    cmd = ["make", "--no-print-directory", "run", f"VENV={venv}", "CONFIG=tiny", f"DATA={tmp_path}/data", f"ARTIFACTS={tmp_path}/art", f"PORT={port}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.strip().startswith("curl "):
+                break
+        curl = next((l.strip() for l in lines if l.strip().startswith("curl ")), None)
+        assert curl, "".join(lines)
+        assert f"127.0.0.1:{port}/v1/search" in curl
+        body = Path(curl.split("-d @")[1].strip()).read_bytes()
+        for _ in range(100):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/search", data=body, headers={"Content-Type": "application/json"})
+                response = json.loads(urllib.request.urlopen(request, timeout=5).read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server never answered:\n" + "".join(lines))
+        hits = response["results"][0]
+        assert len(hits) == 10
+        ids = set((tmp_path / "data" / "ids.txt").read_text().split())
+        assert all(h["id"] in ids for h in hits)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)

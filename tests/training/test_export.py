@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from index.embedder import Embedder
+from training.data import load_features
+from training.export import ExportError, export_run, serving_encoders
+from training.train import load_checkpoint
+
+
+def test_onnx_matches_pytorch_on_held_out_clips(tiny):
+    """The served embedding (ONNX Runtime) equals the evaluated one (PyTorch) on test clips."""
+    _, model, cca, _, _ = load_checkpoint(tiny.run_dir)
+    encoders = serving_encoders(model, cca)
+    test = load_features(tiny.data_dir).subset("test")
+    embedder = Embedder(tiny.model_dir, device="cpu")
+    for modality in ("audio", "visual"):
+        x = getattr(test, modality)
+        with torch.no_grad():
+            want = encoders[modality](torch.from_numpy(x)).numpy()
+        got = embedder.embed(modality, x)
+        assert got.shape == (len(x), embedder.embedding_dim)
+        assert np.max(np.abs(got - want)) <= 1e-5
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        # The CCA projection is really in the graph: it is not the raw head output.
+        with torch.no_grad():
+            raw = model.towers[modality](torch.from_numpy(x)).numpy()
+        assert raw.shape[1] != got.shape[1] or not np.allclose(raw, got, atol=1e-3)
+
+
+def test_manifest_card(tiny):
+    manifest = json.loads((tiny.model_dir / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["input_dims"] == {"audio": 128, "visual": 1024}
+    assert manifest["embedding_dim"] == 8
+    assert len(manifest["source_checkpoint_sha256"]) == 64
+    assert len(manifest["feature_scaling"]["visual"]["mean"]) == 1024
+    assert all(v <= 1e-5 for v in manifest["parity_max_abs_diff"].values())
+
+
+def test_export_refuses_a_model_that_fails_parity(tiny, tmp_path):
+    with pytest.raises(ExportError, match="not written"):
+        export_run(tiny.run_dir, tmp_path / "model", tolerance=0.0)
+    assert not (tmp_path / "model" / "manifest.json").exists()

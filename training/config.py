@@ -1,0 +1,72 @@
+"""Typed configuration, loaded from YAML presets in ``training/configs/`` (``tiny``, ``default``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from training.cca import CCAConfig
+from training.model import ModelConfig
+from training.synthetic import SyntheticConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # passes over the training split
+    batch_size: int = 256  # paired clips per step
+    lr: float = 3e-4  # AdamW peak learning rate (cosine schedule)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 1.0  # max global grad norm
+    temperature: float = 0.05  # InfoNCE temperature τ
+    seed: int = 42  # model init, batch order and masking
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cca: CCAConfig = field(default_factory=CCAConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when DATA is "synthetic"
+
+
+def _build(cls, values: dict):
+    """Nested dataclass from a dict; unknown keys are an error, not silently ignored."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        field_type = known[name].type
+        sub = {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "CCAConfig": CCAConfig, "SyntheticConfig": SyntheticConfig}
+        if isinstance(value, dict) and isinstance(field_type, str) and field_type in sub:
+            value = _build(sub[field_type], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def load_config(preset_or_path: str) -> Config:
+    """A preset name (``tiny``, ``default``) or a path to a YAML file."""
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ValueError(f"config {preset_or_path!r} not found; presets: {presets}")
+    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,261 @@
+"""The data layer: paired audio/visual clip features, loaded and validated.
+
+Formats (see README "Data formats"):
+
+* a **feature directory** holding ``audio_features.npy`` (N×D_a), ``visual_features.npy`` (N×D_v)
+  and optionally ``labels.npy`` (N class ids, or N×C multi-hot), ``ids.txt`` (one id per line) and
+  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2);
+* the authors' **HDF5 layout**: ``audio_train``, ``visual_train``, ``lab_train`` and the same three
+  ``_test`` keys; a validation split is carved from the training rows (seeded), never the test rows;
+* ``synthetic``: the embedded default generator (:mod:`training.synthetic`).
+
+uint8 features are 8-bit quantised (YouTube-8M style) and de-quantised as ``(q − 128) / 256``.
+Every problem raises :class:`DataError` with one message naming the file and what is wrong.
+This module imports no torch, so the batch indexing jobs reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+SPLIT_NAMES = ("train", "val", "test")
+AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
+LABELS_FILE, IDS_FILE, SPLIT_FILE = "labels.npy", "ids.txt", "split.npy"
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+class DataError(ValueError):
+    """Input features that cannot be used, with a message that names the file and the problem."""
+
+
+@dataclass
+class PairedFeatures:
+    """N paired clips. Row i of ``audio`` and of ``visual`` belong to the same clip."""
+
+    audio: np.ndarray  # (N, D_a) float32
+    visual: np.ndarray  # (N, D_v) float32
+    labels: np.ndarray | None  # (N,) int class ids or (N, C) multi-hot; evaluation only
+    ids: list[str]  # N stable string ids
+    split: np.ndarray | None  # (N,) str in SPLIT_NAMES, or None when the source has none
+    source: str = ""  # where the data came from, for logs and cards
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def audio_dim(self) -> int:
+        return int(self.audio.shape[1])
+
+    @property
+    def visual_dim(self) -> int:
+        return int(self.visual.shape[1])
+
+    def subset(self, split_name: str) -> "PairedFeatures":
+        """The rows of one split (``train``, ``val`` or ``test``)."""
+        if split_name not in SPLIT_NAMES:
+            raise DataError(f"{self.source}: unknown split {split_name!r}; expected one of {SPLIT_NAMES}")
+        if self.split is None:
+            raise DataError(f"{self.source}: has no split; call with_default_split() first")
+        return self.take(np.flatnonzero(self.split == split_name))
+
+    def take(self, rows: np.ndarray) -> "PairedFeatures":
+        return replace(
+            self,
+            audio=self.audio[rows],
+            visual=self.visual[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            ids=[self.ids[i] for i in rows],
+            split=None if self.split is None else self.split[rows],
+        )
+
+    def with_default_split(self, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> "PairedFeatures":
+        """Keep an existing split; otherwise assign a seeded train/val/test split."""
+        if self.split is not None:
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))
+        n_train = int(round(fractions[0] * len(self)))
+        n_val = int(round(fractions[1] * len(self)))
+        split = np.empty(len(self), dtype=object)
+        split[order[:n_train]], split[order[n_train : n_train + n_val]] = "train", "val"
+        split[order[n_train + n_val :]] = "test"
+        return replace(self, split=split.astype(str))
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    """YouTube-8M 8-bit features back to floats: ``(q − 128) / 256``."""
+    return ((q.astype(np.float32) - 128.0) / 256.0).astype(np.float32)
+
+
+def as_features(array: np.ndarray, name: str) -> np.ndarray:
+    """Validate one N×D feature matrix and return it as float32 (uint8 is de-quantised)."""
+    if not isinstance(array, np.ndarray) or array.dtype == object:
+        raise DataError(f"{name}: expected a numeric array, got {type(array).__name__}")
+    if array.ndim != 2:
+        raise DataError(f"{name}: expected a 2-D array (clips × features), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{name}: is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        return dequantize(array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise DataError(f"{name}: unsupported dtype {array.dtype}; expected float or uint8 (8-bit quantised)")
+    out = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataError(f"{name}: holds {int(bad.sum())} NaN/Inf values (first in row {row})")
+    return out
+
+
+def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+    if labels.ndim not in (1, 2) or labels.shape[0] != n:
+        raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            return labels.astype(np.int64)
+        raise DataError(f"{name}: labels must be integers (class ids or 0/1 multi-hot), got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def _check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
+    if split.ndim != 1 or split.shape[0] != n:
+        raise DataError(f"{name}: expected {n} split entries, got shape {split.shape}")
+    if np.issubdtype(split.dtype, np.integer):
+        if split.min() < 0 or split.max() > 2:
+            raise DataError(f"{name}: integer splits must be 0 (train), 1 (val) or 2 (test)")
+        return np.asarray(SPLIT_NAMES)[split]
+    split = split.astype(str)
+    unknown = set(np.unique(split)) - set(SPLIT_NAMES)
+    if unknown:
+        raise DataError(f"{name}: unknown split names {sorted(unknown)}; expected {SPLIT_NAMES}")
+    return split
+
+
+def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays") -> PairedFeatures:
+    """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
+    audio = as_features(audio, f"{source}: audio features")
+    visual = as_features(visual, f"{source}: visual features")
+    n = audio.shape[0]
+    if visual.shape[0] != n:
+        raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
+    if labels is not None:
+        labels = _check_labels(np.asarray(labels), n, f"{source}: labels")
+    if ids is None:
+        ids = [str(i) for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise DataError(f"{source}: {len(ids)} ids for {n} clips")
+    if len(set(ids)) != n:
+        raise DataError(f"{source}: ids are not unique")
+    if split is not None:
+        split = _check_split(np.asarray(split), n, f"{source}: split")
+    return PairedFeatures(audio, visual, labels, ids, split, source)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+
+
+def load_directory(path: Path) -> PairedFeatures:
+    for required in (AUDIO_FILE, VISUAL_FILE):
+        if not (path / required).is_file():
+            raise DataError(f"{path / required}: missing; a feature directory needs {AUDIO_FILE} and {VISUAL_FILE}")
+    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE))
+    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE))
+    if audio.shape[0] != visual.shape[0]:
+        raise DataError(
+            f"{path / VISUAL_FILE}: has {visual.shape[0]} rows but {AUDIO_FILE} has {audio.shape[0]}; rows must pair up"
+        )
+    labels = _load_npy(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
+    ids = (path / IDS_FILE).read_text().splitlines() if (path / IDS_FILE).is_file() else None
+    split = _load_npy(path / SPLIT_FILE) if (path / SPLIT_FILE).is_file() else None
+    return make_paired(audio, visual, labels, ids, split, source=str(path))
+
+
+def load_hdf5(path: Path, val_fraction: float = 0.1, seed: int = 0) -> PairedFeatures:
+    """The authors' layout; validation rows are carved (seeded) from the training rows."""
+    import h5py
+
+    keys = [f"{kind}_{part}" for part in ("train", "test") for kind in ("audio", "visual", "lab")]
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise DataError(f"{path}: missing HDF5 datasets {missing}; expected {keys}")
+            arrays = {k: np.asarray(f[k]) for k in keys}
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+    parts = []
+    for part in ("train", "test"):
+        parts.append(
+            make_paired(
+                arrays[f"audio_{part}"],
+                arrays[f"visual_{part}"],
+                np.asarray(arrays[f"lab_{part}"]).squeeze(),
+                [f"{part}-{i:07d}" for i in range(len(arrays[f"audio_{part}"]))],
+                source=f"{path}[{part}]",
+            )
+        )
+    train, test = parts
+    if train.audio_dim != test.audio_dim or train.visual_dim != test.visual_dim:
+        raise DataError(f"{path}: train and test feature widths differ")
+    split = np.array(["train"] * len(train) + ["test"] * len(test), dtype=object)
+    val_rows = np.random.default_rng(seed).permutation(len(train))[: int(round(val_fraction * len(train)))]
+    split[val_rows] = "val"
+    labels = None
+    if train.labels is not None and test.labels is not None and train.labels.ndim == test.labels.ndim:
+        labels = np.concatenate([train.labels, test.labels])
+    return make_paired(
+        np.vstack([train.audio, test.audio]),
+        np.vstack([train.visual, test.visual]),
+        labels,
+        train.ids + test.ids,
+        split.astype(str),
+        source=str(path),
+    )
+
+
+def load_features(data: str | os.PathLike) -> PairedFeatures:
+    """Load ``synthetic``, a feature directory or an HDF5 file; always returns a train/val/test split."""
+    if str(data) == "synthetic":
+        from training.synthetic import generate
+
+        return generate()
+    path = Path(data)
+    if path.is_dir():
+        return load_directory(path).with_default_split()
+    if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
+        return load_hdf5(path)
+    if not path.exists():
+        raise DataError(f"{path}: does not exist (expected a feature directory, an HDF5 file or 'synthetic')")
+    raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
+    """Write ``data`` in the feature-directory format; each file is written then renamed into place."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save_npy(path / AUDIO_FILE, data.audio)
+    _atomic_save_npy(path / VISUAL_FILE, data.visual)
+    if data.labels is not None:
+        _atomic_save_npy(path / LABELS_FILE, data.labels)
+    if data.split is not None:
+        _atomic_save_npy(path / SPLIT_FILE, data.split.astype("U5"))
+    tmp = path / (IDS_FILE + ".tmp")
+    tmp.write_text("\n".join(data.ids) + "\n")
+    os.replace(tmp, path / IDS_FILE)
+    return path

@@ -1,0 +1,72 @@
+"""Cross-modal retrieval metrics (spec §6), in numpy so the index and the service can reuse them.
+
+A→V: every audio embedding queries the gallery of all visual embeddings of the same split (its own
+partner included), ranked by cosine similarity; an item is relevant when it shares the query's
+class (or, for multi-hot labels, any label). AP is taken over the **full** ranked list:
+``AP = (1/R) Σ_{ranks j of relevant items} precision@j``; mAP is the mean over queries that have at
+least one relevant item. All figures are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def relevance(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """(Q, G) bool: same class id, or at least one shared label for (N, C) multi-hot labels."""
+    if query_labels.ndim == 1:
+        return query_labels[:, None] == gallery_labels[None, :]
+    return (query_labels.astype(np.float32) @ gallery_labels.T.astype(np.float32)) > 0
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ranked_relevance(queries: np.ndarray, gallery: np.ndarray, relevant: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """(Q, G) bool: ``relevant`` reordered per query by descending cosine similarity (stable sort)."""
+    q, g = _normalise(queries), _normalise(gallery)
+    out = np.empty(relevant.shape, dtype=bool)
+    for start in range(0, len(q), chunk):
+        scores = q[start : start + chunk] @ g.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        out[start : start + chunk] = np.take_along_axis(relevant[start : start + chunk], order, axis=1)
+    return out
+
+
+def average_precision_from_ranking(ranked: np.ndarray) -> np.ndarray:
+    """(Q,) AP per query from ranked relevance; NaN for a query with no relevant item."""
+    hits = np.cumsum(ranked, axis=1)
+    precision_at_hit = np.where(ranked, hits / np.arange(1, ranked.shape[1] + 1), 0.0)
+    n_relevant = ranked.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return precision_at_hit.sum(axis=1) / n_relevant
+
+
+def mean_average_precision(queries, gallery, query_labels, gallery_labels) -> float:
+    ranked = ranked_relevance(queries, gallery, relevance(query_labels, gallery_labels))
+    return float(np.nanmean(average_precision_from_ranking(ranked)))
+
+
+def direction_metrics(queries, gallery, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict[str, float]:
+    """mAP, R@k (a relevant item among the first k) and median rank of the first relevant item."""
+    ranked = ranked_relevance(queries, gallery, relevance(query_labels, gallery_labels))
+    ap = average_precision_from_ranking(ranked)
+    has_relevant = ranked.any(axis=1)
+    first_hit = np.argmax(ranked, axis=1)[has_relevant] + 1
+    out = {"map": float(np.nanmean(ap))}
+    for k in ks:
+        out[f"r@{k}"] = float(np.mean(first_hit <= k))
+    out["median_rank"] = float(np.median(first_hit))
+    return out
+
+
+def cross_modal_metrics(audio_emb, visual_emb, labels) -> dict[str, float]:
+    """A→V, V→A and their average mAP (fractions), plus R@k and median rank per direction."""
+    a2v = direction_metrics(audio_emb, visual_emb, labels, labels)
+    v2a = direction_metrics(visual_emb, audio_emb, labels, labels)
+    out = {"a2v": a2v["map"], "v2a": v2a["map"], "avg": (a2v["map"] + v2a["map"]) / 2}
+    for name, metrics in (("a2v", a2v), ("v2a", v2a)):
+        out.update({f"{name}_{k}": v for k, v in metrics.items() if k != "map"})
+    return out
