@@ -37,12 +37,34 @@ def test_load_refuses_other_model_and_corrupt_files(tmp_path):
     VectorIndex.build(_unit(rng, 10, 4), [str(i) for i in range(10)], manifest_hash="a" * 64).save(tmp_path)
     with pytest.raises(IndexLoadError, match="rebuild the index"):
         VectorIndex.load(tmp_path, expected_manifest_hash="b" * 64)
-    (tmp_path / "ids.json").write_text(json.dumps(["x"]))
+    (tmp_path / "items.json").write_text(json.dumps({"labels": {"x": 0}, "metadata": {}}))
     with pytest.raises(IndexLoadError, match="corrupt"):
         VectorIndex.load(tmp_path)
     (tmp_path / "index.faiss").unlink()
     with pytest.raises(IndexLoadError, match="missing"):
         VectorIndex.load(tmp_path)
+
+
+def test_upsert_remove_get_and_filter(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = _unit(rng, 6, 4)
+    index = VectorIndex.build(vectors[:4], ["a", "b", "c", "d"], metadata=[{"t": 1}, None, {"t": 2}, None])
+    index.upsert(vectors[4:], ["b", "e"], metadata=[{"t": 3}, None])  # b replaced, e added
+    assert len(index) == 5 and index.info["count"] == 5
+    np.testing.assert_allclose(index.get("b").vector, vectors[4], atol=1e-6)
+    assert index.get("b").metadata == {"t": 3} and index.get("d").metadata is None
+    assert index.remove(["c", "zz"]) == ["c"]
+    with pytest.raises(KeyError):
+        index.get("c")
+    _, ids = index.search(vectors[4:5], 10)
+    assert ids[0][0] == "b" and set(ids[0]) == {"a", "b", "d", "e"}
+    _, ids = index.search(vectors[4:5], 10, allowed_ids={"a", "d", "gone"})
+    assert sorted(ids[0]) == ["a", "d"]
+    loaded = VectorIndex.load(index.save(tmp_path / "ix"))
+    assert loaded.search(vectors, 3)[1] == index.search(vectors, 3)[1]
+    assert loaded.get("a").metadata == {"t": 1}
+    loaded.upsert(vectors[:1], ["f"])  # labels keep growing after a reload, no clash
+    assert loaded.get("a").id == "a" and loaded.get("f").id == "f"
 
 
 def test_retrieval_through_the_index_equals_evaluation(tiny):
