@@ -94,3 +94,76 @@ def test_embedder_rejects_bad_input(tiny):
     with pytest.raises(InputError, match="unknown modality"):
         embedder.embed("text", np.zeros((1, 128)))
     assert embedder.providers == {"audio": "CPUExecutionProvider", "visual": "CPUExecutionProvider"}
+
+
+def _clustered(rng, n, d, n_clusters=50):
+    centres = _unit(rng, n_clusters, d)
+    x = centres[rng.integers(0, n_clusters, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _recall_at_10(got: list[list[str]], want: list[list[str]]) -> float:
+    return float(np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)]))
+
+
+@pytest.mark.parametrize(
+    ("factory", "params", "min_recall"),
+    [("IVF32,Flat", {"nprobe": 8}, 0.9), ("IVF32,PQ8x8", {"nprobe": 8}, 0.5), ("HNSW16", {"efSearch": 64}, 0.9)],
+)
+def test_approximate_indexes_recall_remove_and_reload(tmp_path, factory, params, min_recall):
+    """Each approximate index against exact search, before and after removals, and across a save."""
+    rng = np.random.default_rng(3)
+    gallery, queries = _clustered(rng, 4000, 16), _clustered(rng, 50, 16)
+    ids = [f"c{i}" for i in range(len(gallery))]
+    exact = VectorIndex.build(gallery, ids)
+    index = VectorIndex.build(gallery, ids, factory, metadata=[{"n": i} for i in range(len(ids))])
+    index.set_search_params(**params)
+    assert _recall_at_10(index.search(queries, 10)[1], exact.search(queries, 10)[1]) >= min_recall
+
+    gone = [ids[i] for i in range(0, 4000, 7)]  # 1/7 of the items: below the compaction threshold
+    assert index.remove(gone) == gone and exact.remove(gone) == gone
+    assert len(index) == 4000 - len(gone) and index.info["count"] == len(index)
+    _, got = index.search(queries, 10)
+    assert not set(gone) & {i for row in got for i in row}  # removed items never come back
+    assert _recall_at_10(got, exact.search(queries, 10)[1]) >= min_recall
+    with pytest.raises(KeyError):
+        index.get(gone[0])
+    assert index.get("c1").metadata == {"n": 1}
+    if factory != "IVF32,PQ8x8":  # PQ codes reconstruct only approximately
+        np.testing.assert_allclose(index.get("c1").vector, gallery[1], atol=1e-6)
+
+    loaded = VectorIndex.load(index.save(tmp_path / "ix"))
+    assert loaded.info["search_params"] == params and loaded.search(queries, 10)[1] == got
+    loaded.upsert(gallery[:1], [gone[0]])  # a removed id can come back, under a new label
+    assert loaded.search(gallery[:1], 1)[1][0][0] in {gone[0], "c0"}
+
+
+def test_hnsw_tombstones_compact_and_filter():
+    rng = np.random.default_rng(4)
+    gallery = _clustered(rng, 1000, 8)
+    ids = [str(i) for i in range(1000)]
+    index = VectorIndex.build(gallery, ids, "HNSW16")
+    assert not index.can_remove
+    index.remove(ids[:100])
+    assert index.info["tombstones"] == 100 and index.index.ntotal == 1000  # still in the graph
+    _, got = index.search(gallery[:100], 5)
+    assert not set(ids[:100]) & {i for row in got for i in row}
+    _, got = index.search(gallery[:5], 3, allowed_ids={"0", "500", "501"})  # "0" is removed
+    assert all(set(row) == {"500", "501"} for row in got)
+    index.remove(ids[100:400])  # 400 tombstones > 25 % of 600 live items: the graph is rebuilt
+    assert index.info["tombstones"] == 0 and index.index.ntotal == 600 == len(index)
+    _, got = index.search(gallery[400:410], 1)
+    assert [row[0] for row in got] == ids[400:410]  # each item finds itself
+
+
+def test_search_params_validated_and_per_call():
+    rng = np.random.default_rng(5)
+    gallery = _clustered(rng, 2000, 8)
+    index = VectorIndex.build(gallery, [str(i) for i in range(2000)], "IVF64,Flat")
+    with pytest.raises(ValueError, match="does not apply"):
+        index.set_search_params(efSearch=10)
+    _, narrow = index.search(gallery[:20], 10, params={"nprobe": 1})
+    _, wide = index.search(gallery[:20], 10, params={"nprobe": 64})  # all lists: exact
+    exact = VectorIndex.build(gallery, [str(i) for i in range(2000)]).search(gallery[:20], 10)[1]
+    assert wide == exact and _recall_at_10(narrow, exact) < 1.0
+    assert index.info["search_params"] == {}  # per-call parameters are not kept

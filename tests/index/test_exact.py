@@ -1,0 +1,47 @@
+"""The numpy exact search against a full argsort and against faiss's flat index."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from index.exact import top_k_inner_product
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_queries", [1, 3, 9, 200])  # the matvec path (≤ 8) and the blocked GEMM path
+@pytest.mark.parametrize("block_rows", [None, 1000])
+def test_equals_full_argsort_and_faiss(n_queries, block_rows):
+    rng = np.random.default_rng(n_queries)
+    database, queries = _unit(rng, 20011, 16), _unit(rng, n_queries, 16)
+    scores, rows = top_k_inner_product(database, queries, 10, block_rows=block_rows)
+    exact = queries.astype(np.float64) @ database.T.astype(np.float64)
+    want_rows = np.argsort(-exact, axis=1)[:, :10]
+    np.testing.assert_array_equal(rows, want_rows)  # continuous random data: no ties
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, want_rows, 1), atol=1e-5)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(database)
+    faiss_scores, faiss_rows = flat.search(queries, 10)
+    np.testing.assert_array_equal(rows, faiss_rows)
+    np.testing.assert_allclose(scores, faiss_scores, atol=1e-5)
+
+
+def test_small_database_duplicates_and_k_larger_than_n():
+    rng = np.random.default_rng(0)
+    database = np.repeat(_unit(rng, 3, 4), 2, axis=0)  # every vector twice: ties
+    for queries in (database[:1], np.repeat(database, 3, axis=0)):
+        scores, rows = top_k_inner_product(database, queries, 50)
+        assert scores.shape == (len(queries), 6) and rows.shape == (len(queries), 6)
+        assert all(sorted(r) == list(range(6)) for r in rows.tolist())
+        assert np.all(np.diff(scores, axis=1) <= 1e-7)  # best first
+        np.testing.assert_allclose(scores, np.sort(queries @ database.T, axis=1)[:, ::-1], atol=1e-6)
+
+
+def test_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="same width"):
+        top_k_inner_product(np.zeros((4, 3), np.float32), np.zeros((1, 2), np.float32), 1)
