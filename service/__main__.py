@@ -1,4 +1,8 @@
-"""``python -m service serve``: check the model and index, print a curl to try, serve with uvicorn.
+"""Command line of the service (errors: exit code 2 and one line on stderr).
+
+``python -m service serve``: load the model and index (fail fast), print a curl to try, serve with uvicorn.
+``python -m service prepare --data DATA``: build the index for the configured model unless an up-to-date
+one is there (the compose indexing job; item changes made through the API survive a re-run).
 ``python -m service example``: write a request body holding one audio query from a feature directory.
 """
 
@@ -7,33 +11,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from index.embedder import ModelError
+from index.embedder import MODALITIES, ModelError, load_manifest
 from index.store import IndexLoadError
+
+
+def _settings(args):
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index)) if v is not None}
+    return Settings(**overrides)
 
 
 def _serve(args) -> int:
     import uvicorn
 
-    from service.app import Engine, create_app
-    from service.settings import Settings
+    from service.app import create_app
+    from service.engine import Engine
 
-    overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index)) if v is not None}
-    settings = Settings(**overrides)
-    try:
-        engine = Engine.load(settings)  # fail fast, with one line, before binding the port
-    except (ModelError, IndexLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = _settings(args)
+    engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads)  # before binding the port
     url = f"http://{args.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
-    print(f"\navsearch serving on {url}  (API docs: {url}/docs)")
+    print(f"\navsearch serving model {engine.version} on {url}  (API docs: {url}/docs)")
     print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}\n", flush=True)
-    uvicorn.run(create_app(settings, engine), host=args.host, port=args.port, log_level="info")
+    # One process: the index lives in memory and item changes must be seen by every request.
+    uvicorn.run(create_app(settings, engine), host=args.host, port=args.port, log_level="info", access_log=settings.access_log)
+    return 0
+
+
+def _prepare(args) -> int:
+    """Index ``--data`` with the configured model unless the index there was built from that model."""
+    from index.build import build_indexes
+    from service.persist import load_index, swap_into_place
+
+    settings = _settings(args)
+    try:
+        _, manifest_hash = load_manifest(settings.model_dir)
+    except ModelError as err:
+        raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
+    if not args.rebuild:
+        try:
+            sizes = {m: len(load_index(settings.index_dir / m, manifest_hash)) for m in MODALITIES}
+            print(f"index in {settings.index_dir} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
+            return 0
+        except IndexLoadError as err:
+            logging.getLogger(__name__).info("building the index: %s", err)
+    staging = settings.index_dir.parent / f".{settings.index_dir.name}.build"
+    shutil.rmtree(staging, ignore_errors=True)
+    indexes = build_indexes(settings.model_dir, args.data, staging, args.factory, settings.device, progress=False)
+    settings.index_dir.mkdir(parents=True, exist_ok=True)
+    for modality in MODALITIES:  # each modality swapped in whole: a kill leaves the old or the new
+        swap_into_place(staging / modality, settings.index_dir / modality)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {settings.index_dir} for model {manifest_hash[:12]}")
     return 0
 
 
@@ -49,15 +86,22 @@ def _example(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service")
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve the search API with uvicorn")
+    p = sub.add_parser("serve", help="serve the search API with uvicorn (settings: AVSEARCH_* variables, see service/README.md)")
     p.add_argument("--model", type=Path, help="exported model directory (default: $AVSEARCH_MODEL_DIR or artifacts/model)")
     p.add_argument("--index", type=Path, help="index directory (default: $AVSEARCH_INDEX_DIR or artifacts/index)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--example", type=Path, help="a JSON request body to show in the printed curl")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("prepare", help="build the index for the model unless an up-to-date one exists")
+    p.add_argument("--model", type=Path, help="exported model directory (default: $AVSEARCH_MODEL_DIR)")
+    p.add_argument("--index", type=Path, help="index directory (default: $AVSEARCH_INDEX_DIR)")
+    p.add_argument("--data", required=True, help="feature directory, HDF5 file or 'synthetic'")
+    p.add_argument("--factory", default="Flat", help="FAISS factory string (default: exact inner product)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date (drops API item changes)")
+    p.set_defaults(func=_prepare)
     p = sub.add_parser("example", help="write an example search request from a feature directory")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -65,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_example)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValidationError as err:
+        from service.bodies import readable
+
+        print(f"error: invalid AVSEARCH_* setting: {readable(err, prefix='settings')}", file=sys.stderr)
+    except (ModelError, IndexLoadError, ValueError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

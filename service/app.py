@@ -1,66 +1,104 @@
-"""The FastAPI application: heavy objects are loaded in ``lifespan``, not at import time."""
+"""The FastAPI application: heavy objects are loaded in ``lifespan`` (or handed in), never at import time."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-
-from index.embedder import MODALITIES, Embedder, InputError
-from index.store import VectorIndex
-from service.schemas import Health, SearchHit, SearchRequest, SearchResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from service.bodies import OPENAPI_MODELS
+from service.engine import Engine
+from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
+from service.routers import items, ops, search
 from service.settings import Settings
+from service.state import ServiceState
 
 log = logging.getLogger(__name__)
-OTHER = {"audio": "visual", "visual": "audio"}
 
 
-@dataclass
-class Engine:
-    """What a request needs: the embedder and one index per modality, from the same model."""
+def _configure_threads(settings: Settings) -> None:
+    if settings.search_threads > 0:
+        import faiss
 
-    embedder: Embedder
-    indexes: dict[str, VectorIndex]
+        faiss.omp_set_num_threads(settings.search_threads)
 
-    @classmethod
-    def load(cls, settings: Settings) -> "Engine":
-        embedder = Embedder(settings.model_dir, device=settings.device)
-        indexes = {m: VectorIndex.load(settings.index_dir / m, expected_manifest_hash=embedder.manifest_hash) for m in MODALITIES}
-        return cls(embedder, indexes)
 
-    def search(self, request: SearchRequest) -> SearchResponse:
-        queries = self.embedder.embed(request.modality, request.vectors)
-        scores, ids = self.indexes[request.target or OTHER[request.modality]].search(queries, request.top_k)
-        results = [[SearchHit(id=i, score=float(s)) for i, s in zip(row_ids, row_scores)] for row_ids, row_scores in zip(ids, scores)]
-        return SearchResponse(results=results, model=self.embedder.manifest_hash[:12])
+def _watch_sighup(state: ServiceState) -> bool:
+    """SIGHUP swaps in the version found at the configured paths (only where the loop owns signals)."""
+
+    def on_sighup() -> None:
+        async def swap() -> None:
+            try:
+                await state.swap()
+            except Exception as err:  # the current version keeps serving
+                log.error("SIGHUP: version not swapped, the current one keeps serving: %s", err)
+
+        asyncio.get_running_loop().create_task(swap())
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        return True
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):  # not the main thread, or no SIGHUP
+        return False
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app; without ``engine`` it loads one in the background (``/readyz`` answers 503 until then)."""
     settings = settings or Settings()
+    state = ServiceState(settings, engine)
+    _configure_threads(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = engine or Engine.load(settings)
-        yield
-
-    app = FastAPI(title="avsearch", version="0.1.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
-
-    @app.get("/healthz", response_model=Health)
-    def healthz() -> Health:
-        return Health()
-
-    @app.post("/v1/search", response_model=SearchResponse)
-    async def search(body: SearchRequest, request: Request) -> SearchResponse:
-        if len(body.vectors) > settings.max_vectors:
-            raise HTTPException(413, f"{len(body.vectors)} vectors in one request; the limit is {settings.max_vectors}")
-        if body.top_k > settings.max_top_k:
-            raise HTTPException(422, f"top_k {body.top_k} is above the limit {settings.max_top_k}")
+        state.start_batcher()
+        loader = None if state.engine is not None else asyncio.get_running_loop().create_task(state.load_in_background())
+        watching = _watch_sighup(state)
         try:
-            return await run_in_threadpool(request.app.state.engine.search, body)
-        except InputError as err:
-            raise HTTPException(422, str(err)) from None
+            yield
+        finally:
+            if watching:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if loader is not None:
+                await loader
+            await state.batcher.stop()
 
+    app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
+    app.state.avsearch = state
+    for router in (ops.router, search.router, items.router):
+        app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        """Path and query problems (bodies are checked in service.bodies), as one readable line."""
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "malformed JSON; send a JSON object"}, status_code=400)
+        parts = ["{}: {}".format(".".join(str(p) for p in e["loc"]), e["msg"]) for e in errors[:5]]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=413)
+
+    def openapi() -> dict:
+        """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in OPENAPI_MODELS:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    # Outermost first: metrics see every answer, the 413 of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

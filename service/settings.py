@@ -1,10 +1,10 @@
-"""Service settings, from environment variables prefixed ``AVSEARCH_`` (see README)."""
+"""Service settings, from environment variables prefixed ``AVSEARCH_`` (every one is listed in service/README.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,7 +12,27 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVSEARCH_", protected_namespaces=())
 
     model_dir: Path = Field(Path("artifacts/model"), description="exported model directory (manifest.json + ONNX files)")
-    index_dir: Path = Field(Path("artifacts/index"), description="index directory with audio/ and visual/")
+    index_dir: Path = Field(Path("artifacts/index"), description="index directory with audio/ and visual/; item changes are saved here")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="ONNX Runtime device; auto = CUDA when present")
-    max_vectors: int = Field(1024, gt=0, description="most query vectors in one request (more: HTTP 413)")
-    max_top_k: int = Field(1000, gt=0, description="largest top_k accepted")
+    max_vectors: int = Field(1024, gt=0, description="most vectors (or ids, or items) in one request; more: HTTP 413")
+    max_top_k: int = Field(1000, gt=0, description="largest top_k accepted; more: HTTP 422")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body in bytes; more: HTTP 413")
+    api_key: SecretStr | None = Field(None, description="read-write API key (Authorization: Bearer <key>); unset = no auth")
+    read_api_key: SecretStr | None = Field(None, description="read-only API key: search, embed, get items, info; needs api_key set")
+    batch_window_ms: float = Field(0.5, ge=0, le=100, description="how long the first request of a micro-batch waits for others")
+    max_batch: int = Field(256, gt=0, description="most query vectors the micro-batcher runs in one encoder+index call")
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per encoder call (0 = one per core)")
+    search_threads: int = Field(1, ge=0, description="FAISS OpenMP threads (0 = FAISS default, one per core)")
+    access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
+
+    @model_validator(mode="after")
+    def _keys_are_coherent(self) -> "Settings":
+        if self.read_api_key is not None and self.api_key is None:
+            raise ValueError("AVSEARCH_READ_API_KEY is set but AVSEARCH_API_KEY is not: writes would be open to anyone; set both")
+        if self.api_key is not None and self.read_api_key is not None and self.api_key.get_secret_value() == self.read_api_key.get_secret_value():
+            raise ValueError("AVSEARCH_API_KEY and AVSEARCH_READ_API_KEY must differ")
+        for name in ("api_key", "read_api_key"):
+            key = getattr(self, name)
+            if key is not None and not key.get_secret_value().strip():
+                raise ValueError(f"AVSEARCH_{name.upper()} is empty; unset it or give a key")
+        return self

@@ -1,0 +1,75 @@
+"""Items: upsert raw feature vectors (embedded here), get and delete by id. Changes are on disk when acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from index.embedder import InputError
+from service.auth import require_read, require_write
+from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
+from service.engine import ItemNotFound
+from service.routers import ERRORS
+from service.schemas import DeleteResponse, ItemOut, Modality, UpsertRequest, UpsertResponse
+from service.state import ServiceState
+
+router = APIRouter(prefix="/v1/items", tags=["items"], responses=ERRORS)
+NOT_FOUND = {404: {"description": "no item with that id"}}
+
+
+def _not_found(err: ItemNotFound) -> HTTPException:
+    return HTTPException(404, f"{err.message}; check the id and the modality")
+
+
+@router.post(
+    "/{modality}",
+    response_model=UpsertResponse,
+    dependencies=[Depends(require_write)],
+    summary="Add or replace items: raw feature vectors of this modality, embedded by the service",
+    openapi_extra=body_spec(UpsertRequest),
+)
+async def upsert(modality: Modality, request: Request) -> UpsertResponse:
+    state: ServiceState = request.app.state.avsearch
+    state.ready_engine()
+    if content_type(request) != JSON:
+        raise unsupported(request, (JSON,))
+    body = await parse_json(request, UpsertRequest)
+    if len(body.items) > state.settings.max_vectors:
+        raise HTTPException(413, f"{len(body.items)} items in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS): split it")
+    ids = [item.id for item in body.items]
+    repeated = [item_id for item_id, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise HTTPException(422, f"ids must be unique within one request; repeated: {repeated[:5]}")
+    async with state.gate.mutation():  # a version swap waits for this change, and this change for a swap
+        engine = state.ready_engine()
+        try:
+            vectors = engine.validate(modality, [item.vector for item in body.items])
+        except InputError as err:
+            raise HTTPException(422, f"items: {err}") from None
+        count = await asyncio.to_thread(engine.upsert, modality, vectors, ids, [item.metadata for item in body.items])
+    return UpsertResponse(upserted=len(ids), modality=modality, count=count)
+
+
+@router.get("/{modality}/{item_id}", response_model=ItemOut, dependencies=[Depends(require_read)], responses=NOT_FOUND)
+async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOut:
+    engine = request.app.state.avsearch.ready_engine()
+    try:
+        item = await asyncio.to_thread(engine.get, modality, item_id)
+    except ItemNotFound as err:
+        raise _not_found(err) from None
+    return ItemOut(id=item.id, modality=modality, metadata=item.metadata, embedding=item.vector.tolist())
+
+
+@router.delete("/{modality}/{item_id}", response_model=DeleteResponse, dependencies=[Depends(require_write)], responses=NOT_FOUND)
+async def delete_item(modality: Modality, item_id: str, request: Request) -> DeleteResponse:
+    state: ServiceState = request.app.state.avsearch
+    state.ready_engine()
+    async with state.gate.mutation():
+        engine = state.ready_engine()
+        try:
+            count = await asyncio.to_thread(engine.delete, modality, item_id)
+        except ItemNotFound as err:
+            raise _not_found(err) from None
+    return DeleteResponse(deleted=item_id, modality=modality, count=count)

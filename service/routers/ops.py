@@ -1,0 +1,66 @@
+"""Operations: liveness, readiness, Prometheus metrics, what is loaded, and the version swap."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from index.embedder import ModelError
+from index.store import IndexLoadError
+from service.auth import require_read, require_write
+from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
+from service.routers import ERRORS
+from service.schemas import Health, Info, Ready, ReloadRequest, ReloadResponse
+from service.state import ServiceState
+
+router = APIRouter(tags=["ops"])
+OPTIONAL_BODY = body_spec(ReloadRequest)
+OPTIONAL_BODY["requestBody"]["required"] = False  # no body: reload from the configured paths
+
+
+@router.get("/healthz", response_model=Health, summary="Alive (the process answers)")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Ready, summary="Model and index loaded; 503 until then", responses={503: ERRORS[503]})
+async def readyz(request: Request) -> Ready:
+    engine = request.app.state.avsearch.ready_engine()
+    return Ready(model=engine.version)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    state: ServiceState = request.app.state.avsearch
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+@router.get("/v1/info", response_model=Info, dependencies=[Depends(require_read)], responses=ERRORS, summary="Model manifest, index sizes, providers, limits")
+async def info(request: Request) -> Info:
+    state: ServiceState = request.app.state.avsearch
+    s = state.settings
+    limits = {"max_vectors": s.max_vectors, "max_top_k": s.max_top_k, "max_body_bytes": s.max_body_bytes, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch}
+    return Info(**state.ready_engine().describe(), limits=limits)
+
+
+@router.post(
+    "/v1/admin/reload",
+    response_model=ReloadResponse,
+    dependencies=[Depends(require_write)],
+    summary="Swap in a model + index version atomically (same as SIGHUP with no body)",
+    responses={**ERRORS, 409: {"description": "the new version cannot be loaded (missing, corrupt, index from another model); the current one stays"}},
+    openapi_extra=OPTIONAL_BODY,
+)
+async def reload(request: Request) -> ReloadResponse:
+    state: ServiceState = request.app.state.avsearch
+    body = await request.body()
+    if body.strip():
+        if content_type(request) != JSON:
+            raise unsupported(request, (JSON,))
+        options = await parse_json(request, ReloadRequest, body)
+    else:
+        options = ReloadRequest()
+    try:
+        previous, engine = await state.swap(options.model_dir, options.index_dir)
+    except (ModelError, IndexLoadError, OSError) as err:
+        raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
+    return ReloadResponse(model=engine.version, previous_model=previous, index_sizes=engine.sizes())

@@ -1,0 +1,91 @@
+"""``POST /v1/search`` and ``POST /v1/embed``: JSON, or a float32 ``.npy`` body with options in the query string."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from index.embedder import InputError
+from service.auth import require_read
+from service.bodies import JSON, NPY, body_spec, content_type, parse_json, parse_npy, parse_query, query_spec, unsupported
+from service.encoding import dumps
+from service.engine import OTHER, EmbedJob, ItemNotFound, SearchJob
+from service.routers import ERRORS
+from service.schemas import EmbedParams, EmbedRequest, EmbedResponse, SearchParams, SearchRequest, SearchResponse
+from service.state import ServiceState
+
+router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_read)], responses=ERRORS)
+
+
+def _check_count(state: ServiceState, n: int) -> None:
+    if n > state.settings.max_vectors:
+        raise HTTPException(413, f"{n} vectors in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS): split the request")
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    summary="Nearest items of the other modality (or `target`) for raw feature vectors or stored ids",
+    openapi_extra={**body_spec(SearchRequest, binary=True), "parameters": query_spec(SearchParams)},
+    responses={404: {"description": "an id in `ids` is unknown"}},
+)
+async def search(request: Request) -> Response:
+    state: ServiceState = request.app.state.avsearch
+    engine = state.ready_engine()
+    kind = content_type(request)
+    if kind == JSON:
+        options: SearchRequest | SearchParams = await parse_json(request, SearchRequest)
+        vectors, ids = options.vectors, options.ids
+    elif kind == NPY:
+        options = parse_query(request, SearchParams)
+        vectors, ids = parse_npy(await request.body()), None
+    else:
+        raise unsupported(request, (JSON, NPY))
+    _check_count(state, len(vectors) if vectors is not None else len(ids))
+    if options.top_k > state.settings.max_top_k:
+        raise HTTPException(422, f"top_k {options.top_k} is above the limit {state.settings.max_top_k} (AVSEARCH_MAX_TOP_K)")
+    try:
+        checked = None if vectors is None else engine.validate(options.modality, vectors)
+    except InputError as err:
+        raise HTTPException(422, str(err)) from None
+    job = SearchJob(
+        options.modality, options.target or OTHER[options.modality], options.top_k, checked, ids, options.score_threshold, options.filter
+    )
+    try:
+        body = await state.batcher.submit(engine, job)
+    except ItemNotFound as err:
+        raise HTTPException(404, f"{err.message}; query with raw vectors or upsert the item first") from None
+    return Response(body, media_type=JSON)
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    summary="Served embeddings of raw feature vectors (JSON, or .npy back with `Accept: application/x-npy`)",
+    openapi_extra={**body_spec(EmbedRequest, binary=True), "parameters": query_spec(EmbedParams)},
+)
+async def embed(request: Request) -> Response:
+    state: ServiceState = request.app.state.avsearch
+    engine = state.ready_engine()
+    kind = content_type(request)
+    if kind == JSON:
+        options: EmbedRequest | EmbedParams = await parse_json(request, EmbedRequest)
+        vectors = options.vectors
+    elif kind == NPY:
+        options = parse_query(request, EmbedParams)
+        vectors = parse_npy(await request.body())
+    else:
+        raise unsupported(request, (JSON, NPY))
+    _check_count(state, len(vectors))
+    try:
+        checked = engine.validate(options.modality, vectors)
+    except InputError as err:
+        raise HTTPException(422, str(err)) from None
+    embeddings: np.ndarray = await state.batcher.submit(engine, EmbedJob(options.modality, checked))
+    if NPY in request.headers.get("accept", ""):
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings)
+        return Response(buffer.getvalue(), media_type=NPY, headers={"X-Avsearch-Model": engine.version})
+    return Response(dumps({"embeddings": embeddings, "dim": int(embeddings.shape[1]), "model": engine.version}), media_type=JSON)

@@ -1,0 +1,67 @@
+"""What the running app holds: settings, the current version (engine), the batcher, metrics; and the swap."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+
+from service.batching import MicroBatcher
+from service.engine import Engine
+from service.locks import SwapGate
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, engine: Engine | None = None):
+        self.settings = settings
+        self.engine = engine
+        self.load_error: str | None = None
+        self.gate = SwapGate()
+        self.metrics = Metrics(lambda: self.engine.sizes() if self.engine is not None else {})
+        self.batcher: MicroBatcher | None = None
+
+    def start_batcher(self) -> None:
+        self.batcher = MicroBatcher(self.settings.batch_window_ms / 1000, self.settings.max_batch, self.metrics.observe_batch)
+        self.batcher.start()
+
+    def load_engine(self, model_dir: Path | None = None, index_dir: Path | None = None) -> Engine:
+        s = self.settings
+        return Engine.load(model_dir or s.model_dir, index_dir or s.index_dir, device=s.device, intra_op_threads=s.intra_op_threads)
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            reason = f"loading failed: {self.load_error}" if self.load_error else "the model and index are still loading"
+            raise HTTPException(503, f"not ready: {reason}; retry later (GET /readyz says when)")
+        return self.engine
+
+    async def load_in_background(self) -> None:
+        try:
+            self.engine = await asyncio.to_thread(self.load_engine)
+            log.info("ready: model %s, index sizes %s", self.engine.version, self.engine.sizes())
+        except Exception as err:  # ModelError, IndexLoadError, OSError: reported by /readyz
+            self.load_error = str(err)
+            log.error("cannot load the model or index: %s", err)
+
+    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, Engine]:
+        """Load a version and swap it in; raises ModelError / IndexLoadError and keeps the current one.
+
+        Searches keep running on the version they started with; item changes wait (SwapGate), so
+        none lands in the old version after the new one was read from disk.
+        """
+        async with self.gate.exclusive():
+            engine = await asyncio.to_thread(self.load_engine, model_dir, index_dir)
+            previous = self.engine.version if self.engine is not None else ""
+            self.engine, self.load_error = engine, None
+        self.metrics.swaps.inc()
+        log.info("swapped in model %s (was %s), index sizes %s", engine.version, previous or "none", engine.sizes())
+        return previous, engine
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.avsearch

@@ -1,0 +1,56 @@
+"""Service fixtures: an app over a private copy of the tiny index (item changes write to it)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from training.data import load_features
+
+
+def copy_index(tiny, dest: Path) -> Path:
+    shutil.copytree(tiny.index_dir, dest)
+    return dest
+
+
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').text}")
+
+
+def make_client(tiny, index_dir: Path, **overrides) -> TestClient:
+    """A started TestClient (use it in a ``with``); the model loads in the background as in production."""
+    settings = Settings(model_dir=tiny.model_dir, index_dir=index_dir, **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def features(tiny):
+    return load_features(tiny.data_dir)
+
+
+@pytest.fixture(scope="module")
+def client(tiny, tmp_path_factory):
+    index_dir = copy_index(tiny, tmp_path_factory.mktemp("svc") / "index")
+    with make_client(tiny, index_dir, max_vectors=8, max_top_k=50, max_body_bytes=200_000) as c:
+        wait_ready(c)
+        yield c
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
