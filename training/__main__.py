@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {make-data,train,eval,export} ...``.
+"""Command line: ``python -m training {make-data,train,eval,compare,export} ...``.
 
 DATA is a feature directory, an HDF5 file in the authors' layout, or ``synthetic``.
 Errors in the input end the command with exit code 2 and one readable line.
@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+STATE_NAME = "train_state.pt"  # full training state after each epoch, for --resume
 
 
 def _cmd_make_data(args) -> None:
@@ -26,24 +28,44 @@ def _cmd_make_data(args) -> None:
     print(f"wrote {len(data)} clips ({data.audio_dim}-d audio, {data.visual_dim}-d visual) to {args.out}")
 
 
-def _cmd_train(args) -> None:
-    from training.config import load_config
+def _load_data(spec: str, cfg):
     from training.data import load_features
     from training.synthetic import generate
+
+    return generate(cfg.synthetic) if spec == "synthetic" else load_features(spec)
+
+
+def _cmd_train(args) -> None:
+    from training.baselines import method_config
+    from training.config import load_config
     from training.train import CHECKPOINT_NAME, evaluate_model, save_checkpoint, train
 
-    cfg = load_config(args.config)
+    if args.method == "linear-cca":
+        raise ValueError("linear-cca has no encoder to train or export; it is reported by `compare`")
+    cfg = method_config(load_config(args.config), args.method)
     if args.seed is not None:
         cfg.train.seed = args.seed
-    data = generate(cfg.synthetic) if args.data == "synthetic" else load_features(args.data)
-    result = train(cfg, data, show_progress=not args.quiet)
+    data = _load_data(args.data, cfg)
     run = Path(args.out)
+    result = train(cfg, data, show_progress=not args.quiet, state_path=run / STATE_NAME, resume=args.resume)
     digest = save_checkpoint(run / CHECKPOINT_NAME, cfg, data, result)
     # The selected checkpoint's test figure, reported once; selection never saw it.
     test = evaluate_model(result.model, result.cca, data.subset("test"))
     (run / "metrics.json").write_text(json.dumps({"val": result.val_metrics, "test": test, "best_epoch": result.best_epoch}, indent=2))
-    print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, best epoch {result.best_epoch})")
+    print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best epoch {result.best_epoch})")
     _print_table(test)
+
+
+def _cmd_compare(args) -> None:
+    from training.compare import compare
+    from training.config import load_config
+
+    cfg = load_config(args.config)
+    data = _load_data(args.data, cfg)
+    methods = args.methods.split(",") if args.methods else None
+    results = compare(cfg, data, args.seeds, Path(args.out), methods=methods, show_progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.md, results.json and {len(results['plots'])} plots")
 
 
 def _print_table(m: dict) -> None:
@@ -55,12 +77,10 @@ def _print_table(m: dict) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from training.data import load_features
-    from training.synthetic import generate
     from training.train import evaluate_model, load_checkpoint
 
     cfg, model, cca, _, _ = load_checkpoint(Path(args.run))
-    data = generate(cfg.synthetic) if args.data == "synthetic" else load_features(args.data)
+    data = _load_data(args.data, cfg)
     m = evaluate_model(model, cca, data.subset(args.split))
     _print_table(m)
     print(json.dumps({"a2v": m["a2v"], "v2a": m["v2a"], "avg": m["avg"]}))
@@ -84,12 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_make_data)
 
     p = sub.add_parser("train", help="train, select on validation, report test")
-    p.add_argument("--config", default="default", help="preset name (tiny, default) or YAML path")
-    p.add_argument("--data", default="synthetic")
+    p.add_argument("--config", default="default", help="preset name (tiny, default, paper) or YAML path")
+    p.add_argument("--data", default="synthetic", help="feature directory, HDF5 file, or 'synthetic'")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--method", default="hscmae", help="hscmae, a baseline (dcca, mae, clip, cavmae), an ablation (no-dcca, ...) or rho=R")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{STATE_NAME}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compare", help="HSC-MAE vs baselines, ablations and mask-ratio sweep over seeds; writes a report")
+    p.add_argument("--config", default="default")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", required=True, help="report directory (runs/ inside makes it resumable)")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("eval", help="evaluate a run; ends with one JSON line")
     p.add_argument("--run", required=True)
@@ -106,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

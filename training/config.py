@@ -1,4 +1,4 @@
-"""Typed configuration, loaded from YAML presets in ``training/configs/`` (``tiny``, ``default``)."""
+"""Typed configuration, loaded from YAML presets in ``training/configs/`` (``tiny``, ``default``, ``paper``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from training.cca import CCAConfig
+from training.hscmae import ObjectiveConfig
 from training.model import ModelConfig
 from training.synthetic import SyntheticConfig
 
@@ -22,15 +23,17 @@ class TrainConfig:
     lr: float = 3e-4  # AdamW peak learning rate (cosine schedule)
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max global grad norm
-    temperature: float = 0.05  # InfoNCE temperature τ
     seed: int = 42  # model init, batch order and masking
     device: str = "auto"  # "auto" = CUDA when present, else CPU
+    amp: bool = False  # bfloat16 autocast for the encoders/decoders (DCCA stays float64)
+    method: str = "hscmae"  # a name from training.baselines.METHODS (recorded; overrides already applied)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # loss terms and switches
     cca: CCAConfig = field(default_factory=CCAConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when DATA is "synthetic"
 
@@ -44,7 +47,7 @@ def _build(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         field_type = known[name].type
-        sub = {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "CCAConfig": CCAConfig, "SyntheticConfig": SyntheticConfig}
+        sub = {c.__name__: c for c in (ModelConfig, TrainConfig, ObjectiveConfig, CCAConfig, SyntheticConfig)}
         if isinstance(value, dict) and isinstance(field_type, str) and field_type in sub:
             value = _build(sub[field_type], value)
         elif isinstance(value, list):
@@ -58,7 +61,7 @@ def config_from_dict(values: dict) -> Config:
 
 
 def load_config(preset_or_path: str) -> Config:
-    """A preset name (``tiny``, ``default``) or a path to a YAML file."""
+    """A preset name (``tiny``, ``default``, ``paper``) or a path to a YAML file."""
     path = Path(preset_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{preset_or_path}.yaml"

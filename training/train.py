@@ -1,4 +1,4 @@
-"""Training: a loop that knows nothing about the model, validation-based selection, test-time CCA.
+"""Training: a loop that knows nothing about the model, EMA teacher, validation selection, test-time CCA.
 
 Selection uses the validation split only; the test split is touched once, by ``evaluate``.
 """
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.cca import LinearCCA, fit_linear_cca
 from training.config import Config, config_from_dict, config_to_dict
 from training.data import PairedFeatures
+from training.hscmae import TaskWeights, active_terms, ema_update, hscmae_step, momentum_at
 from training.metrics import cross_modal_metrics
 from training.model import AVModel
 
@@ -34,13 +34,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def paired_infonce(z_a: torch.Tensor, z_v: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CLIP-style symmetric InfoNCE over a batch of B pairs; z_* (B, E) unit-norm."""
-    logits = z_a @ z_v.T / temperature
-    target = torch.arange(len(z_a), device=z_a.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 @torch.no_grad()
@@ -70,60 +63,156 @@ def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures) 
 
 @dataclass
 class TrainResult:
-    model: AVModel
-    cca: LinearCCA | None
+    model: AVModel  # the evaluated model: the EMA teacher (or the student when there is none)
+    cca: LinearCCA | None  # test-time CCA fitted on that model's clean training embeddings
     val_metrics: dict
     best_epoch: int
-    history: list[dict]
+    history: list[dict]  # one dict per epoch: mean loss terms, weights, validation mAP
 
 
-def train(cfg: Config, data: PairedFeatures, show_progress: bool = True) -> TrainResult:
-    """Paired-InfoNCE training with validation-mAP selection; labels are read for validation only."""
-    torch.manual_seed(cfg.train.seed)
-    device = pick_device(cfg.train.device)
-    train_split, val_split = data.subset("train"), data.subset("val")
+def _autocast(device: torch.device, enabled: bool):
+    # bfloat16 needs no loss scaler; the DCCA term leaves autocast and runs in float64 itself.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_one_epoch(step_fn, batches, after_step, bar=None) -> dict[str, float]:
+    """Run ``step_fn(batch) -> StepOutput`` over ``batches``; stop on a non-finite loss.
+
+    ``after_step(output)`` does the optimiser work. Returns the epoch means of every logged value.
+    """
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        out = step_fn(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"non-finite loss {float(out.loss)} (terms {out.terms})")
+        after_step(out)
+        logged = {"loss": float(out.loss), **out.terms, **{f"w_{k}": v for k, v in out.weights.items()}, **out.diagnostics}
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{float(out.loss):.3f}", refresh=False)
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _scaled_model(cfg: Config, data: PairedFeatures, train_split: PairedFeatures) -> AVModel:
     model = AVModel(data.audio_dim, data.visual_dim, cfg.model)
     for modality in ("audio", "visual"):
         x = torch.from_numpy(getattr(train_split, modality))
         model.towers[modality].set_scaling(x.mean(0), x.std(0))
-    model.to(device)
+    return model
 
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+def train(
+    cfg: Config, data: PairedFeatures, show_progress: bool = True, state_path: Path | None = None, resume: bool = False, stop_after: int | None = None
+) -> TrainResult:
+    """Train the objective ``cfg.objective``, select the epoch on validation mAP, fit test-time CCA.
+
+    Labels are read for validation only. With ``state_path`` the full training state is written
+    there after every epoch; ``resume`` continues from it. ``stop_after`` ends this call after that
+    many epochs (a later ``resume`` call finishes the schedule, which stays that of ``cfg``).
+    """
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    obj = cfg.objective
+    names = active_terms(obj)
+    train_split, val_split = data.subset("train"), data.subset("val")
+    student = _scaled_model(cfg, data, train_split).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval() if obj.teacher else None
+    task_weights = TaskWeights(names).to(device)
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": student.parameters(), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
+            {"params": task_weights.parameters(), "lr": obj.log_var_lr, "weight_decay": 0.0},
+        ]
+    )
     n = len(train_split)
-    steps_per_epoch = max(1, n // cfg.train.batch_size)
+    batch_size = min(cfg.train.batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
     total_steps = cfg.train.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+    base_lrs = [cfg.train.lr, obj.log_var_lr]
     audio = torch.from_numpy(train_split.audio).to(device)
     visual = torch.from_numpy(train_split.visual).to(device)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed)  # batch order and masks, on the CPU
+    evaluated = teacher if teacher is not None else student
 
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()), None)
-    history: list[dict] = []
-    bar = tqdm(range(cfg.train.epochs), desc="train", disable=not show_progress, unit="epoch")
+    start_epoch, global_step, history = 0, 0, []
+    best = {"score": -1.0, "epoch": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
+    if resume and state_path is not None and Path(state_path).is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        student.load_state_dict(state["student"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        task_weights.load_state_dict(state["task_weights"])
+        optimiser.load_state_dict(state["optimiser"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, global_step, history, best = state["epoch"] + 1, state["global_step"], state["history"], state["best"]
+        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+
+    def step_fn(rows):
+        student.train()
+        with _autocast(device, cfg.train.amp):
+            return hscmae_step(student, teacher, task_weights, obj, audio[rows], visual[rows], generator, global_step / steps_per_epoch)
+
+    def after_step(out):
+        nonlocal global_step
+        for group, base in zip(optimiser.param_groups, base_lrs):  # cosine schedule
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(global_step / total_steps, 1.0)))
+        optimiser.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
+        optimiser.step()
+        task_weights.clamp_(obj.log_var_min, obj.log_var_max)
+        if teacher is not None:
+            ema_update(teacher, student, momentum_at(global_step, total_steps, obj.momentum_start, obj.momentum_end))
+        global_step += 1
+
+    last_epoch = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, start_epoch + stop_after)
+    bar = tqdm(range(start_epoch, last_epoch), desc=f"train {cfg.train.method}", disable=not show_progress, unit="epoch")
     for epoch in bar:
-        model.train()
         order = torch.randperm(n, generator=generator)
-        losses = []
-        for step in range(steps_per_epoch):
-            rows = order[step * cfg.train.batch_size : (step + 1) * cfg.train.batch_size].to(device)
-            loss = paired_infonce(model.embed("audio", audio[rows]), model.embed("visual", visual[rows]), cfg.train.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimiser.step()
-            schedule.step()
-            losses.append(loss.item())
-        cca = fit_test_time_cca(model, train_split, cfg) if cfg.cca.enabled else None
-        val = evaluate_model(model, cca, val_split)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_avg": val["avg"]})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_map=f"{val['avg']:.3f}")
-        if val["avg"] > best[0]:
-            best = (val["avg"], epoch, copy.deepcopy(model.state_dict()), val)
-    model.load_state_dict(best[2])
-    cca = fit_test_time_cca(model, train_split, cfg) if cfg.cca.enabled else None
-    return TrainResult(model.cpu(), cca, best[3], best[1], history)
+        batches = [order[i * batch_size : (i + 1) * batch_size].to(device) for i in range(steps_per_epoch)]
+        means = train_one_epoch(step_fn, batches, after_step)
+        cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
+        val = evaluate_model(evaluated, cca, val_split)
+        means.update({"epoch": epoch, "val_avg": val["avg"], "val_avg_no_cca": val.get("avg_no_cca", val["avg"])})
+        history.append(means)
+        bar.set_postfix(loss=f"{means['loss']:.3f}", val_map=f"{val['avg']:.3f}")
+        if val["avg"] > best["score"]:
+            best = {"score": val["avg"], "epoch": epoch, "state": copy.deepcopy(evaluated.state_dict()), "val": val}
+        if state_path is not None:
+            state = {
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "task_weights": task_weights.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "history": history,
+                "best": best,
+                "config": config_to_dict(cfg),
+            }
+            _atomic_save(state, Path(state_path))
+    evaluated.load_state_dict(best["state"])
+    evaluated = evaluated.cpu().eval()
+    cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
+    return TrainResult(evaluated, cca, best["val"], best["epoch"], history)
+
+
+def _atomic_save(obj, path: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    blob = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return blob
 
 
 def save_checkpoint(path: Path, cfg: Config, data: PairedFeatures, result: TrainResult) -> str:
@@ -132,21 +221,14 @@ def save_checkpoint(path: Path, cfg: Config, data: PairedFeatures, result: Train
         "config": config_to_dict(cfg),
         "audio_dim": data.audio_dim,
         "visual_dim": data.visual_dim,
-        "state_dict": result.model.state_dict(),
+        "state_dict": result.model.state_dict(),  # the evaluated (teacher) model
         "cca": result.cca.to_dict() if result.cca is not None else None,
         "val_metrics": result.val_metrics,
         "best_epoch": result.best_epoch,
         "history": result.history,
         "data_source": data.source,
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    blob = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    blob = _atomic_save(payload, Path(path))
     return hashlib.sha256(blob).hexdigest()
 
 

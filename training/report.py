@@ -1,0 +1,176 @@
+"""The comparison report: ``results.md``, ``results.json`` and PNG plots from per-run records.
+
+A record is what :func:`training.compare.run_one` returns: method, seed, val/test metrics of the
+selected epoch, per-epoch history, seconds. Figures are fractions; ± is the sample standard
+deviation over seeds (ddof = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from training.baselines import METHODS
+
+COLUMNS = ("a2v", "v2a", "avg", "avg_no_cca", "a2v_r@1", "a2v_r@5", "a2v_r@10", "v2a_r@1", "a2v_median_rank", "v2a_median_rank")
+PLOTS = {
+    "curves": "hscmae_training_curves.png",  # loss terms + validation mAP per epoch (paper Fig. 2)
+    "mask": "mask_ratio_sweep.png",  # mAP against ρ, gap between directions shaded (paper Fig. 3)
+    "weights": "hscmae_task_weights.png",  # learned task weights over training
+    "methods": "methods_avg_map.png",  # every method's average test mAP, mean ± std
+}
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """method -> {"mean": {col: ..}, "std": {col: ..}, "n": seeds} over the test figures."""
+    out: dict[str, dict] = {}
+    for name in METHODS:
+        runs = [r for r in records if r["method"] == name]
+        if not runs:
+            continue
+        mean, std = {}, {}
+        for col in COLUMNS + ("val_avg",):
+            values = [r["val"]["avg"] if col == "val_avg" else r["test"].get(col, r["test"].get(col.replace("_no_cca", ""))) for r in runs]
+            mean[col] = float(np.mean(values))
+            std[col] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[name] = {"group": METHODS[name][0], "description": METHODS[name][1], "mean": mean, "std": std, "n": len(runs)}
+    return out
+
+
+def _pm(summary: dict, col: str, digits: int = 3) -> str:
+    return f"{summary['mean'][col]:.{digits}f} ± {summary['std'][col]:.{digits}f}"
+
+
+def results_markdown(summary: dict[str, dict], meta: dict) -> str:
+    lines = [
+        "# HSC-MAE against its baselines",
+        "",
+        f"Data: `{meta['data_source']}`; seeds {meta['seeds']}; test split, mAP as fractions over the full ranked list "
+        "(spec §6), mean ± sample std over seeds. Each run's epoch was selected on validation mAP; test was read once. "
+        "`avg` uses the test-time linear CCA (o' = {o}) on the evaluated embeddings; `avg no CCA` is cosine on them.".format(o=meta["config"]["cca"]["n_components"]),
+        "",
+        "| method | group | A→V | V→A | avg | avg no CCA | R@1 A→V | R@10 A→V | med. rank A→V | val avg | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {s['description']} (`{name}`) | {s['group']} | {_pm(s, 'a2v')} | {_pm(s, 'v2a')} | **{_pm(s, 'avg')}** | {_pm(s, 'avg_no_cca')} "
+            f"| {_pm(s, 'a2v_r@1')} | {_pm(s, 'a2v_r@10')} | {s['mean']['a2v_median_rank']:.1f} | {_pm(s, 'val_avg')} | {s['n']} |"
+        )
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS.values()), ""]
+    if "wall_seconds_this_invocation" in meta:
+        lines.append(f"Wall time of this `compare` invocation: {meta['wall_seconds_this_invocation']:.0f} s; sum of per-run times: {meta['train_seconds_sum']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, records: list[dict], meta: dict) -> dict:
+    """Write results.md, results.json and the plots into ``out``; returns the results.json dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = aggregate(records)
+    per_seed = {name: [{k: v for k, v in r.items() if k != "history"} for r in records if r["method"] == name] for name in summary}
+    results = {"meta": meta, "methods": {name: {**s, "runs": per_seed[name]} for name, s in summary.items()}, "plots": PLOTS}
+    _atomic_text(out / "results.json", json.dumps(results, indent=1))
+    _atomic_text(out / "results.md", results_markdown(summary, meta))
+    plot_all(out, records, summary)
+    return results
+
+
+def plot_all(out: Path, records: list[dict], summary: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = sorted((r for r in records if r["method"] == "hscmae" and r["history"]), key=lambda r: r["seed"])
+    if full:
+        _plot_curves(plt, full, out / PLOTS["curves"])
+        _plot_weights(plt, full, out / PLOTS["weights"])
+    sweep = [(METHODS[n][2]["mask_ratio"], s) for n, s in summary.items() if s["group"] == "sweep"]
+    if sweep:
+        _plot_sweep(plt, sorted(sweep, key=lambda t: t[0]), out / PLOTS["mask"])
+    _plot_methods(plt, summary, out / PLOTS["methods"])
+
+
+def _epochs(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = min(len(r["history"]) for r in records)
+    values = np.array([[h.get(key, np.nan) for h in r["history"][:n]] for r in records], dtype=float)
+    return np.arange(1, n + 1), np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+
+
+def _plot_curves(plt, records: list[dict], path: Path) -> None:
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    for term in ("recon_intra", "recon_cross", "dcca", "soft_nce", "distill"):
+        if any(term in h for r in records for h in r["history"]):
+            x, m, s = _epochs(records, term)
+            ax_loss.plot(x, m, label=term)
+            ax_loss.fill_between(x, m - s, m + s, alpha=0.2)
+    ax_loss.set(xlabel="epoch", ylabel="loss term (unweighted)", title="HSC-MAE loss terms (mean over seeds)")
+    ax_loss.legend()
+    for key, label in (("val_avg", "with test-time CCA"), ("val_avg_no_cca", "cosine, no CCA")):
+        x, m, s = _epochs(records, key)
+        ax_map.plot(x, m, label=label)
+        ax_map.fill_between(x, m - s, m + s, alpha=0.2)
+    ax_map.set(xlabel="epoch", ylabel="validation avg mAP", title="Validation mAP (selection)")
+    ax_map.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_weights(plt, records: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    keys = sorted({k for r in records for h in r["history"] for k in h if k.startswith("w_")})
+    for key in keys:
+        x, m, s = _epochs(records, key)
+        ax.plot(x, m, label=key[2:])
+        ax.fill_between(x, m - s, m + s, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="weight exp(−s_i) (epoch mean)", title="Task weights (fixed during warm-up, then learned)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sweep(plt, sweep: list[tuple[float, dict]], path: Path) -> None:
+    rho = np.array([r for r, _ in sweep])
+    a2v = np.array([s["mean"]["a2v"] for _, s in sweep])
+    v2a = np.array([s["mean"]["v2a"] for _, s in sweep])
+    avg = np.array([s["mean"]["avg"] for _, s in sweep])
+    avg_std = np.array([s["std"]["avg"] for _, s in sweep])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.fill_between(rho, np.minimum(a2v, v2a), np.maximum(a2v, v2a), alpha=0.25, label="gap A→V vs V→A")
+    ax.plot(rho, a2v, "o--", label="A→V")
+    ax.plot(rho, v2a, "s--", label="V→A")
+    ax.errorbar(rho, avg, yerr=avg_std, fmt="k-", capsize=3, label="avg (± std over seeds)")
+    ax.set(xlabel="mask ratio ρ", ylabel="test mAP", title="HSC-MAE: mAP against mask ratio")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_methods(plt, summary: dict[str, dict], path: Path) -> None:
+    names = [n for n, s in summary.items() if s["group"] != "sweep"]
+    colours = {"method": "tab:red", "baseline": "tab:blue", "ablation": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, [summary[n]["mean"]["avg"] for n in names], xerr=[summary[n]["std"]["avg"] for n in names], color=[colours[summary[n]["group"]] for n in names], capsize=3)
+    ax.set_yticks(y, names)
+    lo = min(summary[n]["mean"]["avg"] for n in names)
+    ax.set_xlim(max(0.0, lo - 0.05), None)
+    ax.set(xlabel="test avg mAP (with test-time CCA), mean ± std over seeds", title="Methods, baselines (blue), ablations (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
