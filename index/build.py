@@ -1,4 +1,4 @@
-"""Batch indexing job: features → embeddings (ONNX) → one FAISS index per modality."""
+"""Batch indexing: features → embeddings (ONNX) → one FAISS index per modality (see :mod:`index.job`)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,43 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.embedder import MODALITIES, Embedder
+from index.embedder import Embedder
+from index.job import JobSummary, run_job
+from index.sources import open_source
 from index.store import VectorIndex
 
 log = logging.getLogger(__name__)
+PARTITION_ROWS = 65536  # rows per partition of a collection loaded whole (a shard folder uses its shards)
 
 
 def embed_in_batches(embedder: Embedder, modality: str, features: np.ndarray, batch_size: int = 4096, progress: bool = True) -> np.ndarray:
+    """(N, D) features -> (N, E) embeddings, ``batch_size`` rows per ONNX call."""
     out = np.empty((len(features), embedder.embedding_dim), dtype=np.float32)
     for start in tqdm(range(0, len(features), batch_size), desc=f"embed {modality}", disable=not progress, unit="batch"):
         out[start : start + batch_size] = embedder.embed(modality, features[start : start + batch_size])
     return out
 
 
-def build_indexes(model_dir: str | Path, data: str | Path, out_dir: str | Path, factory: str = "Flat", device: str = "auto", progress: bool = True) -> dict[str, VectorIndex]:
-    """Embed every clip of ``data`` (all splits) and write ``out_dir/{audio,visual}``."""
-    from training.data import load_features  # numpy-only data layer, shared with training
+def build_job(
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    factory: str = "Flat",
+    device: str = "auto",
+    progress: bool = True,
+    engine: str = "local",
+    partition_rows: int = PARTITION_ROWS,
+    **options,
+) -> JobSummary:
+    """Run the resumable batch job over ``data`` (any data-layer format or a shard folder)."""
+    if partition_rows < 1:
+        raise ValueError(f"partition rows must be ≥ 1, got {partition_rows}")
+    return run_job(model_dir, open_source(data, partition_rows), out_dir, factory, device, engine, progress=progress, **options)
 
-    features = load_features(data)
-    embedder = Embedder(model_dir, device=device)
-    indexes = {}
-    for modality in MODALITIES:
-        embeddings = embed_in_batches(embedder, modality, getattr(features, modality), progress=progress)
-        indexes[modality] = VectorIndex.build(embeddings, features.ids, factory, embedder.manifest_hash)
-        indexes[modality].save(Path(out_dir) / modality)
-        log.info("%s index: %d items, factory %s", modality, len(features), factory)
-    return indexes
+
+def build_indexes(model_dir: str | Path, data: str | Path, out_dir: str | Path, factory: str = "Flat", device: str = "auto", progress: bool = True) -> dict[str, VectorIndex]:
+    """Embed every clip of ``data`` (all splits) and write ``out_dir/{audio,visual}``; returns the indexes."""
+    summary = build_job(model_dir, data, out_dir, factory, device, progress)
+    for line in summary.lines():
+        log.info(line)
+    return {m: VectorIndex.load(Path(out_dir) / m) for m in summary.items}

@@ -7,6 +7,10 @@ Formats (see README "Data formats"):
   ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2);
 * the authors' **HDF5 layout**: ``audio_train``, ``visual_train``, ``lab_train`` and the same three
   ``_test`` keys; a validation split is carved from the training rows (seeded), never the test rows;
+* a **shard folder** of many ``.npy`` shards, one shard = ``audio_features-<name>.npy`` and/or
+  ``visual_features-<name>.npy`` (same rows) with optional ``ids-<name>.txt``,
+  ``labels-<name>.npy``, ``split-<name>.npy`` and ``metadata-<name>.jsonl`` (one JSON object per
+  row, for the index); default ids are ``<name>:<row>``, so adding a shard renames nothing;
 * ``synthetic``: the embedded default generator (:mod:`training.synthetic`).
 
 uint8 features are 8-bit quantised (YouTube-8M style) and de-quantised as ``(q − 128) / 256``.
@@ -222,6 +226,63 @@ def load_hdf5(path: Path, val_fraction: float = 0.1, seed: int = 0) -> PairedFea
     )
 
 
+SHARD_PREFIXES = {"audio": "audio_features-", "visual": "visual_features-"}
+
+
+def shard_names(path: str | os.PathLike) -> list[str]:
+    """Sorted shard names of a shard folder (empty when ``path`` holds no shards)."""
+    names = set()
+    for prefix in SHARD_PREFIXES.values():
+        names.update(p.name[len(prefix) : -len(".npy")] for p in Path(path).glob(f"{prefix}*.npy"))
+    return sorted(names)
+
+
+def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = True) -> tuple[np.ndarray | None, list[str] | None]:
+    """(features (N, D) float32 or None when the shard lacks ``modality``, ids or None for the default)."""
+    path = Path(path)
+    file = path / f"{SHARD_PREFIXES[modality]}{name}.npy"
+    if not file.is_file():
+        return None, None
+    try:
+        raw = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{file}: not a readable .npy file ({err})") from None
+    features = as_features(np.asarray(raw), str(file))
+    ids_file = path / f"ids-{name}.txt"
+    ids = ids_file.read_text().splitlines() if ids_file.is_file() else None
+    if ids is not None and len(ids) != len(features):
+        raise DataError(f"{ids_file}: {len(ids)} ids for {len(features)} rows of {file.name}")
+    return features, ids
+
+
+def shard_ids(name: str, n: int) -> list[str]:
+    """Default ids of a shard's rows: ``<name>:<row>``."""
+    return [f"{name}:{row}" for row in range(n)]
+
+
+def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
+    """Every shard of a shard folder as one :class:`PairedFeatures` (each shard needs both modalities)."""
+    path = Path(path)
+    names = shard_names(path)
+    if not names:
+        raise DataError(f"{path}: no shards ({SHARD_PREFIXES['audio']}<name>.npy / {SHARD_PREFIXES['visual']}<name>.npy)")
+    audio, visual, ids, labels, splits = [], [], [], [], []
+    for name in names:
+        a, a_ids = load_shard(path, name, "audio", mmap=False)
+        v, _ = load_shard(path, name, "visual", mmap=False)
+        if a is None or v is None:
+            raise DataError(f"{path}: shard {name!r} lacks {'audio' if a is None else 'visual'} features; training needs both")
+        if len(a) != len(v):
+            raise DataError(f"{path}: shard {name!r} has {len(a)} audio rows but {len(v)} visual rows; rows must pair up")
+        audio.append(a), visual.append(v), ids.extend(a_ids or shard_ids(name, len(a)))
+        labels.append(_load_npy(path / f"labels-{name}.npy") if (path / f"labels-{name}.npy").is_file() else None)
+        split_file = path / f"split-{name}.npy"
+        splits.append(_check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
+    all_labels = np.concatenate(labels) if all(x is not None for x in labels) else None
+    all_split = np.concatenate(splits) if all(x is not None for x in splits) else None
+    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path))
+
+
 def load_features(data: str | os.PathLike) -> PairedFeatures:
     """Load ``synthetic``, a feature directory or an HDF5 file; always returns a train/val/test split."""
     if str(data) == "synthetic":
@@ -230,6 +291,8 @@ def load_features(data: str | os.PathLike) -> PairedFeatures:
         return generate()
     path = Path(data)
     if path.is_dir():
+        if not (path / AUDIO_FILE).exists() and shard_names(path):
+            return load_shard_folder(path).with_default_split()
         return load_directory(path).with_default_split()
     if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
         return load_hdf5(path)

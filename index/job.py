@@ -1,0 +1,234 @@
+"""The batch indexing job: reader → ONNX embedder → embedding shard, per partition; then the index.
+
+Layout of a job directory::
+
+    job.json                              model hash, collection, partitions (the job's identity)
+    embeddings/<modality>/<partition>.npz embeddings (n, E) float32, ids (n,), metadata (JSON)
+    <modality>/                           the FAISS index (index.faiss, items.json, info.json)
+
+Every file is written to a temporary name and renamed into place, so a killed job leaves only
+whole shards behind. A restarted job skips every partition whose shard is there and embeds the
+rest; the index is then rebuilt from all shards in partition order, so an interrupted and an
+uninterrupted run end with the same index, and a second run changes nothing. ``engine="ray"``
+runs the embedding step on Ray Data: ``map_batches`` over the pending partitions with one
+:class:`PartitionEmbedder` (one ONNX session) per worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from index.embedder import Embedder
+from index.sources import InMemory, Partition, ShardFolder
+from index.store import VectorIndex, atomic_write
+
+log = logging.getLogger(__name__)
+JOB_FILE = "job.json"
+TRAIN_SAMPLE = 100_000  # rows sampled across partitions to train IVF / PQ quantisers
+
+
+class JobError(ValueError):
+    """A job that cannot run (an output directory of another job, a bad factory string)."""
+
+
+def shard_path(out_dir: Path, modality: str, partition: str) -> Path:
+    return out_dir / "embeddings" / modality / f"{partition}.npz"
+
+
+def embed_partition(embedder: Embedder, source: ShardFolder | InMemory, partition: str, modality: str, out_dir: Path, batch_size: int) -> int:
+    """Read, embed and atomically write one partition; returns its row count."""
+    chunk = source.read(partition, modality)
+    embeddings = np.concatenate([embedder.embed(modality, chunk.features[i : i + batch_size]) for i in range(0, len(chunk.features), batch_size)])
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=embeddings, ids=np.array(chunk.ids, dtype=str), metadata=np.array(json.dumps(chunk.metadata)))
+    path = shard_path(out_dir, modality, partition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return len(embeddings)
+
+
+def read_shard(path: Path) -> tuple[np.ndarray, list[str], list[dict | None] | None]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["embeddings"], z["ids"].tolist(), json.loads(str(z["metadata"]))
+
+
+def _is_done(path: Path, rows: int) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["embeddings"].shape[0] == rows
+    except (OSError, ValueError, KeyError, EOFError):
+        return False  # missing or unreadable: embed it (again)
+
+
+class PartitionEmbedder:
+    """Ray Data callable class: one ONNX session per worker, each batch a list of partitions."""
+
+    def __init__(self, model_dir: str, source: ShardFolder | InMemory, out_dir: str, device: str, batch_size: int):
+        self.embedder = Embedder(model_dir, device=device, intra_op_threads=1)  # one core per worker
+        self.source, self.out_dir, self.batch_size = source, Path(out_dir), batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            embed_partition(self.embedder, self.source, str(p), str(m), self.out_dir, self.batch_size)
+            for p, m in zip(batch["partition"], batch["modality"])
+        ]
+        return {"partition": batch["partition"], "modality": batch["modality"], "rows": np.array(rows)}
+
+
+@dataclass
+class JobSummary:
+    out_dir: Path
+    source: str
+    factory: str
+    engine: str
+    providers: dict[str, str]
+    partitions: int = 0  # over all modalities
+    embedded: int = 0  # partitions embedded by this run
+    skipped: int = 0  # partitions already done by an earlier run
+    rows_embedded: int = 0
+    embed_seconds: float = 0.0
+    index_seconds: float = 0.0
+    items: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        rate = self.rows_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+        return [
+            f"collection: {self.source}",
+            f"partitions: {self.partitions} ({self.embedded} embedded now, {self.skipped} already done)",
+            f"embedded:   {self.rows_embedded} clips in {self.embed_seconds:.1f} s ({rate:.0f} clips/s, engine {self.engine}, {self.providers})",
+            f"indexes:    {', '.join(f'{m} {n} items' for m, n in self.items.items())}; factory {self.factory}; built in {self.index_seconds:.1f} s",
+            f"written to: {self.out_dir}",
+        ]
+
+
+def _check_job_file(out_dir: Path, card: dict) -> None:
+    path = out_dir / JOB_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("manifest_sha256", "partition_rows", "partitions"):
+            if old.get(key) != card[key]:
+                raise JobError(f"{out_dir} holds a job of another model or collection ({key} differs); use a new --out or delete it")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(card, indent=2).encode())
+
+
+def _check_factory(factory: str, dim: int) -> bool:
+    """Whether ``factory`` needs training; a clear error for a string FAISS cannot parse."""
+    import faiss
+
+    try:
+        return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+    except RuntimeError as err:
+        reason = re.sub(r"^Error in .*? at \S+: ", "", " ".join(str(err).split()))  # drop FAISS's C++ location
+        raise JobError(f"--factory {factory!r}: not a FAISS factory string FAISS can build ({reason})") from None
+
+
+def _training_sample(paths: list[Path], rows: list[int], seed: int = 0) -> np.ndarray:
+    """Up to TRAIN_SAMPLE embeddings, drawn from every partition in proportion to its size (seeded)."""
+    rng, total, out = np.random.default_rng(seed), sum(rows), []
+    for path, n in zip(paths, rows):
+        take = n if total <= TRAIN_SAMPLE else int(np.ceil(TRAIN_SAMPLE * n / total))
+        embeddings = read_shard(path)[0]
+        out.append(embeddings if take >= n else embeddings[np.sort(rng.choice(n, take, replace=False))])
+    return np.concatenate(out)
+
+
+def build_index_from_shards(out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None) -> VectorIndex:
+    paths = [shard_path(out_dir, modality, p.name) for p in partitions]
+    sample = _training_sample(paths, [p.rows for p in partitions]) if _check_factory(factory, dim) else None
+    index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample)
+    if search_params:
+        index.set_search_params(**search_params)
+    for path in paths:
+        embeddings, ids, metadata = read_shard(path)
+        index.upsert(embeddings, ids, metadata)
+    index.save(out_dir / modality)
+    return index
+
+
+def _embed_local(embedder: Embedder, source, pending, out_dir, batch_size, bar, on_partition) -> None:
+    for modality, partition in pending:
+        bar.update(embed_partition(embedder, source, partition.name, modality, out_dir, batch_size))
+        if on_partition is not None:
+            on_partition(modality, partition.name)
+
+
+def _embed_ray(model_dir: Path, source, pending, out_dir: Path, device: str, batch_size: int, workers: int, bar) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    items = [{"partition": p.name, "modality": m} for m, p in pending]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    kwargs = {"model_dir": str(model_dir), "source": source, "out_dir": str(out_dir), "device": device, "batch_size": batch_size}
+    embedded = dataset.map_batches(PartitionEmbedder, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=workers, num_cpus=1)
+    for row in embedded.iter_rows():
+        bar.update(int(row["rows"]))
+
+
+def run_job(
+    model_dir: str | Path,
+    source: ShardFolder | InMemory,
+    out_dir: str | Path,
+    factory: str = "Flat",
+    device: str = "auto",
+    engine: str = "local",
+    batch_size: int = 4096,
+    workers: int = 1,
+    search_params: dict | None = None,
+    progress: bool = True,
+    on_partition: Callable[[str, str], None] | None = None,
+) -> JobSummary:
+    """Embed every pending partition of ``source``, then build and save one index per modality.
+
+    ``on_partition(modality, partition)`` is called after each partition is written (local engine).
+    """
+    if engine not in ("local", "ray"):
+        raise JobError(f"unknown engine {engine!r}; expected 'local' or 'ray'")
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    embedder = Embedder(model_dir, device=device)
+    _check_factory(factory, embedder.embedding_dim)  # fail before hours of embedding, not after
+    plan = {m: source.partitions(m) for m in source.modalities()}
+    card = {
+        "manifest_sha256": embedder.manifest_hash,
+        "source": source.description,
+        "partition_rows": getattr(source, "partition_rows", None),
+        "partitions": {m: [[p.name, p.rows] for p in parts] for m, parts in plan.items()},
+    }
+    _check_job_file(out_dir, card)
+    summary = JobSummary(out_dir, source.description, factory, engine, embedder.providers)
+    pending = []
+    for modality, parts in plan.items():
+        for p in parts:
+            summary.partitions += 1
+            if _is_done(shard_path(out_dir, modality, p.name), p.rows):
+                summary.skipped += 1
+            else:
+                pending.append((modality, p))
+    summary.rows_embedded = sum(p.rows for _, p in pending)
+    log.info("%s: %d partitions, %d to embed (%d clips), %d already done", source.description, summary.partitions, len(pending), summary.rows_embedded, summary.skipped)
+    start = time.perf_counter()
+    with tqdm(total=summary.rows_embedded, desc="embed", unit="clip", disable=not progress) as bar:
+        if engine == "ray" and pending:
+            _embed_ray(model_dir, source, pending, out_dir, device, batch_size, workers, bar)
+        elif engine == "local":
+            _embed_local(embedder, source, pending, out_dir, batch_size, bar, on_partition)
+    summary.embedded = len(pending)
+    summary.embed_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for modality, parts in plan.items():
+        index = build_index_from_shards(out_dir, modality, parts, factory, embedder.embedding_dim, embedder.manifest_hash, search_params)
+        summary.items[modality] = len(index)
+    summary.index_seconds = time.perf_counter() - start
+    return summary

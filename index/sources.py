@@ -1,0 +1,101 @@
+"""Readers of a feature collection, cut into partitions: the unit a batch job embeds, writes and skips.
+
+* a **shard folder** (many ``.npy`` shards, see :mod:`training.data`): one shard = one partition,
+  read memory-mapped, so a worker only ever holds one shard;
+* every other data-layer format (feature directory, HDF5 file, ``synthetic``): loaded once, cut
+  into row ranges of ``partition_rows`` rows named ``rows-<first row>``.
+
+Both are picklable, so Ray workers read their partitions themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.data import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
+
+MODALITIES = ("audio", "visual")
+
+
+@dataclass
+class Partition:
+    name: str  # unique and sortable: the order of items in the index
+    rows: int
+
+
+@dataclass
+class Chunk:
+    features: np.ndarray  # (n, D) float32
+    ids: list[str]  # n string ids
+    metadata: list[dict | None] | None  # n JSON objects, or None when the source has none
+
+
+class ShardFolder:
+    """A folder of ``<modality>_features-<name>.npy`` shards; a modality may be missing entirely."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.names = shard_names(self.path)
+        if not self.names:
+            raise DataError(f"{self.path}: no .npy shards found")
+        self.description = f"shard folder {self.path} ({len(self.names)} shards)"
+
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if any((self.path / f"{m}_features-{n}.npy").is_file() for n in self.names)]
+
+    def partitions(self, modality: str) -> list[Partition]:
+        out = []
+        for name in self.names:
+            file = self.path / f"{modality}_features-{name}.npy"
+            if file.is_file():
+                out.append(Partition(name, int(np.load(file, mmap_mode="r", allow_pickle=False).shape[0])))
+        return out
+
+    def read(self, partition: str, modality: str) -> Chunk:
+        features, ids = load_shard(self.path, partition, modality)
+        if features is None:
+            raise DataError(f"{self.path}: shard {partition!r} has no {modality} features")
+        meta_file = self.path / f"metadata-{partition}.jsonl"
+        metadata = None
+        if meta_file.is_file():
+            try:
+                metadata = [json.loads(line) if line.strip() else None for line in meta_file.read_text().splitlines()]
+            except json.JSONDecodeError as err:
+                raise DataError(f"{meta_file}: not JSON lines ({err})") from None
+            if len(metadata) != len(features) or any(m is not None and not isinstance(m, dict) for m in metadata):
+                raise DataError(f"{meta_file}: needs one JSON object per row ({len(features)} rows)")
+        return Chunk(np.ascontiguousarray(features), ids or shard_ids(partition, len(features)), metadata)
+
+
+class InMemory:
+    """A collection the data layer loads whole, cut into row ranges."""
+
+    def __init__(self, data: PairedFeatures | str | Path, partition_rows: int):
+        self.data = data if isinstance(data, PairedFeatures) else load_features(data)
+        self.partition_rows = partition_rows
+        self.description = f"{self.data.source} ({len(self.data)} clips)"
+
+    def modalities(self) -> list[str]:
+        return list(MODALITIES)
+
+    def partitions(self, modality: str) -> list[Partition]:
+        n, step = len(self.data), self.partition_rows
+        return [Partition(f"rows-{start:010d}", min(step, n - start)) for start in range(0, n, step)]
+
+    def read(self, partition: str, modality: str) -> Chunk:
+        start = int(partition.removeprefix("rows-"))
+        stop = start + self.partition_rows
+        return Chunk(getattr(self.data, modality)[start:stop], self.data.ids[start:stop], None)
+
+
+def open_source(data: PairedFeatures | str | Path, partition_rows: int) -> ShardFolder | InMemory:
+    """The reader for ``data``: a shard folder, or any format of the data layer."""
+    if not isinstance(data, PairedFeatures) and str(data) != "synthetic":
+        path = Path(data)
+        if path.is_dir() and not (path / "audio_features.npy").exists() and shard_names(path):
+            return ShardFolder(path)
+    return InMemory(data, partition_rows)

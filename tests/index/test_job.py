@@ -1,0 +1,146 @@
+"""The batch indexing job: resumable after a crash or a kill, idempotent, shard folders, Ray, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.__main__ import main
+from index.build import build_job
+from index.embedder import Embedder
+from index.store import VectorIndex
+from training.data import load_features
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _index_files(out: Path) -> dict[str, bytes]:
+    return {f"{m}/{name}": (out / m / name).read_bytes() for m in ("audio", "visual") for name in ("index.faiss", "items.json")}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_crashed_job_resumes_to_the_same_index(tiny, tmp_path):
+    reference = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "ref", partition_rows=50, progress=False)
+    assert reference.embedded == reference.partitions == 24 and reference.items == {"audio": 600, "visual": 600}
+
+    done = []
+
+    def crash_after_five(modality: str, partition: str) -> None:
+        done.append((modality, partition))
+        if len(done) == 5:
+            raise Crash("injected failure")
+
+    with pytest.raises(Crash):
+        build_job(tiny.model_dir, tiny.data_dir, tmp_path / "job", partition_rows=50, progress=False, on_partition=crash_after_five)
+    assert not (tmp_path / "job" / "audio" / "info.json").exists()
+    resumed = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "job", partition_rows=50, progress=False)
+    assert (resumed.skipped, resumed.embedded) == (5, 19)
+    assert _index_files(tmp_path / "job") == _index_files(tmp_path / "ref")
+
+    again = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "job", partition_rows=50, progress=False)  # idempotent
+    assert (again.skipped, again.embedded) == (24, 0)
+    assert _index_files(tmp_path / "job") == _index_files(tmp_path / "ref")
+
+
+def _cli(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "index", "build", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
+def test_killed_job_restarts_to_the_same_index(tiny, tmp_path):
+    """SIGKILL the CLI after a few partitions are written, restart it, compare with an uninterrupted run."""
+    args = ("--partition-rows", "3")  # 400 small partitions: the job runs long enough to be killed
+    subprocess.run(_cli(tiny.data_dir, tiny.model_dir, tmp_path / "ref"), check=True, capture_output=True, cwd=REPO)
+    proc = subprocess.Popen(_cli(tiny.data_dir, tiny.model_dir, tmp_path / "job", *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "job" / "embeddings" / "audio"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and len(list(shards.glob("*.npz"))) < 5:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list((tmp_path / "job" / "embeddings").rglob("*.npz")))
+    assert 5 <= written < 400 and not (tmp_path / "job" / "visual" / "info.json").exists()
+
+    out = subprocess.run(_cli(tiny.data_dir, tiny.model_dir, tmp_path / "job", *args), capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert f"({400 - written} embedded now, {written} already done)" in out.stdout
+    for modality in ("audio", "visual"):  # different partitioning, same vectors, same ids, same order
+        ref, got = VectorIndex.load(tmp_path / "ref" / modality), VectorIndex.load(tmp_path / "job" / modality)
+        assert list(got.label_of) == list(ref.label_of)
+        np.testing.assert_allclose(got.get("clip-000123").vector, ref.get("clip-000123").vector, atol=1e-6)
+        queries = np.stack([ref.get(i).vector for i in list(ref.label_of)[:20]])
+        assert got.search(queries, 10)[1] == ref.search(queries, 10)[1]
+
+
+def _write_shards(tiny, folder: Path) -> None:
+    """The tiny collection as 3 shards; visual only in two of them; ids and metadata in one."""
+    data = load_features(tiny.data_dir)
+    folder.mkdir()
+    for s, rows in enumerate(np.array_split(np.arange(len(data)), 3)):
+        np.save(folder / f"audio_features-s{s}.npy", data.audio[rows])
+        if s < 2:
+            np.save(folder / f"visual_features-s{s}.npy", (data.visual[rows] * 256 + 128).clip(0, 255).astype(np.uint8))
+    (folder / "ids-s0.txt").write_text("\n".join(data.ids[:200]) + "\n")
+    (folder / "metadata-s0.jsonl").write_text("\n".join(json.dumps({"title": f"clip {i}"}) for i in range(200)) + "\n")
+
+
+def test_shard_folder_job_and_ivf(tiny, tmp_path):
+    _write_shards(tiny, tmp_path / "shards")
+    summary = build_job(tiny.model_dir, tmp_path / "shards", tmp_path / "out", "IVF8,Flat", progress=False, search_params={"nprobe": 8})
+    assert summary.partitions == 5 and summary.items == {"audio": 600, "visual": 400}
+    audio = VectorIndex.load(tmp_path / "out" / "audio")
+    assert audio.info["factory"] == "IVF8,Flat" and audio.info["search_params"] == {"nprobe": 8}
+    assert audio.get(load_features(tiny.data_dir).ids[7]).metadata == {"title": "clip 7"}
+    assert "s1:0" in audio and "s2:199" in audio and "s2:0" not in VectorIndex.load(tmp_path / "out" / "visual")
+    embedder = Embedder(tiny.model_dir, device="cpu")
+    x = np.load(tmp_path / "shards" / "audio_features-s2.npy")[:5]
+    _, ids = audio.search(embedder.embed("audio", x), 1)  # nprobe = nlist: exact; each finds itself
+    assert [row[0] for row in ids] == [f"s2:{i}" for i in range(5)]
+
+
+def test_ray_engine_matches_local(tiny, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "ray", engine="ray", partition_rows=200, workers=1, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.embedded == 6 and summary.items == {"audio": 600, "visual": 600}
+    local = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "local", partition_rows=200, progress=False)
+    for modality in ("audio", "visual"):
+        for shard in sorted((tmp_path / "local" / "embeddings" / modality).glob("*.npz")):
+            with np.load(shard) as want, np.load(tmp_path / "ray" / "embeddings" / modality / shard.name) as got:
+                assert got["ids"].tolist() == want["ids"].tolist()
+                np.testing.assert_allclose(got["embeddings"], want["embeddings"], atol=1e-6)
+    assert local.embedded == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--factory", "IVF4096x,Flat"], "not a FAISS factory string"), (["--engine", "ray", "--workers", "0"], "must be ≥ 1")],
+)
+def test_cli_errors_exit_2_with_one_line(tiny, tmp_path, capsys, extra, message):
+    code = main(["build", "--model", str(tiny.model_dir), "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o" / "audio").exists()
+
+
+def test_cli_refuses_missing_data_and_another_jobs_directory(tiny, tmp_path, capsys):
+    base = ["build", "--model", str(tiny.model_dir), "--no-progress"]
+    assert main([*base, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--partition-rows", "300"]) == 0
+    assert main([*base, "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--partition-rows", "100"]) == 2
+    assert "another model or collection" in capsys.readouterr().err.splitlines()[-1]
