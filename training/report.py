@@ -104,9 +104,12 @@ def plot_all(out: Path, records: list[dict], summary: dict[str, dict]) -> None:
 
 
 def _epochs(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs where ``key`` was logged (DCCA is absent during warm-up), mean and std over seeds."""
     n = min(len(r["history"]) for r in records)
     values = np.array([[h.get(key, np.nan) for h in r["history"][:n]] for r in records], dtype=float)
-    return np.arange(1, n + 1), np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+    logged = ~np.isnan(values).any(axis=0)
+    x = np.arange(1, n + 1)[logged]
+    return x, values[:, logged].mean(axis=0), values[:, logged].std(axis=0)
 
 
 def _plot_curves(plt, records: list[dict], path: Path) -> None:

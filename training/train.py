@@ -87,7 +87,7 @@ def train_one_epoch(step_fn, batches, after_step, bar=None) -> dict[str, float]:
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite loss {float(out.loss)} (terms {out.terms})")
         after_step(out)
-        logged = {"loss": float(out.loss), **out.terms, **{f"w_{k}": v for k, v in out.weights.items()}, **out.diagnostics}
+        logged = {"loss": float(out.loss.detach()), **out.terms, **{f"w_{k}": v for k, v in out.weights.items()}, **out.diagnostics}
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1

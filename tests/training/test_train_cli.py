@@ -1,0 +1,102 @@
+"""The loop, checkpoints, --resume, the CLI, compare/report, and the paper preset on HDF5 features."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from training.__main__ import main
+from training.config import load_config
+from training.synthetic import generate
+from training.train import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return generate(load_config("tiny").synthetic)
+
+
+def test_the_evaluated_model_is_the_ema_teacher(tiny_data, tmp_path):
+    cfg = load_config("tiny")
+    cfg.train.epochs = 1  # the only epoch is the selected one, so the teacher must equal the final state
+    result = train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    got = result.model.state_dict()
+    for name, value in state["teacher"].items():
+        torch.testing.assert_close(got[name], value.cpu())
+    assert any(not torch.allclose(got[n], v.cpu()) for n, v in state["student"].items() if v.is_floating_point())
+    save_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, cfg, tiny_data, result)
+    cfg2, model, cca, payload, digest = load_checkpoint(tmp_path / "run")
+    assert cfg2.objective == cfg.objective and payload["audio_dim"] == 128 and len(digest) == 64
+    x = torch.from_numpy(tiny_data.audio[:5])
+    torch.testing.assert_close(model.towers["audio"](x), result.model.towers["audio"](x))
+    assert cca is not None and cca.proj_a.shape == (cfg.model.out_dim, cfg.cca.n_components)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path):
+    cfg = load_config("tiny")
+    whole = train(cfg, tiny_data, show_progress=False)
+    train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", stop_after=1)
+    assert len(torch.load(tmp_path / "s.pt", weights_only=False)["history"]) == 1
+    resumed = train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
+    assert resumed.val_metrics["avg"] == pytest.approx(whole.val_metrics["avg"], rel=1e-5)
+
+
+def test_cli_train_eval_and_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--data", "synthetic", "--out", str(run), "--method", "clip", "--seed", "3", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test", "best_epoch"} and 0 < metrics["test"]["avg"] <= 1
+    cfg, *_ = load_checkpoint(run)
+    assert cfg.train.method == "clip" and cfg.train.seed == 3 and cfg.objective.paired_nce and not cfg.objective.teacher
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", "synthetic"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"a2v", "v2a", "avg"} and last["avg"] == pytest.approx(metrics["test"]["avg"])
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "x"), "--method", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "x"), "--method", "linear-cca"]) == 2
+
+
+def test_compare_writes_the_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["compare", "--config", "tiny", "--data", "synthetic", "--seeds", "2", "--out", str(out), "--methods", "hscmae,linear-cca,clip,rho=0,no-dcca", "--quiet"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"hscmae", "linear-cca", "clip", "rho=0", "rho=0.3", "no-dcca"} <= set(results["methods"])
+    full = results["methods"]["hscmae"]
+    assert full["n"] == 2 and len(full["runs"]) == 2
+    values = [r["test"]["avg"] for r in full["runs"]]
+    assert full["mean"]["avg"] == pytest.approx(np.mean(values)) and full["std"]["avg"] == pytest.approx(np.std(values, ddof=1))
+    table = (out / "results.md").read_text()
+    assert "| A→V | V→A | avg |" in table and "`linear-cca`" in table
+    for png in results["plots"].values():
+        assert (out / png).stat().st_size > 5000, png
+    stamp = (out / "runs" / "hscmae_seed42.json").stat().st_mtime_ns
+    assert main(args) == 0  # the second invocation reuses every finished run
+    assert (out / "runs" / "hscmae_seed42.json").stat().st_mtime_ns == stamp
+
+
+def test_paper_preset_trains_on_the_authors_hdf5_layout(tmp_path):
+    data = generate(load_config("tiny").synthetic)
+    train_rows, test_rows = np.flatnonzero(data.split != "test")[:200], np.flatnonzero(data.split == "test")[:60]
+    path = tmp_path / "AVE_like.h5"
+    with h5py.File(path, "w") as f:
+        for name, rows in (("train", train_rows), ("test", test_rows)):
+            f[f"audio_{name}"], f[f"visual_{name}"], f[f"lab_{name}"] = data.audio[rows], data.visual[rows], data.labels[rows]
+    config = tmp_path / "paper_short.yaml"  # the paper preset, two epochs so the test takes seconds
+    config.write_text((load_config.__globals__["PRESET_DIR"] / "paper.yaml").read_text() + "\n")
+    cfg = load_config(str(config))
+    cfg.train.epochs, cfg.objective.warmup_epochs = 2, 1
+    from training.data import load_features
+
+    features = load_features(path)
+    result = train(cfg, features, show_progress=False)
+    assert result.model.towers["visual"].encoder.net[1].out_features == 1024 and result.cca.proj_a.shape == (32, 10)
+    assert 0 < result.val_metrics["avg"] <= 1
