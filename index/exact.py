@@ -67,7 +67,7 @@ def _merge_block(top_s: np.ndarray, top_i: np.ndarray, block: np.ndarray, mask: 
 def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None) -> tuple[np.ndarray, np.ndarray]:
     n = len(database)
     block_rows = block_rows or int(np.clip(BLOCK_SCORES // len(queries), 4096, 1 << 20))
-    first = min(n, max(block_rows, k))
+    first = min(n, max(SAMPLE_ROWS, k))  # a small first block: a full argpartition is the costly step
     scores = queries @ database[:first].T  # (Q, first)
     keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_s = np.take_along_axis(scores, keep, 1)

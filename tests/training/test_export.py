@@ -40,6 +40,32 @@ def test_manifest_card(tiny):
     assert len(manifest["source_checkpoint_sha256"]) == 64
     assert len(manifest["feature_scaling"]["visual"]["mean"]) == 1024
     assert all(v <= 1e-5 for v in manifest["parity_max_abs_diff"].values())
+    # The tiny run trained on a feature directory: its held-out test clips were the parity inputs.
+    assert manifest["parity_check"]["inputs"].startswith(f"120 held-out test clips of {tiny.data_dir}")  # 20 % of 600
+    assert manifest["opset"] >= 17
+
+
+def test_dynamic_batch_axis_one_clip_at_a_time(tiny):
+    _, model, cca, _, _ = load_checkpoint(tiny.run_dir)
+    encoders = serving_encoders(model, cca)
+    embedder = Embedder(tiny.model_dir, device="cpu")
+    x = load_features(tiny.data_dir).subset("val").audio[:7]
+    together = embedder.embed("audio", x)
+    alone = np.vstack([embedder.embed("audio", row[None]) for row in x])
+    np.testing.assert_allclose(alone, together, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(alone, encoders["audio"](torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_parity_inputs_fall_back_when_the_data_is_gone(tiny, tmp_path):
+    """A checkpoint whose data source cannot be found is checked on seeded inputs, and says so."""
+    from training.data import load_features as load
+
+    manifest = export_run(tiny.run_dir, tmp_path / "given", data=load(tiny.data_dir))
+    assert "held-out test clips" in manifest["parity_check"]["inputs"]
+    manifest = export_run(tiny.run_dir, tmp_path / "seeded", data=tmp_path / "no-such-dir")
+    assert manifest["parity_check"]["inputs"].startswith("64 seeded Gaussian inputs")
+    assert all(v <= 1e-5 for v in manifest["parity_max_abs_diff"].values())
 
 
 def test_export_refuses_a_model_that_fails_parity(tiny, tmp_path):
