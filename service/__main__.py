@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_example)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried is noise here
     try:
         return args.func(args)
     except ValidationError as err:

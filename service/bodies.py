@@ -40,7 +40,7 @@ def readable(err: ValidationError, prefix: str = "body") -> str:
 
 
 def validation_error(err: ValidationError, prefix: str = "body") -> HTTPException:
-    if any(e["type"] == "json_invalid" for e in err.errors()):
+    if any(e["type"] == "json_invalid" and not e["loc"] for e in err.errors()):  # the body itself, not a JSON-text field
         return HTTPException(400, f"malformed JSON ({err.errors()[0]['msg']}); send a JSON object")
     return HTTPException(422, readable(err, prefix))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     search_threads: int = Field(1, ge=0, description="FAISS OpenMP threads (0 = FAISS default, one per core)")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
 
+    @field_validator("api_key", "read_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # AVSEARCH_API_KEY= (as compose passes an unset variable) means no key
+
     @model_validator(mode="after")
     def _keys_are_coherent(self) -> "Settings":
         if self.read_api_key is not None and self.api_key is None:
@@ -34,5 +39,5 @@ class Settings(BaseSettings):
         for name in ("api_key", "read_api_key"):
             key = getattr(self, name)
             if key is not None and not key.get_secret_value().strip():
-                raise ValueError(f"AVSEARCH_{name.upper()} is empty; unset it or give a key")
+                raise ValueError(f"AVSEARCH_{name.upper()} is blank; unset it or give a key")
         return self

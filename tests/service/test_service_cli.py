@@ -1,0 +1,75 @@
+"""`python -m service`: start-up problems end with exit code 2 and one readable line, before binding a port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def serve(model: Path, index: Path, **env: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", "1"]  # port 1: never bound
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert not out.stdout  # nothing printed as if serving
+    return errors[0]
+
+
+@pytest.fixture
+def copies(tiny, tmp_path):
+    shutil.copytree(tiny.model_dir, tmp_path / "model")
+    shutil.copytree(tiny.index_dir, tmp_path / "index")
+    return tmp_path / "model", tmp_path / "index"
+
+
+def test_missing_model(copies, tmp_path):
+    assert "manifest.json: missing" in one_error_line(serve(tmp_path / "nowhere", copies[1]))
+
+
+def test_corrupt_model(copies):
+    model, index = copies
+    (model / "audio_encoder.onnx").write_bytes(b"not onnx")
+    assert "cannot be loaded by ONNX Runtime" in one_error_line(serve(model, index))
+
+
+def test_missing_index(copies, tmp_path):
+    assert "incomplete index" in one_error_line(serve(copies[0], tmp_path / "no-index"))
+
+
+def test_corrupt_index(copies):
+    model, index = copies
+    items = index / "visual" / "items.json"
+    items.write_bytes(items.read_bytes()[:-20])
+    assert "corrupt index" in one_error_line(serve(model, index))
+
+
+def test_index_from_another_model(copies):
+    model, index = copies
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["created"] = "another export"
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    assert "rebuild the index" in one_error_line(serve(model, index))
+
+
+def test_invalid_setting(copies):
+    line = one_error_line(serve(*copies, AVSEARCH_MAX_TOP_K="many"))
+    assert "settings.max_top_k" in line and "integer" in line
+    assert "AVSEARCH_API_KEY is not" in one_error_line(serve(*copies, AVSEARCH_READ_API_KEY="ro"))
+
+
+def test_example_writes_a_search_body(tiny, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "service", "example", "--data", str(tiny.data_dir), "--out", str(tmp_path / "q.json")], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    body = json.loads((tmp_path / "q.json").read_text())
+    assert body["modality"] == "audio" and len(body["vectors"][0]) == 128 and body["top_k"] == 10

@@ -1,0 +1,188 @@
+"""The deployment: compose files validated by docker-compose, and the images' commands run outside Docker.
+
+No Docker engine is needed: `docker-compose config` checks and resolves the files, and the commands
+the containers would run are run here with the container paths (/models, /indexes, /data, /runs)
+mapped onto temporary directories and the tiny artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(COMPOSE is None, reason="docker-compose not installed (make test installs it)")
+
+
+def compose_config(*files: str, profile: str | None = None) -> dict:
+    args = [COMPOSE, *(a for f in files for a in ("-f", f))]
+    if profile:
+        args += ["--profile", profile]
+    out = subprocess.run([*args, "config"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "AVSEARCH_API_KEY": ""})
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def dockerfile(name: str) -> tuple[str, dict[str, str], list[str]]:
+    """(text, ENV, CMD) of docker/<name>."""
+    text = (REPO / "docker" / name).read_text()
+    joined = text.replace("\\\n", " ")
+    env = {}
+    for line in joined.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+    cmd = json.loads(next(line for line in joined.splitlines() if line.startswith("CMD "))[4:])
+    return text, env, cmd
+
+
+@pytest.fixture
+def volumes(tiny, tmp_path) -> dict[str, Path]:
+    """Container mount points -> host directories: the models volume holds the tiny model as /models/current."""
+    mapping = {"/models": tmp_path / "models", "/indexes": tmp_path / "indexes", "/runs": tmp_path / "runs", "/data": tiny.data_dir}
+    mapping["/models"].mkdir()
+    shutil.copytree(tiny.model_dir, mapping["/models"] / "current")
+    return mapping
+
+
+def remap(value: str, volumes: dict[str, Path]) -> str:
+    """Replace container paths by host paths, inside any string (a `sh -c` line included)."""
+    for container, host in volumes.items():
+        value = re.sub(rf"(?<![\w/]){re.escape(container)}(?=/|\s|\"|$)", str(host), value)
+    return value
+
+
+def run_env(volumes: dict[str, Path], *envs: dict) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra in envs:
+        env.update({k: remap(str(v), volumes) for k, v in (extra or {}).items()})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_compose
+def test_compose_wires_indexer_api_and_trainer():
+    config = compose_config("docker-compose.yml")
+    services = config["services"]
+    api, indexer, trainer = services["api"], services["indexer"], services["trainer"]
+    assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert trainer["profiles"] == ["train"] and "profiles" not in api and "profiles" not in indexer
+    assert set(config["volumes"]) >= {"models", "indexes"}
+    mounts = {name: {v.split(":")[0]: v.split(":")[1] for v in s["volumes"]} for name, s in services.items()}
+    assert mounts["indexer"]["models"] == mounts["api"]["models"] == mounts["trainer"]["models"] == "/models"
+    assert mounts["indexer"]["indexes"] == mounts["api"]["indexes"] == "/indexes"
+    assert "/models:ro" in " ".join(api["volumes"])  # the API never writes the model
+    # trainer writes where the indexer and API read
+    _, train_env, train_cmd = dockerfile("Dockerfile.train")
+    assert "/models/current" in train_cmd[-1] and api["environment"]["AVSEARCH_MODEL_DIR"] == "/models/current"
+    assert all(s["build"]["context"] == str(REPO) for s in services.values())
+
+
+@needs_compose
+def test_gpu_override_reserves_a_gpu_and_runs_the_cuda_image():
+    services = compose_config("docker-compose.yml", "docker/compose.gpu.yml")["services"]
+    for name in ("api", "indexer"):
+        service = services[name]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and service["image"] == "avsearch:gpu"
+        assert service["build"] == {"context": str(REPO), "dockerfile": "docker/Dockerfile.gpu"}
+        assert service["environment"]["AVSEARCH_DEVICE"] == "cuda"
+    assert services["api"]["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+
+
+def run_lines(text: str) -> str:
+    return "\n".join(line for line in text.replace("\\\n", " ").splitlines() if line.startswith("RUN "))
+
+
+def test_images_install_torch_only_in_the_trainer():
+    cpu, cpu_env, _ = dockerfile("Dockerfile.cpu")
+    gpu, gpu_env, _ = dockerfile("Dockerfile.gpu")
+    train, _, _ = dockerfile("Dockerfile.train")
+    for text, extra in ((cpu, "'.[cpu]'"), (gpu, "'.[gpu]'")):
+        runs = run_lines(text)
+        assert extra in runs and "train" not in runs and "torch" not in runs
+    assert "FROM nvidia/cuda:" in gpu and gpu_env["AVSEARCH_DEVICE"] == "cuda"
+    assert "'.[cpu,train]'" in run_lines(train)
+    assert cpu_env["AVSEARCH_MODEL_DIR"] == gpu_env["AVSEARCH_MODEL_DIR"] == "/models/current"
+
+
+@needs_compose
+def test_indexer_command_builds_once_then_keeps_the_index(volumes):
+    indexer = compose_config("docker-compose.yml")["services"]["indexer"]
+    _, image_env, _ = dockerfile("Dockerfile.cpu")
+    command = [sys.executable if a == "python" else remap(a, volumes) for a in indexer["command"]]
+    env = run_env(volumes, image_env, indexer["environment"])
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "built audio: 600 items, visual: 600 items" in first.stdout
+    stamp = (volumes["/indexes"] / "current" / "audio" / "info.json").stat().st_mtime_ns
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert (volumes["/indexes"] / "current" / "audio" / "info.json").stat().st_mtime_ns == stamp  # API changes survive
+    shutil.rmtree(volumes["/models"] / "current")
+    missing = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 1 and "--profile train run --rm trainer" in lines[0]
+
+
+@needs_compose
+def test_api_command_serves_answers_sighup_and_stops(volumes, tiny):
+    subprocess.run([sys.executable, "-m", "index", "build", "--model", str(volumes["/models"] / "current"), "--data", str(tiny.data_dir), "--out", str(volumes["/indexes"] / "current")], cwd=REPO, check=True, capture_output=True, timeout=120)
+    api = compose_config("docker-compose.yml")["services"]["api"]
+    _, image_env, image_cmd = dockerfile("Dockerfile.cpu")
+    assert api["command"] == image_cmd  # compose runs the image's command
+    port = free_port()
+    command = [sys.executable if a == "python" else ("127.0.0.1" if a == "0.0.0.0" else str(port) if a == "8000" else a) for a in api["command"]]
+    env = run_env(volumes, image_env, api["environment"])
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        health = [sys.executable if a == "python" else a.replace(":8000", f":{port}") for a in api["healthcheck"]["test"][1:]]
+        deadline = time.monotonic() + 60
+        while subprocess.run(health, capture_output=True).returncode != 0:  # the compose health check itself
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        base = f"http://127.0.0.1:{port}"
+        features = json.loads(subprocess.run([sys.executable, "-m", "service", "example", "--data", str(tiny.data_dir), "--out", "/dev/stdout"], cwd=REPO, capture_output=True, text=True).stdout)
+        r = httpx.post(f"{base}/v1/search", json=features)
+        assert r.status_code == 200 and len(r.json()["results"][0]) == 10
+        proc.send_signal(signal.SIGHUP)  # swap in what the configured paths hold now
+        deadline = time.monotonic() + 30
+        while "avsearch_version_swaps_total 1.0" not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.post(f"{base}/v1/search", json=features).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    # a clean shutdown; uvicorn re-raises SIGTERM after it, as Docker expects of a stopped container
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+
+
+def test_trainer_command_writes_the_model_the_indexer_reads(volumes, tmp_path):
+    _, train_env, train_cmd = dockerfile("Dockerfile.train")
+    shutil.rmtree(volumes["/models"] / "current")
+    command = [remap(a, volumes) for a in train_cmd]
+    env = run_env(volumes, train_env, {"AVSEARCH_TRAIN_CONFIG": "tiny"})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in the sh -c line is this venv's
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((volumes["/models"] / "current" / "manifest.json").read_text())
+    assert manifest["input_dims"] == {"audio": 128, "visual": 1024}
