@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Json, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_validator
 
 Modality = Literal["audio", "visual"]
 MetadataValue = str | int | float | bool | None
@@ -72,6 +73,18 @@ class ItemIn(BaseModel):
     id: str = Field(min_length=1, max_length=256, description="your stable id; an existing id is replaced")
     vector: list[float] = Field(description="raw feature vector of the modality in the path")
     metadata: dict[str, Any] | None = Field(None, description="any JSON object, returned with hits and usable in search filters")
+
+    @field_validator("metadata")
+    @classmethod
+    def _finite(cls, value: dict | None) -> dict | None:
+        def walk(v: Any) -> None:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError("metadata numbers must be finite (no NaN or Infinity): they are stored and returned as JSON")
+            for child in v.values() if isinstance(v, dict) else v if isinstance(v, list) else ():
+                walk(child)
+
+        walk(value)
+        return value
 
 
 class UpsertRequest(BaseModel):

@@ -141,12 +141,17 @@ ITEM_CASES = [
     ("id too long", "/v1/items/audio", {"items": [item("x" * 300)]}, 422, "items.0.id"),
     ("metadata not an object", "/v1/items/audio", {"items": [item(metadata=[1])]}, 422, "metadata"),
     ("too many", "/v1/items/audio", {"items": [item(str(i)) for i in range(9)]}, 413, "limit is 8"),
+    ("NaN in metadata", "/v1/items/audio", None, 422, "metadata numbers must be finite"),
 ]
 
 
 @pytest.mark.parametrize("name, route, body, status, message", ITEM_CASES, ids=[c[0] for c in ITEM_CASES])
 def test_items(client, name, route, body, status, message):
-    r = client.post(route, json=body)
+    if body is None:
+        raw = b'{"items": [{"id": "x", "vector": [' + b"0.1," * 127 + b'0.1], "metadata": {"a": [1, {"b": NaN}]}}]}'
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+    else:
+        r = client.post(route, json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
 
