@@ -32,10 +32,11 @@ def _settings(args):
 def _serve(args) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import create_app, limit_threads
     from service.engine import Engine
 
     settings = _settings(args)
+    limit_threads(settings)
     engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads)  # before binding the port
     url = f"http://{args.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''

@@ -54,7 +54,7 @@ class BodyLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.limit:
-                    await _reject(send, 413 if value.isdigit() else 400, str(BodyTooLarge(self.limit)) if value.isdigit() else "invalid Content-Length header")
+                    await reject(send, 413 if value.isdigit() else 400, str(BodyTooLarge(self.limit)) if value.isdigit() else "invalid Content-Length header")
                     return
                 break
         received = 0
@@ -70,7 +70,9 @@ class BodyLimitMiddleware:
         await self.app(scope, counted_receive, send)
 
 
-async def _reject(send: Send, status: int, detail: str) -> None:
+async def reject(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer ``{"detail": ...}`` with ``status`` without calling the app."""
     body = dumps({"detail": detail})
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})

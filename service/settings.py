@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(0.5, ge=0, le=100, description="how long the first request of a micro-batch waits for others")
     max_batch: int = Field(256, gt=0, description="most query vectors the micro-batcher runs in one encoder+index call")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per encoder call (0 = one per core)")
-    search_threads: int = Field(1, ge=0, description="FAISS OpenMP threads (0 = FAISS default, one per core)")
+    search_threads: int = Field(1, ge=0, description="FAISS OpenMP and numpy BLAS threads of `serve` (0 = their defaults, one per core)")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
 
     @field_validator("api_key", "read_api_key", mode="before")

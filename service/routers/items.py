@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 
 from index.embedder import InputError
-from service.auth import require_read, require_write
 from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
 from service.engine import ItemNotFound
 from service.routers import ERRORS
@@ -26,7 +25,6 @@ def _not_found(err: ItemNotFound) -> HTTPException:
 @router.post(
     "/{modality}",
     response_model=UpsertResponse,
-    dependencies=[Depends(require_write)],
     summary="Add or replace items: raw feature vectors of this modality, embedded by the service",
     openapi_extra=body_spec(UpsertRequest),
 )
@@ -52,7 +50,7 @@ async def upsert(modality: Modality, request: Request) -> UpsertResponse:
     return UpsertResponse(upserted=len(ids), modality=modality, count=count)
 
 
-@router.get("/{modality}/{item_id}", response_model=ItemOut, dependencies=[Depends(require_read)], responses=NOT_FOUND)
+@router.get("/{modality}/{item_id}", response_model=ItemOut, responses=NOT_FOUND)
 async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOut:
     engine = request.app.state.avsearch.ready_engine()
     try:
@@ -62,7 +60,7 @@ async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOu
     return ItemOut(id=item.id, modality=modality, metadata=item.metadata, embedding=item.vector.tolist())
 
 
-@router.delete("/{modality}/{item_id}", response_model=DeleteResponse, dependencies=[Depends(require_write)], responses=NOT_FOUND)
+@router.delete("/{modality}/{item_id}", response_model=DeleteResponse, responses=NOT_FOUND)
 async def delete_item(modality: Modality, item_id: str, request: Request) -> DeleteResponse:
     state: ServiceState = request.app.state.avsearch
     state.ready_engine()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from index.embedder import ModelError
 from index.store import IndexLoadError
-from service.auth import require_read, require_write
 from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
 from service.routers import ERRORS
 from service.schemas import Health, Info, Ready, ReloadRequest, ReloadResponse
@@ -34,7 +33,7 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
-@router.get("/v1/info", response_model=Info, dependencies=[Depends(require_read)], responses=ERRORS, summary="Model manifest, index sizes, providers, limits")
+@router.get("/v1/info", response_model=Info, responses=ERRORS, summary="Model manifest, index sizes, providers, limits")
 async def info(request: Request) -> Info:
     state: ServiceState = request.app.state.avsearch
     s = state.settings
@@ -45,7 +44,6 @@ async def info(request: Request) -> Info:
 @router.post(
     "/v1/admin/reload",
     response_model=ReloadResponse,
-    dependencies=[Depends(require_write)],
     summary="Swap in a model + index version atomically (same as SIGHUP with no body)",
     responses={**ERRORS, 409: {"description": "the new version cannot be loaded (missing, corrupt, index from another model); the current one stays"}},
     openapi_extra=OPTIONAL_BODY,

@@ -178,4 +178,5 @@ def test_openapi_and_docs(client):
     assert {"/v1/search", "/v1/embed", "/v1/items/{modality}", "/v1/items/{modality}/{item_id}", "/v1/info", "/v1/admin/reload", "/readyz", "/metrics"} <= set(spec["paths"])
     assert set(spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]) == {"application/json", "application/x-npy"}
     assert "SearchRequest" in spec["components"]["schemas"]
+    assert spec["paths"]["/v1/search"]["post"]["security"] == [{"bearer": []}] and "security" not in spec["paths"]["/healthz"]["get"]
     assert client.get("/docs").status_code == 200

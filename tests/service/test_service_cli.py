@@ -73,3 +73,19 @@ def test_example_writes_a_search_body(tiny, tmp_path):
     assert out.returncode == 0, out.stderr
     body = json.loads((tmp_path / "q.json").read_text())
     assert body["modality"] == "audio" and len(body["vectors"][0]) == 128 and body["top_k"] == 10
+
+
+def test_serve_caps_blas_and_faiss_threads():
+    """Spare BLAS threads spin after each small search and starve the event loop (bench/results/http_bench.md)."""
+    code = (
+        "import faiss, numpy, threadpoolctl\n"
+        "from service.app import limit_threads\n"
+        "from service.settings import Settings\n"
+        "limit_threads(Settings(search_threads=1))\n"
+        "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']\n"
+        "print(blas, faiss.omp_get_max_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    blas, omp = out.stdout.rsplit(" ", 1)
+    assert set(json.loads(blas)) == {1} and int(omp) == 1
