@@ -202,6 +202,13 @@ def measure(name: str, port: int, requests: list[bytes], args, with_batches: boo
     return rows
 
 
+def http_stack() -> str:
+    import importlib.util
+
+    present = [m for m in ("uvloop", "httptools", "orjson") if importlib.util.find_spec(m) is not None]
+    return " + ".join(present) if present else "asyncio + h11 + json (uvloop, httptools, orjson not installed)"
+
+
 def write_results(out: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "http_bench.json").write_text(json.dumps(out, indent=2))
@@ -223,6 +230,14 @@ def write_results(out: dict) -> None:
         )
     lines += ["", "| ratio service JSON / naive JSON (same run) | 1 client | 8 clients | 64 clients |", "|---|---:|---:|---:|"]
     lines.append("| throughput | " + " | ".join(f"{out['ratios'][str(c)]:.1f}×" for c in (1, 8, 64)) + " |")
+    lines += [
+        "",
+        "Service: `python -m service serve` with default settings (micro-batch window 0.2 ms, 1 FAISS/BLAS thread, 1 ONNX Runtime "
+        f"thread), uvicorn with {out['http_stack']}. Naive baseline (bench/naive_server.py): FastAPI + pydantic models, PyTorch "
+        "eager encoders of the same checkpoint, one request at a time (sync handler in FastAPI's thread pool), numpy matrix-vector "
+        "product + argpartition over the gallery embeddings, 1 torch and 1 BLAS thread, same uvicorn stack. The machine is shared "
+        "with other jobs: compare the ratios measured in this run rather than absolute figures across runs.",
+    ]
     lines += ["", "Targets: " + ", ".join(f"{k} {'✓' if v['met'] else '✗'} ({v['value']} vs {v['target']})" for k, v in out["targets"].items())]
     (RESULTS / "http_bench.md").write_text("\n".join(lines) + "\n")
 
@@ -277,6 +292,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average_at_start": load_at_start,
         "setup": setup,
+        "http_stack": http_stack(),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "top_k": TOP_K},
         "rows": rows,
         "ratios": {k: round(v, 2) for k, v in ratios.items()},

@@ -9,6 +9,7 @@ one is there (the compose indexing job; item changes made through the API surviv
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import shutil
@@ -38,6 +39,8 @@ def _serve(args) -> int:
     settings = _settings(args)
     limit_threads(settings)
     engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads)  # before binding the port
+    gc.collect()
+    gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
     url = f"http://{args.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
     print(f"\navsearch serving model {engine.version} on {url}  (API docs: {url}/docs)")

@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
-    for router in (ops.router, search.router, items.router):
+    for router in (search.router, items.router, ops.router):  # the busiest routes are matched first
         app.include_router(router)
 
     @app.exception_handler(RequestValidationError)

@@ -180,3 +180,17 @@ def test_openapi_and_docs(client):
     assert "SearchRequest" in spec["components"]["schemas"]
     assert spec["paths"]["/v1/search"]["post"]["security"] == [{"bearer": []}] and "security" not in spec["paths"]["/healthz"]["get"]
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.ones((1, 128), np.float32), np.arange(128, dtype=np.float64), np.ones((3, 5), np.float16).T, np.zeros((0, 128), np.float32), np.arange(6, dtype=">f4").reshape(2, 3)],
+    ids=["f32 2-D", "f64 1-D", "f16 Fortran order", "empty", "big-endian"],
+)
+def test_npy_parsing_matches_numpy_load(array):
+    from service.bodies import parse_npy
+
+    got = parse_npy(npy_bytes(array))
+    want = np.load(io.BytesIO(npy_bytes(array))).astype(np.float32)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want.reshape(got.shape))
