@@ -63,7 +63,7 @@ def _cmd_compare(args) -> None:
     cfg = load_config(args.config)
     data = _load_data(args.data, cfg)
     methods = args.methods.split(",") if args.methods else None
-    results = compare(cfg, data, args.seeds, Path(args.out), methods=methods, show_progress=not args.quiet)
+    results = compare(cfg, data, args.seeds, Path(args.out), methods=methods, show_progress=not args.quiet, report_only=args.report_only)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.md, results.json and {len(results['plots'])} plots")
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True, help="report directory (runs/ inside makes it resumable)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs in OUT/runs")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compare)
 

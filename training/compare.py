@@ -60,8 +60,13 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def compare(cfg: Config, data: PairedFeatures, n_seeds: int, out: Path, methods: list[str] | None = None, show_progress: bool = True) -> dict:
-    """Run ``methods`` (default: all) for ``n_seeds`` seeds, write the report to ``out``; returns it."""
+def compare(
+    cfg: Config, data: PairedFeatures, n_seeds: int, out: Path, methods: list[str] | None = None, show_progress: bool = True, report_only: bool = False
+) -> dict:
+    """Run ``methods`` (default: all) for ``n_seeds`` seeds, write the report to ``out``; returns it.
+
+    ``report_only`` trains nothing: the report covers the runs already in ``out/runs``.
+    """
     from training.report import write_report
 
     out = Path(out)
@@ -79,6 +84,8 @@ def compare(cfg: Config, data: PairedFeatures, n_seeds: int, out: Path, methods:
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
+        if report_only:
+            continue
         bar.set_postfix(method=name, seed=seed)
         record = run_one(cfg, data, name, seed)
         _write_json(path, record)
@@ -91,6 +98,8 @@ def compare(cfg: Config, data: PairedFeatures, n_seeds: int, out: Path, methods:
         "config": config_to_dict(cfg),
         "data_source": data.source,
         "seeds": seeds,
+        "complete": all((out / "runs" / f"{m}_seed{s}.json").is_file() for s in seeds for m in methods),
+        "report_only": report_only,
         "wall_seconds_this_invocation": time.perf_counter() - started,
         "train_seconds_sum": sum(r["seconds"] for r in records if r["method"] in methods),
     }

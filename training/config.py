@@ -25,6 +25,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm
     seed: int = 42  # model init, batch order and masking
     device: str = "auto"  # "auto" = CUDA when present, else CPU
+    threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is far faster on a busy shared CPU
     amp: bool = False  # bfloat16 autocast for the encoders/decoders (DCCA stays float64)
     method: str = "hscmae"  # a name from training.baselines.METHODS (recorded; overrides already applied)
 

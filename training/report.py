@@ -62,7 +62,11 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
             f"| {_pm(s, 'a2v_r@1')} | {_pm(s, 'a2v_r@10')} | {s['mean']['a2v_median_rank']:.1f} | {_pm(s, 'val_avg')} | {s['n']} |"
         )
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS.values()), ""]
-    if "wall_seconds_this_invocation" in meta:
+    if not meta.get("complete", True):
+        lines.append("**Incomplete:** some (method, seed) runs had not finished; the `seeds` column says how many each row has.")
+    if meta.get("report_only"):
+        lines.append(f"Report rebuilt from the stored runs; sum of their per-run times: {meta['train_seconds_sum']:.0f} s.")
+    elif "wall_seconds_this_invocation" in meta:
         lines.append(f"Wall time of this `compare` invocation: {meta['wall_seconds_this_invocation']:.0f} s; sum of per-run times: {meta['train_seconds_sum']:.0f} s.")
     return "\n".join(lines) + "\n"
 

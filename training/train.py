@@ -113,6 +113,8 @@ def train(
     there after every epoch; ``resume`` continues from it. ``stop_after`` ends this call after that
     many epochs (a later ``resume`` call finishes the schedule, which stays that of ``cfg``).
     """
+    if cfg.train.threads > 0:  # process-wide: small models on shared cores lose most time to thread sync
+        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
     obj = cfg.objective
