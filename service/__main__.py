@@ -12,8 +12,10 @@ import argparse
 import gc
 import json
 import logging
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,12 @@ def _serve(args) -> int:
 
 
 def _prepare(args) -> int:
-    """Index ``--data`` with the configured model unless the index there was built from that model."""
+    """Index ``--data`` with the configured model unless the index there was built from that model.
+
+    The index is built into ``<index>-<model version>`` beside ``<index>``, which becomes a symlink
+    to it (replaced atomically). A running API holds the resolved directory of its own version, so
+    building the next version never clobbers the live one; SIGHUP then swaps the API over.
+    """
     from index.build import build_indexes
     from service.persist import load_index, swap_into_place
 
@@ -60,21 +67,27 @@ def _prepare(args) -> int:
         _, manifest_hash = load_manifest(settings.model_dir)
     except ModelError as err:
         raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
+    link = settings.index_dir
     if not args.rebuild:
         try:
-            sizes = {m: len(load_index(settings.index_dir / m, manifest_hash)) for m in MODALITIES}
-            print(f"index in {settings.index_dir} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
+            sizes = {m: len(load_index(link / m, manifest_hash)) for m in MODALITIES}
+            print(f"index in {link} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
             return 0
         except IndexLoadError as err:
             logging.getLogger(__name__).info("building the index: %s", err)
-    staging = settings.index_dir.parent / f".{settings.index_dir.name}.build"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    version = link.parent / f"{link.name}-{manifest_hash[:12]}"
+    staging = link.parent / f".{version.name}.build"
     shutil.rmtree(staging, ignore_errors=True)
     indexes = build_indexes(settings.model_dir, args.data, staging, args.factory, settings.device, progress=False)
-    settings.index_dir.mkdir(parents=True, exist_ok=True)
-    for modality in MODALITIES:  # each modality swapped in whole: a kill leaves the old or the new
-        swap_into_place(staging / modality, settings.index_dir / modality)
-    shutil.rmtree(staging, ignore_errors=True)
-    print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {settings.index_dir} for model {manifest_hash[:12]}")
+    swap_into_place(staging, version)  # a kill leaves the old or the new version directory
+    if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
+        os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
+    pointer = link.parent / f".{link.name}.link"
+    pointer.unlink(missing_ok=True)
+    os.symlink(version.name, pointer)
+    os.replace(pointer, link)  # atomic: readers see the old version or the new one
+    print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
     return 0
 
 

@@ -88,7 +88,8 @@ class Engine:
         for modality, index in indexes.items():
             if index.dim != embedder.embedding_dim:
                 raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
-        return cls(embedder, indexes, Path(model_dir), Path(index_dir))
+        # Resolved: when the configured path is a symlink that moves to a new version, this one keeps saving here.
+        return cls(embedder, indexes, Path(model_dir), Path(index_dir).resolve())
 
     def validate(self, modality: str, rows: list[list[float]] | np.ndarray) -> np.ndarray:
         x = rows if isinstance(rows, np.ndarray) else as_matrix(rows, modality)

@@ -133,10 +133,20 @@ def test_indexer_command_builds_once_then_keeps_the_index(volumes):
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "built audio: 600 items, visual: 600 items" in first.stdout
-    stamp = (volumes["/indexes"] / "current" / "audio" / "info.json").stat().st_mtime_ns
+    link = volumes["/indexes"] / "current"
+    first_version = link.resolve()
+    assert link.is_symlink() and first_version.name.startswith("current-")
+    stamp = (link / "audio" / "info.json").stat().st_mtime_ns
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout
-    assert (volumes["/indexes"] / "current" / "audio" / "info.json").stat().st_mtime_ns == stamp  # API changes survive
+    assert (link / "audio" / "info.json").stat().st_mtime_ns == stamp  # API changes survive
+    # a new model: built beside the live version (which a running API keeps saving into), then the link flips
+    manifest = volumes["/models"] / "current" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"schema_version"', '"note": "v2", "schema_version"', 1))
+    new = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert new.returncode == 0, new.stderr
+    assert link.resolve() != first_version and (first_version / "audio" / "info.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in volumes["/indexes"].iterdir()) == sorted(["current", first_version.name, link.resolve().name])
     shutil.rmtree(volumes["/models"] / "current")
     missing = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     lines = missing.stderr.strip().splitlines()

@@ -192,3 +192,16 @@ def test_swap_under_load_fails_no_request_and_refuses_another_models_index(tiny,
         assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
         assert set(versions) == {v1, v2} and versions[-1] == v1
         assert "avsearch_version_swaps_total 2.0" in c.get("/metrics").text
+
+
+def test_changes_go_to_the_loaded_version_after_its_symlink_moves(tiny, tmp_path, features):
+    live = copy_index(tiny, tmp_path / "index-v1")
+    nxt = copy_index(tiny, tmp_path / "index-v2")
+    link = tmp_path / "current"
+    link.symlink_to(live.name)
+    with make_client(tiny, link) as c:
+        wait_ready(c)
+        link.unlink()
+        link.symlink_to(nxt.name)  # the next version is being prepared and linked
+        assert c.post("/v1/items/audio", json={"items": [{"id": "late", "vector": features.audio[0].tolist()}]}).status_code == 200
+    assert "late" in VectorIndex.load(live / "audio") and "late" not in VectorIndex.load(nxt / "audio")
