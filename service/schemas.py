@@ -118,6 +118,13 @@ class ReloadRequest(BaseModel):
     model_dir: str | None = Field(None, description="new exported model directory; default AVSEARCH_MODEL_DIR (re-read)")
     index_dir: str | None = Field(None, description="new index directory built from that model; default AVSEARCH_INDEX_DIR")
 
+    @field_validator("model_dir", "index_dir")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None and ("\x00" in value or not value.strip()):
+            raise ValueError("must be a directory path (non-empty, no NUL character)")
+        return value
+
 
 class ReloadResponse(BaseModel):
     model: str

@@ -59,6 +59,6 @@ async def reload(request: Request) -> ReloadResponse:
         options = ReloadRequest()
     try:
         previous, engine = await state.swap(options.model_dir, options.index_dir)
-    except (ModelError, IndexLoadError, OSError) as err:
+    except (ModelError, IndexLoadError, OSError, ValueError) as err:  # ValueError: paths the OS refuses
         raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
     return ReloadResponse(model=engine.version, previous_model=previous, index_sizes=engine.sizes())

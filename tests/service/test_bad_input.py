@@ -173,6 +173,8 @@ def test_reload_bad_bodies(client):
     assert r.status_code == 422 and "model_path" in r.json()["detail"]
     r = client.post("/v1/admin/reload", content=b"model_dir=/x", headers={"content-type": "text/plain"})
     assert r.status_code == 415
+    r = client.post("/v1/admin/reload", json={"index_dir": "\u0000"})  # found by schemathesis: was a 500
+    assert r.status_code == 422 and "no NUL character" in r.json()["detail"]
     r = client.post("/v1/admin/reload", json={"model_dir": "/does/not/exist"})
     assert r.status_code == 409 and "manifest.json: missing" in r.json()["detail"]
     assert client.get("/readyz").status_code == 200  # the current version keeps serving
