@@ -76,6 +76,9 @@ class Embedder:
                 self.sessions[modality] = ort.InferenceSession(str(path), options, providers=wanted)
             except Exception as err:  # onnxruntime raises its own exception types for bad files
                 raise ModelError(f"{path}: cannot be loaded by ONNX Runtime ({type(err).__name__}: {err})") from None
+            width = self.sessions[modality].get_inputs()[0].shape[1]
+            if isinstance(width, int) and width != self.input_dims[modality]:
+                raise ModelError(f"{path}: takes {width} features but {MANIFEST_NAME} says {self.input_dims[modality]}; re-export the model")
         self.providers = {m: s.get_providers()[0] for m, s in self.sessions.items()}
         if device != "cpu" and any(p != "CUDAExecutionProvider" for p in self.providers.values()):
             log.warning("ONNX Runtime runs on %s (no CUDA provider available): CPU fallback", self.providers)

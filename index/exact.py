@@ -2,10 +2,10 @@
 
 Exact search is a scan: every query reads all N×E stored floats. Two shapes, two paths:
 
-* **few queries** (Q ≤ ``MATVEC_MAX_QUERIES``): one BLAS matrix-vector product per query, which
-  streams the database at close to memory bandwidth, then a cheap selection: the k-th best score
-  of the first rows is a lower bound of the global k-th best, so one vectorised comparison keeps
-  only a few candidates for the final ``argpartition`` (instead of partitioning all N scores);
+* **few queries** (Q ≤ ``MATVEC_MAX_QUERIES``): BLAS matrix-vector products over blocks of rows,
+  which stream the database at close to memory bandwidth, and a cheap selection: the k-th best
+  score of the first rows is a lower bound of the global k-th best, so one comparison per block
+  (on scores still in cache) keeps only a few candidates for the final ``argpartition``;
 * **many queries**: the database is cut into blocks; each block is one float32 GEMM (Q, E)×(E, b),
   and only scores above each query's running k-th best leave the block (a comparison and a sparse
   ``nonzero``), merged into the running top-k.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 MATVEC_MAX_QUERIES = 8  # above this, one GEMM per block beats Q matrix-vector products
+MATVEC_BLOCK_ROWS = 1 << 16  # rows per matrix-vector block: 256 KB of scores stay in L2
 SAMPLE_ROWS = 4096  # rows whose k-th best score seeds the selection threshold
 BLOCK_SCORES = 2**26  # scores per GEMM block (256 MB float32): big blocks keep BLAS efficient
 
@@ -32,13 +33,20 @@ def _sorted_top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
     return scores[order], rows[order]
 
 
-def _one_query(database: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = database @ query  # (N,) one streaming pass over the database
-    head = scores[: max(SAMPLE_ROWS, k)]
+def _one_query(database: np.ndarray, query: np.ndarray, k: int, block_rows: int = MATVEC_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    head = database[: max(SAMPLE_ROWS, k)] @ query
     # k-th best of a subset ≤ k-th best of all, so every true top-k row passes this bound.
     bound = np.partition(head, len(head) - k)[len(head) - k]
-    rows = np.flatnonzero(scores >= bound)
-    return _sorted_top(scores[rows], rows, k)
+    buffer = np.empty(min(block_rows, len(database)), dtype=np.float32)
+    hit_scores, hit_rows = [], []
+    for start in range(0, len(database), block_rows):  # the block's scores are compared while in cache
+        scores = buffer[: min(block_rows, len(database) - start)]
+        np.matmul(database[start : start + block_rows], query, out=scores)
+        hits = np.flatnonzero(scores >= bound)
+        if hits.size:
+            hit_scores.append(scores[hits])
+            hit_rows.append(hits + start)
+    return _sorted_top(np.concatenate(hit_scores), np.concatenate(hit_rows), k)
 
 
 def _merge_block(top_s: np.ndarray, top_i: np.ndarray, block: np.ndarray, mask: np.ndarray, offset: int, k: int) -> None:
@@ -94,6 +102,6 @@ def top_k_inner_product(database: np.ndarray, queries: np.ndarray, k: int, block
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     if len(queries) <= MATVEC_MAX_QUERIES:
-        pairs = [_one_query(database, q, k) for q in queries]
+        pairs = [_one_query(database, q, k, block_rows or MATVEC_BLOCK_ROWS) for q in queries]
         return np.stack([s for s, _ in pairs]).astype(np.float32), np.stack([r for _, r in pairs]).astype(np.int64)
     return _many_queries(database, queries, k, block_rows)

@@ -168,7 +168,7 @@ def _embed_ray(model_dir: Path, source, pending, out_dir: Path, device: str, bat
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)  # +1: Ray Data's own tasks
     items = [{"partition": p.name, "modality": m} for m, p in pending]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     kwargs = {"model_dir": str(model_dir), "source": source, "out_dir": str(out_dir), "device": device, "batch_size": batch_size}

@@ -34,6 +34,7 @@ from index.exact import top_k_inner_product
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this share of live items
+_said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
 INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.json", "index.faiss"
 
 
@@ -244,12 +245,19 @@ class VectorIndex:
 
         if "search" not in self._cache:
             self._cache["search"] = self.index
+            if getattr(faiss, "get_num_gpus", lambda: 0)() == 0 and not _said["no_gpu"]:
+                log.info("faiss sees no GPU (faiss-cpu, or no CUDA device): indexes search on the CPU")
+                _said["no_gpu"] = True
             if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
                 try:
                     resources = faiss.StandardGpuResources()
-                    self._cache["search"] = faiss.index_cpu_to_gpu(resources, 0, self.index)
+                    copy = faiss.index_cpu_to_gpu(resources, 0, self.index)
+                    on_gpu = "Gpu" in type(faiss.downcast_index(self._base(copy))).__name__  # HNSW stays a CPU copy
+                    self._cache["search"] = copy if on_gpu else self.index
                     self._cache["gpu_resources"] = resources
-                    self.info["search_device"] = "cuda:0"
+                    self.info["search_device"] = "cuda:0" if on_gpu else "cpu"
+                    if not on_gpu:
+                        log.warning("faiss has no GPU version of %s: searching on the CPU", self.info["factory"])
                 except RuntimeError as err:  # e.g. HNSW has no GPU version
                     log.warning("faiss GPU copy of %s failed (%s): searching on the CPU", self.info["factory"], err)
                     self.info["search_device"] = "cpu"

@@ -167,3 +167,24 @@ def test_search_params_validated_and_per_call():
     exact = VectorIndex.build(gallery, [str(i) for i in range(2000)]).search(gallery[:20], 10)[1]
     assert wide == exact and _recall_at_10(narrow, exact) < 1.0
     assert index.info["search_params"] == {}  # per-call parameters are not kept
+
+
+def test_cpu_fallback_is_reported():
+    index = VectorIndex.build(_unit(np.random.default_rng(6), 10, 4), [str(i) for i in range(10)])
+    index.search(_unit(np.random.default_rng(7), 1, 4), 3)
+    import faiss
+
+    assert index.info["search_device"] == ("cuda:0" if faiss.get_num_gpus() > 0 else "cpu")
+
+
+def test_embedder_refuses_a_manifest_that_does_not_match_the_graph(tiny, tmp_path):
+    import shutil
+
+    from index.embedder import ModelError
+
+    model = shutil.copytree(tiny.model_dir, tmp_path / "model")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["input_dims"]["audio"] = 127
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="re-export"):
+        Embedder(model, device="cpu")
