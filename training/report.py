@@ -38,6 +38,11 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             mean[col] = float(np.mean(values))
             std[col] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         out[name] = {"group": METHODS[name][0], "description": METHODS[name][1], "mean": mean, "std": std, "n": len(runs)}
+    full = {r["seed"]: r["test"]["avg"] for r in records if r["method"] == "hscmae"}
+    for name, s in out.items():  # paired by seed: the seed's own noise cancels
+        diffs = [r["test"]["avg"] - full[r["seed"]] for r in records if r["method"] == name and r["seed"] in full]
+        if diffs and name != "hscmae":
+            s["paired_diff_avg"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, "n": len(diffs)}
     return out
 
 
@@ -53,12 +58,14 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
         "(spec §6), mean ± sample std over seeds. Each run's epoch was selected on validation mAP; test was read once. "
         "`avg` uses the test-time linear CCA (o' = {o}) on the evaluated embeddings; `avg no CCA` is cosine on them.".format(o=meta["config"]["cca"]["n_components"]),
         "",
-        "| method | group | A→V | V→A | avg | avg no CCA | R@1 A→V | R@10 A→V | med. rank A→V | val avg | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | group | A→V | V→A | avg | avg no CCA | avg − HSC-MAE (paired) | R@1 A→V | R@10 A→V | med. rank A→V | val avg | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
+        d = s.get("paired_diff_avg")
+        diff = f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "—"
         lines.append(
-            f"| {s['description']} (`{name}`) | {s['group']} | {_pm(s, 'a2v')} | {_pm(s, 'v2a')} | **{_pm(s, 'avg')}** | {_pm(s, 'avg_no_cca')} "
+            f"| {s['description']} (`{name}`) | {s['group']} | {_pm(s, 'a2v')} | {_pm(s, 'v2a')} | **{_pm(s, 'avg')}** | {_pm(s, 'avg_no_cca')} | {diff} "
             f"| {_pm(s, 'a2v_r@1')} | {_pm(s, 'a2v_r@10')} | {s['mean']['a2v_median_rank']:.1f} | {_pm(s, 'val_avg')} | {s['n']} |"
         )
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS.values()), ""]
@@ -66,6 +73,8 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
         lines.append("**Incomplete:** some (method, seed) runs had not finished; the `seeds` column says how many each row has.")
     if meta.get("report_only"):
         lines.append(f"Report rebuilt from the stored runs; sum of their per-run times: {meta['train_seconds_sum']:.0f} s.")
+        if "compare_wall_seconds" in meta:
+            lines.append(f"Wall time of the `compare` invocation that trained them: {meta['compare_wall_seconds']:.0f} s.")
     elif "wall_seconds_this_invocation" in meta:
         lines.append(f"Wall time of this `compare` invocation: {meta['wall_seconds_this_invocation']:.0f} s; sum of per-run times: {meta['train_seconds_sum']:.0f} s.")
     return "\n".join(lines) + "\n"
@@ -82,6 +91,12 @@ def write_report(out: Path, records: list[dict], meta: dict) -> dict:
     """Write results.md, results.json and the plots into ``out``; returns the results.json dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    if meta.get("report_only") and previous.is_file():  # keep the wall time of the run that trained
+        old = json.loads(previous.read_text())["meta"]
+        wall = old.get("compare_wall_seconds", None if old.get("report_only") else old.get("wall_seconds_this_invocation"))
+        if wall is not None:
+            meta["compare_wall_seconds"] = wall
     summary = aggregate(records)
     per_seed = {name: [{k: v for k, v in r.items() if k != "history"} for r in records if r["method"] == name] for name in summary}
     results = {"meta": meta, "methods": {name: {**s, "runs": per_seed[name]} for name, s in summary.items()}, "plots": PLOTS}
