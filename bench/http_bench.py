@@ -188,18 +188,16 @@ def batch_stats(port: int) -> tuple[float, float]:
     return total, count
 
 
-def measure(name: str, port: int, requests: list[bytes], args, with_batches: bool) -> list[dict]:
-    rows = []
-    for clients in (1, 8, 64):
-        before = batch_stats(port) if with_batches else None
-        row = asyncio.run(closed_loop(port, requests, clients, args.warmup, args.duration, args.max_requests))
-        if with_batches:
-            after = batch_stats(port)
-            row["mean_batch_requests"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
-        row["server"] = name
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+def measure(name: str, port: int, requests: list[bytes], clients: int, args, with_batches: bool) -> dict:
+    before = batch_stats(port) if with_batches else None
+    row = asyncio.run(closed_loop(port, requests, clients, args.warmup, args.duration, args.max_requests))
+    if with_batches:
+        after = batch_stats(port)
+        row["mean_batch_requests"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
+    row["server"] = name
+    row["load_average_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine, at the end of the phase
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def http_stack() -> str:
@@ -218,15 +216,16 @@ def write_results(out: dict) -> None:
         f"`{out['command']}` on {out['machine']}; {out['setup']['n_items']:,} items per modality, embedding width "
         f"{out['setup']['embedding_dim']}, model {out['setup']['model']} ({out['setup']['model_source']}). One audio query per "
         f"request, top {TOP_K} visual clips, exact search. Closed loop: each client sends its next request when the answer arrives. "
-        "The asyncio load generator shares the cores with the server. Load average at start: " + str(out["load_average_at_start"]),
+        "The asyncio load generator shares the cores with the server. Phases are interleaved per concurrency (naive, service JSON, service .npy), both servers up. "
+        "Load average at start: " + str(out["load_average_at_start"]),
         "",
-        "| server | body | clients | searches/s | p50 ms | p99 ms | errors | mean requests per batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| server | body | clients | searches/s | p50 ms | p99 ms | errors | mean requests per batch | load avg after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in out["rows"]:
         server, body = row["server"].split(" ", 1)
         lines.append(
-            f"| {server} | {body} | {row['clients']} | {row['throughput_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {row.get('mean_batch_requests', '-')} |"
+            f"| {server} | {body} | {row['clients']} | {row['throughput_per_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} | {row['errors']} | {row.get('mean_batch_requests', '-')} | {row['load_average_1min']} |"
         )
     lines += ["", "| ratio service JSON / naive JSON (same run) | 1 client | 8 clients | 64 clients |", "|---|---:|---:|---:|"]
     lines.append("| throughput | " + " | ".join(f"{out['ratios'][str(c)]:.1f}×" for c in (1, 8, 64)) + " |")
@@ -264,20 +263,23 @@ def main() -> None:
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     queries = np.load(args.work / "gallery" / "queries.npy")
     rows = []
-    port = free_port()
-    service = start([sys.executable, "-m", "service", "serve", "--model", str(args.work / "model"), "--index", str(args.work / "index"), "--port", str(port)], port)
+    # Both servers up at once (the idle one costs nothing), phases interleaved per concurrency: the
+    # service and the baseline are measured seconds apart, under the same load from other jobs.
+    service_port, servers = free_port(), []
     try:
-        rows += measure("service JSON", port, http_requests(queries, binary=False), args, with_batches=True)
-        rows += measure("service .npy", port, http_requests(queries, binary=True), args, with_batches=True)
+        servers.append(start([sys.executable, "-m", "service", "serve", "--model", str(args.work / "model"), "--index", str(args.work / "index"), "--port", str(service_port)], service_port))
+        if not args.skip_naive:
+            naive_port = free_port()
+            servers.append(start([sys.executable, "bench/naive_server.py", "--run", str(args.work / "run"), "--gallery", str(args.work / "gallery"), "--port", str(naive_port)], naive_port))
+        as_json, as_npy = http_requests(queries, binary=False), http_requests(queries, binary=True)
+        for clients in (1, 8, 64):
+            if not args.skip_naive:
+                rows.append(measure("naive JSON", naive_port, as_json, clients, args, with_batches=False))
+            rows.append(measure("service JSON", service_port, as_json, clients, args, with_batches=True))
+            rows.append(measure("service .npy", service_port, as_npy, clients, args, with_batches=True))
     finally:
-        stop(service)
-    if not args.skip_naive:
-        port = free_port()
-        naive = start([sys.executable, "bench/naive_server.py", "--run", str(args.work / "run"), "--gallery", str(args.work / "gallery"), "--port", str(port)], port)
-        try:
-            rows += measure("naive JSON", port, http_requests(queries, binary=False), args, with_batches=False)
-        finally:
-            stop(naive)
+        for proc in servers:
+            stop(proc)
     by = {(r["server"], r["clients"]): r for r in rows}
     ratios = {str(c): by[("service JSON", c)]["throughput_per_s"] / by[("naive JSON", c)]["throughput_per_s"] for c in (1, 8, 64) if ("naive JSON", c) in by}
     s64, s1 = by[("service JSON", 64)], by[("service JSON", 1)]

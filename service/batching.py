@@ -1,9 +1,9 @@
 """Micro-batching: concurrent search and embed requests share one encoder call and one index search.
 
 Requests queue up on the event loop; one worker takes everything queued (up to ``max_batch``
-vectors), after waiting ``window_s`` for company when the queue is short, and runs it in one
-thread call. While a batch runs the next one gathers, so batches grow with load and a lone
-request waits only the window.
+vectors) and runs it in one thread call. While a batch runs the next one gathers, so batches grow
+with load. When the previous batch held several requests (clients are concurrent), the worker
+first waits ``window_s`` for more; a lone client never waits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="avsearch-batch")
         self._task: asyncio.Task | None = None
+        self._last_requests = 0  # requests in the previous batch
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="avsearch-batcher")
@@ -67,9 +68,11 @@ class MicroBatcher:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.window_s > 0 and sum(job.size for _, job, _ in self._pending) < self.max_batch:
+            # Wait for company only while requests arrive concurrently: a lone client pays no window.
+            if self.window_s > 0 and self._last_requests > 1 and sum(job.size for _, job, _ in self._pending) < self.max_batch:
                 await asyncio.sleep(self.window_s)
             batch = self._take()
+            self._last_requests = len(batch)
             by_engine: dict[int, list[tuple[Engine, Job, asyncio.Future]]] = {}
             for entry in batch:  # during a version swap both versions may be queued
                 by_engine.setdefault(id(entry[0]), []).append(entry)

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body in bytes; more: HTTP 413")
     api_key: SecretStr | None = Field(None, description="read-write API key (Authorization: Bearer <key>); unset = no auth")
     read_api_key: SecretStr | None = Field(None, description="read-only API key: search, embed, get items, info; needs api_key set")
-    batch_window_ms: float = Field(0.2, ge=0, le=100, description="how long a lone request waits for others to batch with (0: only those queued while the previous batch ran)")
+    batch_window_ms: float = Field(0.2, ge=0, le=100, description="under concurrent load, how long a batch waits for more requests (0: only those queued while the previous batch ran)")
     max_batch: int = Field(256, gt=0, description="most query vectors the micro-batcher runs in one encoder+index call")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per encoder call (0 = one per core)")
     search_threads: int = Field(1, ge=0, description="FAISS OpenMP and numpy BLAS threads of `serve` (0 = their defaults, one per core)")
