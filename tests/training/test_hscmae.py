@@ -135,3 +135,15 @@ def test_presets_load_with_typed_sections():
         from training.config import config_from_dict
 
         config_from_dict({"objective": {"no_such_switch": True}})
+
+
+def test_exported_graph_holds_only_the_tower_path(tiny):
+    """No attention (fusion) and no decoder in the served ONNX graph: depth Gemms + head + CCA."""
+    import onnx
+
+    cfg = load_config("tiny")
+    for modality in ("audio", "visual"):
+        graph = onnx.load(str(tiny.model_dir / f"{modality}_encoder.onnx")).graph
+        ops = [n.op_type for n in graph.node]
+        assert not {"Softmax", "Attention", "MultiHeadAttention", "Gelu", "Erf"} & set(ops)
+        assert ops.count("Gemm") + ops.count("MatMul") == cfg.model.depth + 1 + 1  # encoder, head, CCA
