@@ -143,6 +143,8 @@ def train(
     best = {"score": -1.0, "epoch": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
     if resume and state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["config"] != config_to_dict(cfg):
+            raise ValueError(f"{state_path}: written by a different configuration; resume with the same --config/--method/--seed or use a new --out")
         student.load_state_dict(state["student"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])

@@ -46,6 +46,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
     assert resumed.val_metrics["avg"] == pytest.approx(whole.val_metrics["avg"], rel=1e-5)
+    cfg.train.seed += 1
+    with pytest.raises(ValueError, match="different configuration"):
+        train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", resume=True)
 
 
 def test_cli_train_eval_and_errors(tmp_path, capsys):
