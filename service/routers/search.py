@@ -23,6 +23,17 @@ def _check_count(state: ServiceState, n: int) -> None:
         raise HTTPException(413, f"{n} vectors in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS): split the request")
 
 
+async def _read_options(request: Request, json_model, params_model):
+    """(options, raw vectors or None): a JSON body, or a .npy body with options in the query string."""
+    kind = content_type(request)
+    if kind == JSON:
+        options = await parse_json(request, json_model)
+        return options, options.vectors
+    if kind == NPY:
+        return parse_query(request, params_model), parse_npy(await request.body())
+    raise unsupported(request, (JSON, NPY))
+
+
 @router.post(
     "/search",
     response_model=SearchResponse,
@@ -33,15 +44,8 @@ def _check_count(state: ServiceState, n: int) -> None:
 async def search(request: Request) -> Response:
     state: ServiceState = request.app.state.avsearch
     engine = state.ready_engine()
-    kind = content_type(request)
-    if kind == JSON:
-        options: SearchRequest | SearchParams = await parse_json(request, SearchRequest)
-        vectors, ids = options.vectors, options.ids
-    elif kind == NPY:
-        options = parse_query(request, SearchParams)
-        vectors, ids = parse_npy(await request.body()), None
-    else:
-        raise unsupported(request, (JSON, NPY))
+    options, vectors = await _read_options(request, SearchRequest, SearchParams)
+    ids = getattr(options, "ids", None)  # only JSON bodies can query by stored ids
     _check_count(state, len(vectors) if vectors is not None else len(ids))
     if options.top_k > state.settings.max_top_k:
         raise HTTPException(422, f"top_k {options.top_k} is above the limit {state.settings.max_top_k} (AVSEARCH_MAX_TOP_K)")
@@ -68,15 +72,7 @@ async def search(request: Request) -> Response:
 async def embed(request: Request) -> Response:
     state: ServiceState = request.app.state.avsearch
     engine = state.ready_engine()
-    kind = content_type(request)
-    if kind == JSON:
-        options: EmbedRequest | EmbedParams = await parse_json(request, EmbedRequest)
-        vectors = options.vectors
-    elif kind == NPY:
-        options = parse_query(request, EmbedParams)
-        vectors = parse_npy(await request.body())
-    else:
-        raise unsupported(request, (JSON, NPY))
+    options, vectors = await _read_options(request, EmbedRequest, EmbedParams)
     _check_count(state, len(vectors))
     try:
         checked = engine.validate(options.modality, vectors)
