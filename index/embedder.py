@@ -39,6 +39,12 @@ def load_manifest(model_dir: str | Path) -> tuple[dict, str]:
         raise ModelError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
         raise ModelError(f"{path}: schema_version {manifest.get('schema_version')!r} not supported (supported: {SUPPORTED_SCHEMA_VERSIONS})")
+    for key, kind in (("files", dict), ("input_dims", dict), ("embedding_dim", int)):
+        if not isinstance(manifest.get(key), kind):
+            raise ModelError(f"{path}: '{key}' is missing or not a {kind.__name__}; re-export the model")
+    missing = [m for m in MODALITIES if m not in manifest["files"] or m not in manifest["input_dims"]]
+    if missing:
+        raise ModelError(f"{path}: no {missing} entry in 'files' or 'input_dims'; re-export the model")
     return manifest, hashlib.sha256(blob).hexdigest()
 
 
@@ -73,7 +79,16 @@ class Embedder:
         for modality in MODALITIES:
             path = self.model_dir / self.manifest["files"][modality]
             try:
-                self.sessions[modality] = ort.InferenceSession(str(path), options, providers=wanted)
+                blob = path.read_bytes()
+            except OSError as err:
+                raise ModelError(f"{path}: cannot be read ({err.strerror}); re-export the model") from None
+            # The manifest names the exact encoder files it was written with: a half-finished
+            # re-export must not pair a new encoder with an old one under the old version.
+            expected = self.manifest.get("onnx_sha256", {}).get(modality)
+            if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+                raise ModelError(f"{path}: does not match the sha256 in {MANIFEST_NAME} (an interrupted export?); re-export the model")
+            try:
+                self.sessions[modality] = ort.InferenceSession(blob, options, providers=wanted)
             except Exception as err:  # onnxruntime raises its own exception types for bad files
                 raise ModelError(f"{path}: cannot be loaded by ONNX Runtime ({type(err).__name__}: {err})") from None
             width = self.sessions[modality].get_inputs()[0].shape[1]

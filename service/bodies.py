@@ -70,7 +70,11 @@ def parse_npy(body: bytes) -> np.ndarray:
     fast = NPY_HEADER.match(body)
     if fast is not None and int.from_bytes(fast.group(1), "little") + 10 == fast.end():
         shape = tuple(int(n) for n in fast.group(4, 5) if n is not None)
-        fortran, dtype, start = fast.group(3) == b"True", np.dtype(fast.group(2).decode()), fast.end()
+        try:
+            dtype = np.dtype(fast.group(2).decode())
+        except TypeError:
+            raise HTTPException(400, f".npy header names an unknown dtype {fast.group(2).decode()!r}; send float32") from None
+        fortran, start = fast.group(3) == b"True", fast.end()
     else:
         shape, fortran, dtype, start = _npy_header(body)
     if dtype.kind not in "fiu" or dtype.hasobject:
@@ -82,6 +86,8 @@ def parse_npy(body: bytes) -> np.ndarray:
     if len(data) != expected:
         raise HTTPException(400, f".npy header says shape {shape} of {dtype} ({expected} bytes) but {len(data)} data bytes follow")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    if dtype == np.uint8:  # 8-bit quantised features: de-quantised as the data layer does, (q - 128) / 256
+        array = (array.astype(np.float32) - 128.0) / 256.0
     with np.errstate(over="ignore"):  # float64 1e39 -> inf, reported by validate()
         array = np.ascontiguousarray(array, dtype=np.float32)
     return array.reshape(1, -1) if array.ndim == 1 else array

@@ -146,9 +146,10 @@ class Engine:
             raise ItemNotFound(modality, err.args[0]) from None
 
     def _matching(self, target: str, conditions: dict) -> set[str]:
-        """Ids whose metadata holds every key: value of ``conditions`` (a linear scan)."""
+        """Ids whose metadata holds every key: value of ``conditions`` (a linear scan; JSON types must
+        match too, so ``true`` does not match ``1``)."""
         items = self.indexes[target].metadata.items()
-        return {item_id for item_id, meta in items if all(k in meta and meta[k] == v for k, v in conditions.items())}
+        return {item_id for item_id, meta in items if all(k in meta and type(meta[k]) is type(v) and meta[k] == v for k, v in conditions.items())}
 
     def _format(self, job: SearchJob, scores: np.ndarray, ids: list[list[str]]) -> bytes:
         metadata = self.indexes[job.target].metadata

@@ -93,6 +93,7 @@ NPY_CASES = [
     ("header claims a huge shape", "modality=audio", _npy_header_only((10**9, 128)), 400, "data bytes follow"),
     ("3-D array", "modality=audio", npy_bytes(np.zeros((1, 2, 64), np.float32)), 422, "shape"),
     ("strings", "modality=audio", npy_bytes(np.array(["a", "b"])), 422, "not numeric"),
+    ("unknown dtype", "modality=audio", npy_bytes(np.zeros((1, 128), np.float32)).replace(b"<f4", b"<f3", 1), 400, "unknown dtype"),
     ("wrong width", "modality=audio", npy_bytes(np.zeros((2, 64), np.float32)), 422, "128 values"),
     ("NaN", "modality=audio", npy_bytes(np.full((1, 128), np.nan, np.float32)), 422, "NaN or Inf"),
     ("empty", "modality=audio", npy_bytes(np.zeros((0, 128), np.float32)), 422, "non-empty"),
@@ -238,3 +239,15 @@ def test_probes_stay_open_with_keys(keyed):
 def test_incoherent_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         Settings(**settings)
+
+
+def test_uint8_npy_is_dequantised_like_the_data_layer(client):
+    """8-bit features embed as the loader de-quantises them, (q - 128) / 256, not as raw 0..255."""
+    from training.data import dequantize
+
+    q = np.random.default_rng(0).integers(0, 256, size=(2, 128), dtype=np.uint8)
+    accept = {**NPY, "accept": "application/x-npy"}
+    got = client.post("/v1/embed?modality=audio", content=npy_bytes(q), headers=accept)
+    want = client.post("/v1/embed?modality=audio", content=npy_bytes(dequantize(q)), headers=accept)
+    assert got.status_code == want.status_code == 200
+    assert got.content == want.content
