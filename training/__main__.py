@@ -38,6 +38,7 @@ def _load_data(spec: str, cfg):
 def _cmd_train(args) -> None:
     from training.baselines import method_config
     from training.config import load_config
+    from training.data import atomic_write
     from training.train import CHECKPOINT_NAME, evaluate_model, save_checkpoint, train
 
     if args.method == "linear-cca":
@@ -51,7 +52,7 @@ def _cmd_train(args) -> None:
     digest = save_checkpoint(run / CHECKPOINT_NAME, cfg, data, result)
     # The selected checkpoint's test figure, reported once; selection never saw it.
     test = evaluate_model(result.model, result.cca, data.subset("test"))
-    (run / "metrics.json").write_text(json.dumps({"val": result.val_metrics, "test": test, "best_epoch": result.best_epoch}, indent=2))
+    atomic_write(run / "metrics.json", json.dumps({"val": result.val_metrics, "test": test, "best_epoch": result.best_epoch}, indent=2))
     print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best epoch {result.best_epoch})")
     _print_table(test)
 
@@ -81,7 +82,7 @@ def _cmd_eval(args) -> None:
 
     cfg, model, cca, _, _ = load_checkpoint(Path(args.run))
     data = _load_data(args.data, cfg)
-    m = evaluate_model(model, cca, data.subset(args.split))
+    m = evaluate_model(model, cca, data.labelled().subset(args.split))
     _print_table(m)
     print(json.dumps({"a2v": m["a2v"], "v2a": m["v2a"], "avg": m["avg"]}))
 

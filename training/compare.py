@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from tqdm import tqdm
 
 from training.baselines import METHODS, linear_cca_on_raw, method_config
 from training.config import Config, config_to_dict
-from training.data import PairedFeatures
+from training.data import PairedFeatures, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +51,7 @@ def run_one(cfg: Config, data: PairedFeatures, name: str, seed: int) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def compare(

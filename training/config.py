@@ -69,7 +69,13 @@ def load_config(preset_or_path: str) -> Config:
     if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ValueError(f"config {preset_or_path!r} not found; presets: {presets}")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model, train, ...), got {type(values).__name__}")
+    return config_from_dict(values)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -20,6 +20,7 @@ This module imports no torch, so the batch indexing jobs reuse it.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -65,7 +66,16 @@ class PairedFeatures:
             raise DataError(f"{self.source}: unknown split {split_name!r}; expected one of {SPLIT_NAMES}")
         if self.split is None:
             raise DataError(f"{self.source}: has no split; call with_default_split() first")
-        return self.take(np.flatnonzero(self.split == split_name))
+        rows = np.flatnonzero(self.split == split_name)
+        if len(rows) == 0:
+            raise DataError(f"{self.source}: the {split_name!r} split has no rows; give split.npy rows of train, val and test")
+        return self.take(rows)
+
+    def labelled(self) -> "PairedFeatures":
+        """Self, or a DataError when there are no labels (validation and evaluation need them)."""
+        if self.labels is None:
+            raise DataError(f"{self.source}: has no labels ({LABELS_FILE}); they are needed for validation-based selection and evaluation")
+        return self
 
     def take(self, rows: np.ndarray) -> "PairedFeatures":
         return replace(
@@ -301,11 +311,27 @@ def load_features(data: str | os.PathLike) -> PairedFeatures:
     raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def atomic_write(path: str | os.PathLike, blob: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename into place (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob.encode() if isinstance(blob, str) else blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
 
 
 def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
@@ -318,7 +344,5 @@ def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
         _atomic_save_npy(path / LABELS_FILE, data.labels)
     if data.split is not None:
         _atomic_save_npy(path / SPLIT_FILE, data.split.astype("U5"))
-    tmp = path / (IDS_FILE + ".tmp")
-    tmp.write_text("\n".join(data.ids) + "\n")
-    os.replace(tmp, path / IDS_FILE)
+    atomic_write(path / IDS_FILE, "\n".join(data.ids) + "\n")
     return path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.cca import LinearCCA
+from training.data import atomic_write
 from training.model import MODALITIES, Tower
 from training.train import load_checkpoint
 
@@ -125,13 +126,6 @@ def held_out_inputs(cfg, payload: dict, data=None) -> tuple[dict[str, np.ndarray
     return {m: getattr(test, m)[rows] for m in MODALITIES}, f"{len(rows)} held-out test clips of {features.source}"
 
 
-def _atomic_write(path: Path, blob: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-
-
 def export_run(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, tolerance: float = 1e-5, parity_inputs: dict | None = None, data=None
 ) -> dict:
@@ -193,6 +187,6 @@ def export_run(
         "onnx_sha256": {m: hashlib.sha256(b).hexdigest() for m, b in blobs.items()},
     }
     for modality, blob in blobs.items():
-        _atomic_write(out / ONNX_FILES[modality], blob)
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+        atomic_write(out / ONNX_FILES[modality], blob)
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest

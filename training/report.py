@@ -8,13 +8,12 @@ deviation over seeds (ddof = 1).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from training.baselines import METHODS
+from training.data import atomic_write
 
 COLUMNS = ("a2v", "v2a", "avg", "avg_no_cca", "a2v_r@1", "a2v_r@5", "a2v_r@10", "v2a_r@1", "a2v_median_rank", "v2a_median_rank")
 PLOTS = {
@@ -80,13 +79,6 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, records: list[dict], meta: dict) -> dict:
     """Write results.md, results.json and the plots into ``out``; returns the results.json dict."""
     out = Path(out)
@@ -100,8 +92,8 @@ def write_report(out: Path, records: list[dict], meta: dict) -> dict:
     summary = aggregate(records)
     per_seed = {name: [{k: v for k, v in r.items() if k != "history"} for r in records if r["method"] == name] for name in summary}
     results = {"meta": meta, "methods": {name: {**s, "runs": per_seed[name]} for name, s in summary.items()}, "plots": PLOTS}
-    _atomic_text(out / "results.json", json.dumps(results, indent=1))
-    _atomic_text(out / "results.md", results_markdown(summary, meta))
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
+    atomic_write(out / "results.md", results_markdown(summary, meta))
     plot_all(out, records, summary)
     return results
 

@@ -10,8 +10,6 @@ import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tqdm import tqdm
 
 from training.cca import LinearCCA, fit_linear_cca
 from training.config import Config, config_from_dict, config_to_dict
-from training.data import PairedFeatures
+from training.data import PairedFeatures, atomic_write
 from training.hscmae import TaskWeights, active_terms, ema_update, hscmae_step, momentum_at
 from training.metrics import cross_modal_metrics
 from training.model import AVModel
@@ -119,7 +117,7 @@ def train(
     device = pick_device(cfg.train.device)
     obj = cfg.objective
     names = active_terms(obj)
-    train_split, val_split = data.subset("train"), data.subset("val")
+    train_split, val_split = data.subset("train"), data.labelled().subset("val")
     student = _scaled_model(cfg, data, train_split).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval() if obj.teacher else None
     task_weights = TaskWeights(names).to(device)
@@ -211,11 +209,7 @@ def _atomic_save(obj, path: Path) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     blob = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    atomic_write(path, blob)
     return blob
 
 
@@ -242,8 +236,11 @@ def load_checkpoint(run_dir: Path) -> tuple[Config, AVModel, LinearCCA | None, d
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (train a model first: python -m training train ...)")
     blob = path.read_bytes()
-    payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
-    cfg = config_from_dict(payload["config"])
+    try:
+        payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+        cfg = config_from_dict(payload["config"])
+    except Exception as err:  # torch raises pickle, zip and runtime errors for a damaged file
+        raise ValueError(f"{path}: not a readable avsearch checkpoint ({type(err).__name__}: {err})") from None
     model = AVModel(payload["audio_dim"], payload["visual_dim"], cfg.model)
     model.load_state_dict(payload["state_dict"])
     model.eval()
