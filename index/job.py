@@ -115,7 +115,7 @@ def _check_job_file(out_dir: Path, card: dict) -> None:
     path = out_dir / JOB_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("manifest_sha256", "partition_rows", "partitions"):
+        for key in ("manifest_sha256", "source_sha256", "partition_rows", "partitions"):
             if old.get(key) != card[key]:
                 raise JobError(f"{out_dir} holds a job of another model or collection ({key} differs); use a new --out or delete it")
     else:
@@ -203,6 +203,7 @@ def run_job(
     card = {
         "manifest_sha256": embedder.manifest_hash,
         "source": source.description,
+        "source_sha256": source.fingerprint(),
         "partition_rows": getattr(source, "partition_rows", None),
         "partitions": {m: [[p.name, p.rows] for p in parts] for m, parts in plan.items()},
     }

@@ -144,3 +144,17 @@ def test_cli_refuses_missing_data_and_another_jobs_directory(tiny, tmp_path, cap
     assert main([*base, "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--partition-rows", "300"]) == 0
     assert main([*base, "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--partition-rows", "100"]) == 2
     assert "another model or collection" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_same_folder_with_other_features_is_refused(tiny, tmp_path, capsys):
+    """Same row counts and partition names, other features: the old embeddings must not be reused."""
+    import shutil
+
+    data = shutil.copytree(tiny.data_dir, tmp_path / "data")
+    base = ["build", "--model", str(tiny.model_dir), "--no-progress", "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main(base) == 0
+    capsys.readouterr()
+    audio = np.load(data / "audio_features.npy")
+    np.save(data / "audio_features.npy", audio[::-1].copy())
+    assert main(base) == 2
+    assert "source_sha256 differs" in capsys.readouterr().err
