@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from index.embedder import MODALITIES, ModelError, load_manifest
@@ -60,6 +59,7 @@ def _prepare(args) -> int:
     building the next version never clobbers the live one; SIGHUP then swaps the API over.
     """
     from index.build import build_indexes
+    from index.store import VectorIndex
     from service.persist import load_index, swap_into_place
 
     settings = _settings(args)
@@ -70,7 +70,9 @@ def _prepare(args) -> int:
     link = settings.index_dir
     if not args.rebuild:
         try:
-            sizes = {m: len(load_index(link / m, manifest_hash)) for m in MODALITIES}
+            # Recover an interrupted save only when the index is gone: a running API may be saving
+            # into this very directory, and recovery would delete its staging copy mid-save.
+            sizes = {m: len((VectorIndex.load if (link / m).exists() else load_index)(link / m, manifest_hash)) for m in MODALITIES}
             print(f"index in {link} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
             return 0
         except IndexLoadError as err:
@@ -93,10 +95,10 @@ def _prepare(args) -> int:
 
 def _example(args) -> int:
     """The last test-split clip's audio vector (a clip the model never trained on)."""
-    audio = np.load(args.data / "audio_features.npy")
-    split_path = args.data / "split.npy"
-    rows = np.flatnonzero(np.load(split_path) == "test") if split_path.is_file() else np.arange(len(audio))
-    body = {"modality": "audio", "vectors": [audio[rows[-1]].astype(float).round(6).tolist()], "top_k": args.top_k}
+    from training.data import load_features  # numpy-only data layer: every format, validated
+
+    test = load_features(args.data).subset("test")
+    body = {"modality": "audio", "vectors": [test.audio[-1].astype(float).round(6).tolist()], "top_k": args.top_k}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(body))
     return 0

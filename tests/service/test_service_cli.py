@@ -40,6 +40,11 @@ def test_missing_model(copies, tmp_path):
 def test_corrupt_model(copies):
     model, index = copies
     (model / "audio_encoder.onnx").write_bytes(b"not onnx")
+    assert "does not match the sha256 in manifest.json" in one_error_line(serve(model, index))
+    # A manifest without checksums (hand-made): ONNX Runtime itself refuses the file.
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest["onnx_sha256"]
+    (model / "manifest.json").write_text(json.dumps(manifest))
     assert "cannot be loaded by ONNX Runtime" in one_error_line(serve(model, index))
 
 
@@ -73,6 +78,22 @@ def test_example_writes_a_search_body(tiny, tmp_path):
     assert out.returncode == 0, out.stderr
     body = json.loads((tmp_path / "q.json").read_text())
     assert body["modality"] == "audio" and len(body["vectors"][0]) == 128 and body["top_k"] == 10
+
+
+def test_example_reads_integer_splits_and_refuses_a_split_without_test_rows(tiny, tmp_path):
+    import numpy as np
+
+    from service.__main__ import main
+
+    data = shutil.copytree(tiny.data_dir, tmp_path / "data")
+    names = np.load(data / "split.npy")
+    np.save(data / "split.npy", np.select([names == "train", names == "val"], [0, 1], 2))  # the documented 0/1/2 form
+    assert main(["example", "--data", str(data), "--out", str(tmp_path / "q.json")]) == 0
+    test_rows = np.flatnonzero(names == "test")
+    want = np.load(data / "audio_features.npy")[test_rows[-1]]
+    np.testing.assert_allclose(json.loads((tmp_path / "q.json").read_text())["vectors"][0], want, atol=1e-6)
+    np.save(data / "split.npy", np.zeros(len(names), dtype=np.int64))
+    assert main(["example", "--data", str(data), "--out", str(tmp_path / "q2.json")]) == 2
 
 
 def test_serve_caps_blas_and_faiss_threads():
