@@ -5,24 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from index.embedder import Embedder
 from index.job import JobSummary, run_job
 from index.sources import open_source
 from index.store import VectorIndex
 
 log = logging.getLogger(__name__)
 PARTITION_ROWS = 65536  # rows per partition of a collection loaded whole (a shard folder uses its shards)
-
-
-def embed_in_batches(embedder: Embedder, modality: str, features: np.ndarray, batch_size: int = 4096, progress: bool = True) -> np.ndarray:
-    """(N, D) features -> (N, E) embeddings, ``batch_size`` rows per ONNX call."""
-    out = np.empty((len(features), embedder.embedding_dim), dtype=np.float32)
-    for start in tqdm(range(0, len(features), batch_size), desc=f"embed {modality}", disable=not progress, unit="batch"):
-        out[start : start + batch_size] = embedder.embed(modality, features[start : start + batch_size])
-    return out
 
 
 def build_job(

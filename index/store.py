@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from index.exact import top_k_inner_product
+from training.data import atomic_write  # the one temp-file + fsync + rename helper (numpy-only module)
 
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
@@ -47,21 +46,6 @@ class Item:
     id: str
     vector: np.ndarray  # (E,) the stored embedding
     metadata: dict | None
-
-
-def atomic_write(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to a temporary file beside ``path``, fsync, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class VectorIndex:
