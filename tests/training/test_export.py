@@ -72,3 +72,16 @@ def test_export_refuses_a_model_that_fails_parity(tiny, tmp_path):
     with pytest.raises(ExportError, match="not written"):
         export_run(tiny.run_dir, tmp_path / "model", tolerance=0.0)
     assert not (tmp_path / "model" / "manifest.json").exists()
+
+
+def test_served_embedding_equals_the_evaluated_one(tiny):
+    """ONNX Runtime output equals what `evaluate_model` scores: embed_all on the teacher, then the CCA."""
+    from training.train import embed_all
+
+    _, model, cca, _, _ = load_checkpoint(tiny.run_dir)
+    test = load_features(tiny.data_dir).subset("test")
+    embedder = Embedder(tiny.model_dir, device="cpu")
+    for modality, side in (("audio", "a"), ("visual", "b")):
+        x = getattr(test, modality)
+        evaluated = cca.transform(embed_all(model, modality, x), side)
+        np.testing.assert_allclose(embedder.embed(modality, x), evaluated, atol=1e-5)
