@@ -164,22 +164,23 @@ class Engine:
     def upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> int:
         embeddings = self.embedder.embed(modality, vectors)
         with self.lock.write():
-            index = self.indexes[modality]
-            index.upsert(embeddings, ids, metadata)
-            self._generation[modality] += 1
-            generation, count = self._generation[modality], len(index)
+            self.indexes[modality].upsert(embeddings, ids, metadata)
+            generation, count = self._changed(modality)
         self._persist(modality, generation)
         return count
 
     def delete(self, modality: str, item_id: str) -> int:
         with self.lock.write():
-            index = self.indexes[modality]
-            if not index.remove([item_id]):
+            if not self.indexes[modality].remove([item_id]):
                 raise ItemNotFound(modality, item_id)
-            self._generation[modality] += 1
-            generation, count = self._generation[modality], len(index)
+            generation, count = self._changed(modality)
         self._persist(modality, generation)
         return count
+
+    def _changed(self, modality: str) -> tuple[int, int]:
+        """Under the write lock: a new generation of ``modality`` to persist, and its item count."""
+        self._generation[modality] += 1
+        return self._generation[modality], len(self.indexes[modality])
 
     def get(self, modality: str, item_id: str) -> Item:
         with self.lock.read():

@@ -123,38 +123,41 @@ def _epochs(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.n
     return x, values[:, logged].mean(axis=0), values[:, logged].std(axis=0)
 
 
+
+def _plot_mean_band(ax, records: list[dict], key: str, label: str) -> None:
+    """The per-epoch mean of ``key`` over seeds, with a ± std band."""
+    x, m, s = _epochs(records, key)
+    ax.plot(x, m, label=label)
+    ax.fill_between(x, m - s, m + s, alpha=0.2)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 def _plot_curves(plt, records: list[dict], path: Path) -> None:
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
     for term in ("recon_intra", "recon_cross", "dcca", "soft_nce", "distill"):
         if any(term in h for r in records for h in r["history"]):
-            x, m, s = _epochs(records, term)
-            ax_loss.plot(x, m, label=term)
-            ax_loss.fill_between(x, m - s, m + s, alpha=0.2)
+            _plot_mean_band(ax_loss, records, term, term)
     ax_loss.set(xlabel="epoch", ylabel="loss term (unweighted)", title="HSC-MAE loss terms (mean over seeds)")
     ax_loss.legend()
     for key, label in (("val_avg", "with test-time CCA"), ("val_avg_no_cca", "cosine, no CCA")):
-        x, m, s = _epochs(records, key)
-        ax_map.plot(x, m, label=label)
-        ax_map.fill_between(x, m - s, m + s, alpha=0.2)
+        _plot_mean_band(ax_map, records, key, label)
     ax_map.set(xlabel="epoch", ylabel="validation avg mAP", title="Validation mAP (selection)")
     ax_map.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_weights(plt, records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     keys = sorted({k for r in records for h in r["history"] for k in h if k.startswith("w_")})
     for key in keys:
-        x, m, s = _epochs(records, key)
-        ax.plot(x, m, label=key[2:])
-        ax.fill_between(x, m - s, m + s, alpha=0.2)
+        _plot_mean_band(ax, records, key, key[2:])
     ax.set(xlabel="epoch", ylabel="weight exp(−s_i) (epoch mean)", title="Task weights (fixed during warm-up, then learned)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_sweep(plt, sweep: list[tuple[float, dict]], path: Path) -> None:
@@ -170,9 +173,7 @@ def _plot_sweep(plt, sweep: list[tuple[float, dict]], path: Path) -> None:
     ax.errorbar(rho, avg, yerr=avg_std, fmt="k-", capsize=3, label="avg (± std over seeds)")
     ax.set(xlabel="mask ratio ρ", ylabel="test mAP", title="HSC-MAE: mAP against mask ratio")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot_methods(plt, summary: dict[str, dict], path: Path) -> None:
@@ -185,6 +186,4 @@ def _plot_methods(plt, summary: dict[str, dict], path: Path) -> None:
     lo = min(summary[n]["mean"]["avg"] for n in names)
     ax.set_xlim(max(0.0, lo - 0.05), None)
     ax.set(xlabel="test avg mAP (with test-time CCA), mean ± std over seeds", title="Methods, baselines (blue), ablations (orange)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
