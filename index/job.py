@@ -34,7 +34,8 @@ from index.store import VectorIndex, atomic_write
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
-TRAIN_SAMPLE = 100_000  # rows sampled across partitions to train IVF / PQ quantisers
+TRAIN_SAMPLE = 100_000  # rows sampled across partitions to train IVF / PQ quantisers (at least)
+ROWS_PER_LIST = 40  # k-means of an IVF with L lists wants ≥ 39·L points (FAISS warns below that)
 
 
 class JobError(ValueError):
@@ -123,22 +124,26 @@ def _check_job_file(out_dir: Path, card: dict) -> None:
         atomic_write(path, json.dumps(card, indent=2).encode())
 
 
-def _check_factory(factory: str, dim: int) -> bool:
-    """Whether ``factory`` needs training; a clear error for a string FAISS cannot parse."""
+def _check_factory(factory: str, dim: int) -> int:
+    """Rows to train ``factory`` on (0: needs no training); a clear error for a string FAISS cannot parse."""
     import faiss
 
     try:
-        return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if index.is_trained:
+            return 0
+        ivf = faiss.try_extract_index_ivf(index)
+        return max(TRAIN_SAMPLE, ROWS_PER_LIST * ivf.nlist) if ivf is not None else TRAIN_SAMPLE
     except RuntimeError as err:
         reason = re.sub(r"^Error in .*? at \S+: ", "", " ".join(str(err).split()))  # drop FAISS's C++ location
         raise JobError(f"--factory {factory!r}: not a FAISS factory string FAISS can build ({reason})") from None
 
 
-def _training_sample(paths: list[Path], rows: list[int], seed: int = 0) -> np.ndarray:
-    """Up to TRAIN_SAMPLE embeddings, drawn from every partition in proportion to its size (seeded)."""
+def _training_sample(paths: list[Path], rows: list[int], wanted: int, seed: int = 0) -> np.ndarray:
+    """Up to ``wanted`` embeddings, drawn from every partition in proportion to its size (seeded)."""
     rng, total, out = np.random.default_rng(seed), sum(rows), []
     for path, n in zip(paths, rows):
-        take = n if total <= TRAIN_SAMPLE else int(np.ceil(TRAIN_SAMPLE * n / total))
+        take = n if total <= wanted else int(np.ceil(wanted * n / total))
         embeddings = read_shard(path)[0]
         out.append(embeddings if take >= n else embeddings[np.sort(rng.choice(n, take, replace=False))])
     return np.concatenate(out)
@@ -146,7 +151,8 @@ def _training_sample(paths: list[Path], rows: list[int], seed: int = 0) -> np.nd
 
 def build_index_from_shards(out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None) -> VectorIndex:
     paths = [shard_path(out_dir, modality, p.name) for p in partitions]
-    sample = _training_sample(paths, [p.rows for p in partitions]) if _check_factory(factory, dim) else None
+    wanted = _check_factory(factory, dim)
+    sample = _training_sample(paths, [p.rows for p in partitions], wanted) if wanted else None
     index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample)
     if search_params:
         index.set_search_params(**search_params)

@@ -158,3 +158,20 @@ def test_the_same_folder_with_other_features_is_refused(tiny, tmp_path, capsys):
     np.save(data / "audio_features.npy", audio[::-1].copy())
     assert main(base) == 2
     assert "source_sha256 differs" in capsys.readouterr().err
+
+
+def test_training_sample_grows_with_the_ivf_lists(tmp_path):
+    from index.job import ROWS_PER_LIST, TRAIN_SAMPLE, _check_factory, _training_sample
+
+    assert _check_factory("Flat", 10) == 0 and _check_factory("HNSW32", 10) == 0
+    assert _check_factory("PQ5", 10) == TRAIN_SAMPLE and _check_factory("IVF64,Flat", 10) == TRAIN_SAMPLE
+    assert _check_factory("IVF65536_HNSW32,PQ5", 10) == ROWS_PER_LIST * 65536 > TRAIN_SAMPLE
+    rows = [3000, 1000]
+    paths = []
+    for n, rows_n in enumerate(rows):
+        path = tmp_path / f"{n}.npz"
+        np.savez(path, embeddings=np.full((rows_n, 4), n, np.float32), ids=np.array([f"{n}:{i}" for i in range(rows_n)]), metadata=np.array("[]"))
+        paths.append(path)
+    sample = _training_sample(paths, rows, 400)
+    assert len(sample) == 400 and (sample[:, 0] == 0).sum() == 300  # in proportion to partition size
+    assert len(_training_sample(paths, rows, 10_000)) == 4000  # everything when the collection is small
