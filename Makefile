@@ -69,6 +69,7 @@ bench: $(VENV)/.test-installed
 	mkdir -p bench/results
 	$(PY) bench/index_bench.py
 	$(PY) bench/index_bench.py --data clustered --skip-embedding
+	$(PY) bench/index_bench.py --data model --skip-embedding
 	$(PY) bench/http_bench.py
 
 clean:

@@ -34,14 +34,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.trained import trained_default_model  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 TOP_K = 10
 TARGETS = {"throughput_64": 1000.0, "p99_64_ms": 50.0, "ratio_vs_naive": 3.0, "p50_1_ms": 5.0}
-
-
-def run(cmd: list[str], **kw) -> None:
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True, **kw)
 
 
 def prepare(work: Path, n_items: int) -> dict:
@@ -51,12 +48,7 @@ def prepare(work: Path, n_items: int) -> dict:
     from training.config import load_config
     from training.synthetic import generate
 
-    py = sys.executable
-    if not (work / "run" / "checkpoint.pt").is_file():
-        run([py, "-m", "training", "train", "--config", "default", "--data", "synthetic", "--out", str(work / "run"), "--quiet"])
-    if not (work / "model" / "manifest.json").is_file():
-        run([py, "-m", "training", "export", "--run", str(work / "run"), "--out", str(work / "model")])
-    embedder = Embedder(work / "model", device="cpu")
+    embedder = Embedder(trained_default_model(work), device="cpu")
     card = {"n_items": n_items, "model": embedder.manifest_hash[:12]}
     card_path = work / "gallery" / "card.json"
     if not card_path.is_file() or json.loads(card_path.read_text()) != card:
