@@ -10,7 +10,7 @@ import logging
 import sys
 
 
-def _search_param(text: str) -> tuple[str, float]:
+def _name_value(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     try:
         return name, float(value) if "." in value else int(value)
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="feature directory, HDF5 file, folder of .npy shards, or 'synthetic'")
     p.add_argument("--out", required=True, help="job directory: gets job.json, embeddings/, audio/ and visual/")
     p.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact, default), IVF4096,Flat, IVF4096,PQ16, HNSW32 ...")
-    p.add_argument("--search-param", action="append", type=_search_param, default=[], metavar="NAME=VALUE", help="kept with the index, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--search-param", action="append", type=_name_value, default=[], metavar="NAME=VALUE", help="kept with the index, e.g. nprobe=32 or efSearch=128")
+    p.add_argument("--build-param", action="append", type=_name_value, default=[], metavar="NAME=VALUE", help="e.g. efConstruction=200 (HNSW: better graph, slower build)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: embed on Ray Data, one ONNX session per worker")
     p.add_argument("--workers", type=int, default=1, help="Ray workers (engine ray)")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = build_job(
             args.model, args.data, args.out, args.factory, args.device, not args.no_progress, args.engine, args.partition_rows,
-            batch_size=args.batch_size, workers=args.workers, search_params=dict(args.search_param),
+            batch_size=args.batch_size, workers=args.workers, search_params=dict(args.search_param), build_params=dict(args.build_param),
         )
     except (ValueError, RuntimeError, FileNotFoundError, IndexLoadError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

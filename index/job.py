@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from index.embedder import Embedder
 from index.sources import InMemory, Partition, ShardFolder
-from index.store import VectorIndex, atomic_write
+from index.store import VectorIndex, apply_build_params, atomic_write
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
@@ -124,12 +124,13 @@ def _check_job_file(out_dir: Path, card: dict) -> None:
         atomic_write(path, json.dumps(card, indent=2).encode())
 
 
-def _check_factory(factory: str, dim: int) -> int:
+def _check_factory(factory: str, dim: int, build_params: dict | None = None) -> int:
     """Rows to train ``factory`` on (0: needs no training); a clear error for a string FAISS cannot parse."""
     import faiss
 
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        apply_build_params(index, factory, build_params)
         if index.is_trained:
             return 0
         ivf = faiss.try_extract_index_ivf(index)
@@ -149,11 +150,13 @@ def _training_sample(paths: list[Path], rows: list[int], wanted: int, seed: int 
     return np.concatenate(out)
 
 
-def build_index_from_shards(out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None) -> VectorIndex:
+def build_index_from_shards(
+    out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None, build_params: dict | None = None
+) -> VectorIndex:
     paths = [shard_path(out_dir, modality, p.name) for p in partitions]
     wanted = _check_factory(factory, dim)
     sample = _training_sample(paths, [p.rows for p in partitions], wanted) if wanted else None
-    index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample)
+    index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample, build_params=build_params)
     if search_params:
         index.set_search_params(**search_params)
     for path in paths:
@@ -193,6 +196,7 @@ def run_job(
     batch_size: int = 4096,
     workers: int = 1,
     search_params: dict | None = None,
+    build_params: dict | None = None,
     progress: bool = True,
     on_partition: Callable[[str, str], None] | None = None,
 ) -> JobSummary:
@@ -204,7 +208,7 @@ def run_job(
         raise JobError(f"unknown engine {engine!r}; expected 'local' or 'ray'")
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     embedder = Embedder(model_dir, device=device)
-    _check_factory(factory, embedder.embedding_dim)  # fail before hours of embedding, not after
+    _check_factory(factory, embedder.embedding_dim, build_params)  # fail before hours of embedding, not after
     plan = {m: source.partitions(m) for m in source.modalities()}
     card = {
         "manifest_sha256": embedder.manifest_hash,
@@ -235,7 +239,7 @@ def run_job(
     summary.embed_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for modality, parts in plan.items():
-        index = build_index_from_shards(out_dir, modality, parts, factory, embedder.embedding_dim, embedder.manifest_hash, search_params)
+        index = build_index_from_shards(out_dir, modality, parts, factory, embedder.embedding_dim, embedder.manifest_hash, search_params, build_params)
         summary.items[modality] = len(index)
     summary.index_seconds = time.perf_counter() - start
     return summary

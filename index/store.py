@@ -33,8 +33,20 @@ from training.data import atomic_write  # the one temp-file + fsync + rename hel
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this share of live items
+BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
 INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.json", "index.faiss"
+
+
+def apply_build_params(index, factory: str, build_params: dict | None) -> None:
+    """Set build-time knobs on a fresh factory-built index; ValueError for one that does not apply."""
+    import faiss
+
+    for name, value in (build_params or {}).items():
+        hnsw = faiss.downcast_index(index)
+        if name not in BUILD_PARAMS or not isinstance(hnsw, faiss.IndexHNSW):
+            raise ValueError(f"build parameter {name}={value} does not apply to a {factory!r} index (known: efConstruction, for HNSW)")
+        hnsw.hnsw.efConstruction = int(value)
 
 
 class IndexLoadError(RuntimeError):
@@ -78,10 +90,11 @@ class VectorIndex:
         return not isinstance(self._base(self.index), (faiss.IndexHNSW, faiss.IndexNSG))
 
     @classmethod
-    def _new_faiss_index(cls, dim: int, factory: str, training_vectors: np.ndarray | None):
+    def _new_faiss_index(cls, dim: int, factory: str, training_vectors: np.ndarray | None, build_params: dict | None = None):
         import faiss
 
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        apply_build_params(base, factory, build_params)
         if not base.is_trained:
             if training_vectors is None:
                 raise ValueError(f"factory {factory!r} needs training vectors")
@@ -94,9 +107,12 @@ class VectorIndex:
         return faiss.IndexIDMap2(base)
 
     @classmethod
-    def empty(cls, dim: int, factory: str = "Flat", manifest_hash: str | None = None, training_vectors: np.ndarray | None = None) -> "VectorIndex":
-        index = cls._new_faiss_index(dim, factory, training_vectors)
-        info = {"factory": factory, "metric": "inner_product", "count": 0, "dim": dim, "manifest_sha256": manifest_hash}
+    def empty(
+        cls, dim: int, factory: str = "Flat", manifest_hash: str | None = None, training_vectors: np.ndarray | None = None, build_params: dict | None = None
+    ) -> "VectorIndex":
+        """An index with no items; ``build_params`` e.g. ``{"efConstruction": 200}`` (HNSW graph quality)."""
+        index = cls._new_faiss_index(dim, factory, training_vectors, build_params)
+        info = {"factory": factory, "metric": "inner_product", "count": 0, "dim": dim, "manifest_sha256": manifest_hash, "build_params": dict(build_params or {})}
         return cls(index, {}, {}, info)
 
     @classmethod
@@ -107,11 +123,12 @@ class VectorIndex:
         factory: str = "Flat",
         manifest_hash: str | None = None,
         metadata: list[dict | None] | None = None,
+        build_params: dict | None = None,
     ) -> "VectorIndex":
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"embeddings must be 2-D (N, E), got shape {x.shape}")
-        index = cls.empty(x.shape[1], factory, manifest_hash, training_vectors=x)
+        index = cls.empty(x.shape[1], factory, manifest_hash, training_vectors=x, build_params=build_params)
         index.upsert(x, ids, metadata)
         return index
 
@@ -178,7 +195,7 @@ class VectorIndex:
             return
         labels = np.array(sorted(self.id_of), dtype=np.int64)
         vectors = np.vstack([self.index.reconstruct(int(label)) for label in labels]) if len(labels) else np.zeros((0, self.dim), np.float32)
-        index = self._new_faiss_index(self.dim, self.info["factory"], vectors if len(vectors) else None)
+        index = self._new_faiss_index(self.dim, self.info["factory"], vectors if len(vectors) else None, self.info.get("build_params"))
         index.add_with_ids(vectors, labels)
         log.info("compacted %s index: %d tombstones dropped, %d items", self.info["factory"], len(self.tombstones), len(labels))
         self.index, self.tombstones = index, set()

@@ -128,7 +128,11 @@ def test_ray_engine_matches_local(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--factory", "IVF4096x,Flat"], "not a FAISS factory string"), (["--engine", "ray", "--workers", "0"], "must be ≥ 1")],
+    [
+        (["--factory", "IVF4096x,Flat"], "not a FAISS factory string"),
+        (["--engine", "ray", "--workers", "0"], "must be ≥ 1"),
+        (["--build-param", "efConstruction=100"], "does not apply to a 'Flat' index"),
+    ],
 )
 def test_cli_errors_exit_2_with_one_line(tiny, tmp_path, capsys, extra, message):
     code = main(["build", "--model", str(tiny.model_dir), "--data", str(tiny.data_dir), "--out", str(tmp_path / "o"), "--no-progress", *extra])

@@ -156,6 +156,24 @@ def test_hnsw_tombstones_compact_and_filter():
     assert [row[0] for row in got] == ids[400:410]  # each item finds itself
 
 
+def test_hnsw_build_params_reach_the_graph_and_survive_save_and_compact(tmp_path):
+    import faiss
+
+    gallery = _clustered(np.random.default_rng(6), 600, 8)
+    ids = [str(i) for i in range(600)]
+    graph = lambda index: faiss.downcast_index(index.index.index).hnsw  # noqa: E731  (under the IDMap2)
+    index = VectorIndex.build(gallery, ids, "HNSW16", build_params={"efConstruction": 80})
+    assert graph(index).efConstruction == 80
+    loaded = VectorIndex.load(index.save(tmp_path / "i"))
+    assert loaded.info["build_params"] == {"efConstruction": 80}
+    loaded.remove(ids[:200])  # > 25 % tombstones: rebuilt with the same build parameters
+    assert loaded.info["tombstones"] == 0 and graph(loaded).efConstruction == 80
+    with pytest.raises(ValueError, match="does not apply"):
+        VectorIndex.build(gallery, ids, "Flat", build_params={"efConstruction": 80})
+    with pytest.raises(ValueError, match="does not apply"):
+        VectorIndex.build(gallery, ids, "HNSW16", build_params={"efSearch": 80})
+
+
 def test_search_params_validated_and_per_call():
     rng = np.random.default_rng(5)
     gallery = _clustered(rng, 2000, 8)
