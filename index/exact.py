@@ -5,7 +5,10 @@ Exact search is a scan: every query reads all N×E stored floats. Two shapes, tw
 * **few queries** (Q ≤ ``MATVEC_MAX_QUERIES``): BLAS matrix-vector products over blocks of rows,
   which stream the database at close to memory bandwidth, and a cheap selection: the k-th best
   score of the first rows is a lower bound of the global k-th best, so one comparison per block
-  (on scores still in cache) keeps only a few candidates for the final ``argpartition``;
+  (on scores still in cache) keeps only a few candidates for the final ``argpartition``. BLAS's
+  row-major matrix-vector kernel is slow for narrow rows (E = 10, the served width: 45 % of the
+  read bandwidth, measured in bench/index_bench.py), so a caller may pass the database transposed,
+  (E, N): the column-major kernel streams it at the bandwidth bound;
 * **many queries**: the database is cut into blocks; each block is one float32 GEMM (Q, E)×(E, b),
   and only scores above each query's running k-th best leave the block (a comparison and a sparse
   ``nonzero``), merged into the running top-k.
@@ -33,15 +36,22 @@ def _sorted_top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
     return scores[order], rows[order]
 
 
-def _one_query(database: np.ndarray, query: np.ndarray, k: int, block_rows: int = MATVEC_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    head = database[: max(SAMPLE_ROWS, k)] @ query
+def _one_query(database: np.ndarray, query: np.ndarray, k: int, block_rows: int = MATVEC_BLOCK_ROWS, transposed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    n = len(database)
+
+    def block_scores(start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        if transposed is not None:  # (E, N): a strided column block is still one BLAS call, no copy
+            return np.matmul(query, transposed[:, start:stop], out=out)
+        return np.matmul(database[start:stop], query, out=out)
+
+    head = block_scores(0, min(n, max(SAMPLE_ROWS, k)))
     # k-th best of a subset ≤ k-th best of all, so every true top-k row passes this bound.
     bound = np.partition(head, len(head) - k)[len(head) - k]
-    buffer = np.empty(min(block_rows, len(database)), dtype=np.float32)
+    buffer = np.empty(min(block_rows, n), dtype=np.float32)
     hit_scores, hit_rows = [], []
-    for start in range(0, len(database), block_rows):  # the block's scores are compared while in cache
-        scores = buffer[: min(block_rows, len(database) - start)]
-        np.matmul(database[start : start + block_rows], query, out=scores)
+    for start in range(0, n, block_rows):  # the block's scores are compared while in cache
+        scores = buffer[: min(block_rows, n - start)]
+        block_scores(start, start + len(scores), out=scores)
         hits = np.flatnonzero(scores >= bound)
         if hits.size:
             hit_scores.append(scores[hits])
@@ -92,8 +102,13 @@ def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows:
     return top_s, top_i
 
 
-def top_k_inner_product(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, E) database, (Q, E) queries -> scores (Q, k') and row numbers (Q, k'), best first; k' = min(k, N)."""
+def top_k_inner_product(
+    database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None = None, transposed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, E) database, (Q, E) queries -> scores (Q, k') and row numbers (Q, k'), best first; k' = min(k, N).
+
+    ``transposed``: the same database as a C-contiguous (E, N) array, used by the few-queries path.
+    """
     database = np.ascontiguousarray(database, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if database.ndim != 2 or queries.ndim != 2 or queries.shape[1] != database.shape[1]:
@@ -102,6 +117,8 @@ def top_k_inner_product(database: np.ndarray, queries: np.ndarray, k: int, block
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     if len(queries) <= MATVEC_MAX_QUERIES:
-        pairs = [_one_query(database, q, k, block_rows or MATVEC_BLOCK_ROWS) for q in queries]
+        if transposed is not None and transposed.shape != database.shape[::-1]:
+            raise ValueError(f"transposed database {transposed.shape} is not the transpose of {database.shape}")
+        pairs = [_one_query(database, q, k, block_rows or MATVEC_BLOCK_ROWS, transposed) for q in queries]
         return np.stack([s for s, _ in pairs]).astype(np.float32), np.stack([r for _, r in pairs]).astype(np.int64)
     return _many_queries(database, queries, k, block_rows)

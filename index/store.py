@@ -33,6 +33,7 @@ from training.data import atomic_write  # the one temp-file + fsync + rename hel
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this share of live items
+TRANSPOSED_MAX_DIM = 12  # a flat index this narrow keeps an (E, N) copy for one-query search (index/exact.py)
 BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
 INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.json", "index.faiss"
@@ -264,8 +265,9 @@ class VectorIndex:
                     self.info["search_device"] = "cpu"
         return self._cache["search"]
 
-    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(N, E) view of an exact flat index's vectors and (N,) their labels; None for other indexes."""
+    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(N, E) view of an exact flat index's vectors, (N,) their labels and, for narrow embeddings,
+        an (E, N) copy (rebuilt lazily after a change); None for other indexes."""
         import faiss
 
         base = self._base(self.index)
@@ -274,7 +276,8 @@ class VectorIndex:
         if "flat" not in self._cache:
             n, d = base.ntotal, base.d
             vectors = faiss.rev_swig_ptr(base.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
-            self._cache["flat"] = (vectors, faiss.vector_to_array(self.index.id_map))
+            transposed = np.ascontiguousarray(vectors.T) if d <= TRANSPOSED_MAX_DIM else None
+            self._cache["flat"] = (vectors, faiss.vector_to_array(self.index.id_map), transposed)
         return self._cache["flat"]
 
     def search(
@@ -299,7 +302,7 @@ class VectorIndex:
         flat = self._flat_storage() if search_index is self.index else None
         wanted = None if allowed_ids is None else np.array([self.label_of[i] for i in allowed_ids if i in self.label_of], dtype=np.int64)
         if flat is not None and wanted is None:
-            scores, rows = top_k_inner_product(flat[0], q, k)
+            scores, rows = top_k_inner_product(flat[0], q, k, transposed=flat[2])
             labels = flat[1][rows]
         elif flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
             vectors = np.vstack([self.index.reconstruct(int(label)) for label in wanted])

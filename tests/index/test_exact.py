@@ -16,10 +16,12 @@ def _unit(rng, n, d):
 
 @pytest.mark.parametrize("n_queries", [1, 3, 9, 200])  # the matvec path (≤ 8) and the blocked GEMM path
 @pytest.mark.parametrize("block_rows", [None, 1000])
-def test_equals_full_argsort_and_faiss(n_queries, block_rows):
+@pytest.mark.parametrize("transposed", [False, True])  # the column-major matvec for narrow embeddings
+def test_equals_full_argsort_and_faiss(n_queries, block_rows, transposed):
     rng = np.random.default_rng(n_queries)
     database, queries = _unit(rng, 20011, 16), _unit(rng, n_queries, 16)
-    scores, rows = top_k_inner_product(database, queries, 10, block_rows=block_rows)
+    columns = np.ascontiguousarray(database.T) if transposed else None
+    scores, rows = top_k_inner_product(database, queries, 10, block_rows=block_rows, transposed=columns)
     exact = queries.astype(np.float64) @ database.T.astype(np.float64)
     want_rows = np.argsort(-exact, axis=1)[:, :10]
     np.testing.assert_array_equal(rows, want_rows)  # continuous random data: no ties
@@ -45,3 +47,5 @@ def test_small_database_duplicates_and_k_larger_than_n():
 def test_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="same width"):
         top_k_inner_product(np.zeros((4, 3), np.float32), np.zeros((1, 2), np.float32), 1)
+    with pytest.raises(ValueError, match="not the transpose"):
+        top_k_inner_product(np.zeros((4, 3), np.float32), np.zeros((1, 3), np.float32), 1, transposed=np.zeros((3, 5), np.float32))
