@@ -183,11 +183,11 @@ def recall(got: list[list[str]], truth: np.ndarray, ids: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(ids[t].tolist())) / K for g, t in zip(got, truth)]))
 
 
-def build_measured(vectors: np.ndarray, ids: list[str], factory: str) -> tuple[VectorIndex, float, int, int]:
+def build_measured(vectors: np.ndarray, ids: list[str], factory: str, build_params: dict) -> tuple[VectorIndex, float, int, int]:
     gc.collect()
     rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    index = VectorIndex.build(vectors, ids, factory)
+    index = VectorIndex.build(vectors, ids, factory, build_params=build_params)
     seconds = time.perf_counter() - start
     rss_delta = psutil.Process().memory_info().rss - rss
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,12 +257,16 @@ def search_benchmark(vectors: np.ndarray, queries: np.ndarray, data: str, n_sing
     }
     del flat
 
-    configs = [("Flat", [{}]), (f"IVF{ivf_lists},Flat", [{"nprobe": p} for p in (4, 8, 16, 32, 64, 128)]), ("HNSW32", [{"efSearch": e} for e in (16, 32, 64, 128, 256)])]
-    for factory, param_list in configs:
-        index, seconds, size, rss = build_measured(vectors, ids.tolist(), factory)
-        result["builds"].append({"index": factory, "build_s": seconds, "bytes_on_disk": size, "rss_delta_bytes": rss})
+    hnsw_sweep = [{"efSearch": e} for e in (16, 32, 64, 128, 256)]
+    configs = [("Flat", {}, [{}]), (f"IVF{ivf_lists},Flat", {}, [{"nprobe": p} for p in (4, 8, 16, 32, 64, 128)]), ("HNSW32", {}, hnsw_sweep)]
+    if data == "random":  # graph quality only pays where neighbours are hard to tell apart
+        configs.append(("HNSW32", {"efConstruction": 200}, [{"efSearch": e} for e in (64, 96, 128, 192)]))
+    for factory, build_params, param_list in configs:
+        index, seconds, size, rss = build_measured(vectors, ids.tolist(), factory, build_params)
+        name = factory + "".join(f" {k}={v}" for k, v in build_params.items())
+        result["builds"].append({"index": name, "build_s": seconds, "bytes_on_disk": size, "rss_delta_bytes": rss})
         for params in param_list:
-            result["rows"].append(search_row(index, factory, params, queries, singles, truth, ids))
+            result["rows"].append(search_row(index, name, params, queries, singles, truth, ids))
         del index
         gc.collect()
     exact_qps = result["rows"][0]["qps_batch"]
