@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.trained import trained_default_model  # noqa: E402
 from index.exact import top_k_inner_product  # noqa: E402
-from index.store import TRANSPOSED_MAX_DIM, VectorIndex  # noqa: E402
+from index.store import ITEMS_NAME, TRANSPOSED_MAX_DIM, VectorIndex  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 K = 10
@@ -192,7 +192,7 @@ def build_measured(vectors: np.ndarray, ids: list[str], factory: str, build_para
     rss_delta = psutil.Process().memory_info().rss - rss
     with tempfile.TemporaryDirectory() as tmp:
         index.save(tmp)
-        size = os.path.getsize(Path(tmp) / "index.faiss") + os.path.getsize(Path(tmp) / "items.json")
+        size = os.path.getsize(Path(tmp) / "index.faiss") + os.path.getsize(Path(tmp) / ITEMS_NAME)
     return index, seconds, size, rss_delta
 
 

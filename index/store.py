@@ -1,20 +1,21 @@
 """A FAISS index with stable string ids and per-item metadata, saved atomically with an info card.
 
-Items are addressed by string id, never by row number: FAISS holds int64 labels and the
-label → id map lives beside it. IVF indexes take labels natively (with a hash-table direct map, so
+Items are addressed by string id, never by row number: FAISS holds int64 labels and the item
+table (:mod:`index.items`, columnar: 10^8 items fit) maps them to ids and metadata. IVF indexes take labels natively (with a hash-table direct map, so
 ``remove`` and ``get`` work); every other factory is wrapped in an ``IDMap2``. HNSW graphs cannot
 delete in FAISS, so a removed HNSW item becomes a *tombstone*: its label is excluded at search time
-by an ID selector (exact, no over-fetch needed), and the graph is rebuilt from the live vectors once
+by an ID selector over the table's live rows (exact, no over-fetch needed), and the graph is rebuilt from the live vectors once
 tombstones pass ``COMPACT_FRACTION`` of the items. Exact ``Flat`` search without a filter runs the
 numpy path of :mod:`index.exact` on FAISS's own storage (no copy); FAISS is used everywhere else.
 When faiss has GPUs (faiss-gpu), searches run on a GPU copy; otherwise on the CPU, as
 ``info["search_device"]`` says.
 
-An index directory holds ``index.faiss`` (FAISS), ``items.json`` (label → id, metadata,
-tombstones) and ``info.json`` (factory string, metric, count, dimension, search parameters and the
-sha256 of the ``manifest.json`` of the model it was built from). Each file is written to a
-temporary name and renamed into place, ``info.json`` last, and ``info.json`` records the sha256 of
-the two others, so a torn save is detected on load.
+An index directory holds ``index.faiss`` (FAISS), ``items.bin`` (the item table) and ``info.json``
+(factory string, metric, count, tombstones, dimension, search parameters and the sha256 of the
+``manifest.json`` of the model it was built from). Each file is streamed to a temporary name and
+renamed into place (nothing is assembled in memory first), ``info.json`` last, and ``info.json``
+records the sha256 of the two others, so a torn save is detected on load. Directories saved before
+the item table (an ``items.json`` id map) still load.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from index.exact import top_k_inner_product
-from training.data import atomic_write  # the one temp-file + fsync + rename helper (numpy-only module)
+from index.items import FORMAT as ITEMS_FORMAT
+from index.items import ItemTable, ItemTableError
+from training.data import atomic_file, atomic_write  # the one temp-file + fsync + rename helper (numpy-only module)
 
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
@@ -36,7 +39,8 @@ COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this sha
 TRANSPOSED_MAX_DIM = 12  # a flat index this narrow keeps an (E, N) copy for one-query search (index/exact.py)
 BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
-INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.json", "index.faiss"
+INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.bin", "index.faiss"
+LEGACY_ITEMS_NAME = "items.json"  # the id map of indexes saved before the item table (still loaded)
 
 
 def apply_build_params(index, factory: str, build_params: dict | None) -> None:
@@ -64,17 +68,14 @@ class Item:
 class VectorIndex:
     """Inner-product search over unit-norm embeddings, addressed by string id."""
 
-    def __init__(self, index, labels: dict[str, int], metadata: dict[str, dict], info: dict, tombstones: set[int] | None = None):
+    def __init__(self, index, items: ItemTable, info: dict):
         self.index = index  # IndexIVF with native labels, or IndexIDMap2 over the factory-built index
-        self.label_of = labels  # string id -> int64 FAISS label
-        self.id_of = {label: item_id for item_id, label in labels.items()}
-        self.metadata = metadata  # string id -> JSON object (only items that have one)
+        self.items = items  # label (= row) -> id, metadata, alive
         self.info = info
-        self.tombstones: set[int] = tombstones or set()  # labels removed from an HNSW graph, still inside it
-        self.next_label = max([*labels.values(), *self.tombstones], default=-1) + 1
+        self.tombstones = int(info.get("tombstones", 0))  # removed rows still inside an HNSW graph
         self.info.setdefault("search_params", {})
         self._apply_search_params(self.info["search_params"])
-        self._cache: dict = {}  # derived views (numpy storage view, GPU copy); cleared on every change
+        self._cache: dict = {}  # derived views (numpy storage view, GPU copy, tombstone bitmap); cleared on every change
         self.info["search_device"] = "cpu"
 
     @staticmethod
@@ -114,7 +115,7 @@ class VectorIndex:
         """An index with no items; ``build_params`` e.g. ``{"efConstruction": 200}`` (HNSW graph quality)."""
         index = cls._new_faiss_index(dim, factory, training_vectors, build_params)
         info = {"factory": factory, "metric": "inner_product", "count": 0, "dim": dim, "manifest_sha256": manifest_hash, "build_params": dict(build_params or {})}
-        return cls(index, {}, {}, info)
+        return cls(index, ItemTable(), info)
 
     @classmethod
     def build(
@@ -134,19 +135,23 @@ class VectorIndex:
         return index
 
     def __len__(self) -> int:
-        return len(self.label_of)
+        return len(self.items)
 
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self.label_of
+        return bool(self.items.labels_of([item_id])[0] >= 0)
+
+    def ids(self) -> list[str]:
+        """Every live id, in label order (the order items were added)."""
+        return self.items.ids_of(self.items.live_labels())
 
     def _changed(self) -> None:
         self._cache.clear()
         self.info["count"] = len(self)
-        self.info["tombstones"] = len(self.tombstones)
+        self.info["tombstones"] = self.tombstones
 
     def upsert(self, embeddings: np.ndarray, ids: list[str], metadata: list[dict | None] | None = None) -> None:
         """Add items; an id that is already present is replaced (vector and metadata)."""
@@ -156,57 +161,63 @@ class VectorIndex:
             raise ValueError(f"embeddings {x.shape} do not fit {len(ids)} ids of width {self.dim}")
         if len(set(ids)) != len(ids):
             raise ValueError("ids in one upsert must be unique")
+        if "" in ids:
+            raise ValueError("an id must not be empty")
         if metadata is not None and len(metadata) != len(ids):
             raise ValueError(f"{len(metadata)} metadata entries for {len(ids)} ids")
-        self.remove([i for i in ids if i in self.label_of])
-        labels = np.arange(self.next_label, self.next_label + len(ids), dtype=np.int64)
+        if metadata is not None and not all(m is None or isinstance(m, dict) for m in metadata):
+            raise ValueError("metadata must be a JSON object (or None) per item")
+        replaced, labels = self.items.upsert(ids, metadata)
+        self._drop_from_faiss(replaced)
         self.index.add_with_ids(x, labels)
-        self.next_label += len(ids)
-        for position, (item_id, label) in enumerate(zip(ids, labels.tolist())):
-            self.label_of[item_id] = label
-            self.id_of[label] = item_id
-            if metadata is not None and metadata[position] is not None:
-                self.metadata[item_id] = metadata[position]
+        self._after_removals()
         self._changed()
 
     def remove(self, ids: list[str]) -> list[str]:
         """Remove the given ids; returns those that were present."""
+        ids = list(dict.fromkeys(ids))
+        labels = self.items.labels_of(ids)
+        self.items.kill(labels[labels >= 0])
+        self._drop_from_faiss(labels[labels >= 0])
+        self._after_removals()
+        self._changed()
+        return [i for i, label in zip(ids, labels.tolist()) if label >= 0]
+
+    def _drop_from_faiss(self, labels: np.ndarray) -> None:
         import faiss
 
-        present = [i for i in dict.fromkeys(ids) if i in self.label_of]
-        if present:
-            labels = np.array([self.label_of[i] for i in present], dtype=np.int64)
-            if isinstance(self.index, faiss.IndexIDMap2) and self.can_remove:
-                self.index.remove_ids(faiss.IDSelectorBatch(labels))
-            elif self.can_remove:  # IVF with a hash-table direct map accepts only an ID array
-                self.index.remove_ids(faiss.IDSelectorArray(len(labels), faiss.swig_ptr(labels)))
-            else:
-                self.tombstones.update(labels.tolist())
-            for item_id, label in zip(present, labels.tolist()):
-                del self.label_of[item_id], self.id_of[label]
-                self.metadata.pop(item_id, None)
-            if len(self.tombstones) > COMPACT_FRACTION * max(len(self), 1):
-                self.compact()
-        self._changed()
-        return present
+        if not len(labels):
+            return
+        if isinstance(self.index, faiss.IndexIDMap2) and self.can_remove:
+            self.index.remove_ids(faiss.IDSelectorBatch(labels))
+        elif self.can_remove:  # IVF with a hash-table direct map accepts only an ID array
+            self.index.remove_ids(faiss.IDSelectorArray(len(labels), faiss.swig_ptr(labels)))
+        else:
+            self.tombstones += len(labels)
+
+    def _after_removals(self) -> None:
+        if self.tombstones > COMPACT_FRACTION * max(len(self), 1):
+            self.compact()
 
     def compact(self) -> None:
         """Rebuild the FAISS index from the live items only, dropping tombstones (same labels)."""
         if not self.tombstones:
             return
-        labels = np.array(sorted(self.id_of), dtype=np.int64)
-        vectors = np.vstack([self.index.reconstruct(int(label)) for label in labels]) if len(labels) else np.zeros((0, self.dim), np.float32)
+        labels = self.items.live_labels()
+        vectors = self.index.reconstruct_batch(labels) if len(labels) else np.zeros((0, self.dim), np.float32)
         index = self._new_faiss_index(self.dim, self.info["factory"], vectors if len(vectors) else None, self.info.get("build_params"))
         index.add_with_ids(vectors, labels)
-        log.info("compacted %s index: %d tombstones dropped, %d items", self.info["factory"], len(self.tombstones), len(labels))
-        self.index, self.tombstones = index, set()
+        log.info("compacted %s index: %d tombstones dropped, %d items", self.info["factory"], self.tombstones, len(labels))
+        self.index, self.tombstones = index, 0
         self._apply_search_params(self.info["search_params"])
         self._changed()
 
     def get(self, item_id: str) -> Item:
         """The stored item; KeyError for an unknown id."""
-        label = self.label_of[item_id]
-        return Item(item_id, self.index.reconstruct(label), self.metadata.get(item_id))
+        label = int(self.items.labels_of([item_id])[0])
+        if label < 0:
+            raise KeyError(item_id)
+        return Item(item_id, self.index.reconstruct(label), self.items.metadata_of([label])[0])
 
     def set_search_params(self, **params: float) -> None:
         """Search-time parameters kept with the index, e.g. ``nprobe=32`` (IVF) or ``efSearch=128`` (HNSW)."""
@@ -280,56 +291,102 @@ class VectorIndex:
             self._cache["flat"] = (vectors, faiss.vector_to_array(self.index.id_map), transposed)
         return self._cache["flat"]
 
-    def search(
-        self, queries: np.ndarray, k: int, allowed_ids: set[str] | None = None, params: dict | None = None
-    ) -> tuple[np.ndarray, list[list[str]]]:
-        """(Q, E) queries -> scores (Q, k') and ids, best first; k' = min(k, len(self)).
+    def _allowed_labels(self, allowed_ids: set[str] | None, where: dict | None) -> np.ndarray | None:
+        """Sorted live labels a filtered search may return; None when it is not filtered."""
+        wanted = None
+        where = where or None  # {}: no condition, no filter
+        if allowed_ids is not None:
+            labels = self.items.labels_of(list(allowed_ids))
+            wanted = np.unique(labels[labels >= 0])
+        if where is not None:
+            matching = self.items.matching(where)
+            wanted = matching if wanted is None else np.intersect1d(wanted, matching, assume_unique=True)
+        return wanted
 
-        ``allowed_ids`` restricts the search to those items (FAISS ID selector, exact for Flat);
-        ``params`` overrides search parameters for this call only, e.g. ``{"nprobe": 64}``.
-        A graph or IVF search under a narrow filter can miss the few allowed items, so a filter of
-        at most ``SMALL_FILTER`` items on an approximate index is searched exactly instead.
+    def _alive_selector(self):
+        """FAISS selector of the live labels (a bitmap over the rows; HNSW tombstones fail it)."""
+        import faiss
+
+        if "alive_bits" not in self._cache:
+            self._cache["alive_bits"] = np.packbits(self.items.alive, bitorder="little")  # the selector points into it
+        bits = self._cache["alive_bits"]
+        return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+
+    def search_labels(
+        self, queries: np.ndarray, k: int, allowed_ids: set[str] | None = None, params: dict | None = None, where: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, E) queries -> scores (Q, k') and labels (Q, k'; -1 past the last hit), best first.
+
+        ``allowed_ids`` restricts the search to those items, ``where`` to items whose metadata holds
+        every key: value given (FAISS ID selector, exact for Flat); ``params`` overrides search
+        parameters for this call only, e.g. ``{"nprobe": 64}``. A graph or IVF search under a narrow
+        filter can miss the few allowed items, so a filter of at most ``SMALL_FILTER`` items on an
+        approximate index is searched exactly instead.
         """
         import faiss
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got shape {q.shape}")
-        k = min(k, len(self) if allowed_ids is None else len(allowed_ids & self.label_of.keys()))
+        wanted = self._allowed_labels(allowed_ids, where)
+        k = min(k, len(self) if wanted is None else len(wanted))
         if k == 0:
-            return np.zeros((len(q), 0), dtype=np.float32), [[] for _ in range(len(q))]
+            return np.zeros((len(q), 0), dtype=np.float32), np.zeros((len(q), 0), dtype=np.int64)
         search_index = self._search_index()
         flat = self._flat_storage() if search_index is self.index else None
-        wanted = None if allowed_ids is None else np.array([self.label_of[i] for i in allowed_ids if i in self.label_of], dtype=np.int64)
         if flat is not None and wanted is None:
             scores, rows = top_k_inner_product(flat[0], q, k, transposed=flat[2])
-            labels = flat[1][rows]
-        elif flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
-            vectors = np.vstack([self.index.reconstruct(int(label)) for label in wanted])
-            scores, rows = top_k_inner_product(vectors, q, k)
-            labels = wanted[rows]
-        else:
-            selector = None
-            if wanted is not None:
-                selector = faiss.IDSelectorBatch(wanted)
-            elif self.tombstones:
-                dead = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
-                selector = faiss.IDSelectorNot(dead)
-            scores, labels = search_index.search(q, k, params=self._search_parameters(selector, params))
-        ids = [[self.id_of[int(label)] for label in row if label >= 0] for row in labels]
-        return scores, ids
+            return scores, flat[1][rows]
+        if flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
+            scores, rows = top_k_inner_product(self.index.reconstruct_batch(wanted), q, k)
+            return scores, wanted[rows]
+        selector = None
+        if wanted is not None:
+            selector = faiss.IDSelectorBatch(wanted)
+        elif self.tombstones:
+            selector = self._alive_selector()
+        return search_index.search(q, k, params=self._search_parameters(selector, params))
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: set[str] | None = None, params: dict | None = None, where: dict | None = None
+    ) -> tuple[np.ndarray, list[list[str]]]:
+        """(Q, E) queries -> scores (Q, k') and ids, best first; k' = min(k, items allowed). See :meth:`search_labels`."""
+        scores, labels = self.search_labels(queries, k, allowed_ids, params, where)
+        return scores, self._per_row(labels, self.items.ids_of)
+
+    def search_with_metadata(
+        self, queries: np.ndarray, k: int, allowed_ids: set[str] | None = None, params: dict | None = None, where: dict | None = None
+    ) -> tuple[np.ndarray, list[list[str]], list[list[dict | None]]]:
+        """:meth:`search`, plus each hit's metadata."""
+        scores, labels = self.search_labels(queries, k, allowed_ids, params, where)
+        return scores, self._per_row(labels, self.items.ids_of), self._per_row(labels, self.items.metadata_of)
+
+    @staticmethod
+    def _per_row(labels: np.ndarray, lookup) -> list[list]:
+        """``lookup`` of every hit (label ≥ 0) in one call, cut back into rows."""
+        hits = labels >= 0
+        values = iter(lookup(labels[hits]))
+        return [[next(values) for _ in range(n)] for n in hits.sum(axis=1).tolist()]
 
     def save(self, directory: str | Path) -> Path:
+        """Write the index into ``directory``: each file streamed (hashed on the way) to a temporary
+        name, fsynced and renamed, ``info.json`` (with the checksums of the others) last."""
         import faiss
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        index_blob = faiss.serialize_index(self.index).tobytes()  # always the CPU index
-        items_blob = json.dumps({"labels": self.label_of, "metadata": self.metadata, "tombstones": sorted(self.tombstones)}).encode()
-        atomic_write(directory / INDEX_NAME, index_blob)
-        atomic_write(directory / ITEMS_NAME, items_blob)
-        checksums = {INDEX_NAME: hashlib.sha256(index_blob).hexdigest(), ITEMS_NAME: hashlib.sha256(items_blob).hexdigest()}
-        atomic_write(directory / INFO_NAME, json.dumps({**self.info, "search_device": "cpu", "sha256": checksums}, indent=2).encode())
+        checksums = {}
+        with atomic_file(directory / INDEX_NAME) as f:
+            stream = _Hashing(f)
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(stream.write))  # always the CPU index
+            checksums[INDEX_NAME] = stream.hexdigest()
+        with atomic_file(directory / ITEMS_NAME) as f:
+            stream = _Hashing(f)
+            self.items.save(stream)
+            checksums[ITEMS_NAME] = stream.hexdigest()
+        info = {**self.info, "search_device": "cpu", "items_format": ITEMS_FORMAT, "sha256": checksums}
+        atomic_write(directory / INFO_NAME, json.dumps(info, indent=2).encode())
+        (directory / LEGACY_ITEMS_NAME).unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -339,27 +396,54 @@ class VectorIndex:
         directory = Path(directory)
         try:
             info = json.loads((directory / INFO_NAME).read_text())
-            items_blob = (directory / ITEMS_NAME).read_bytes()
-            index_blob = (directory / INDEX_NAME).read_bytes()
+            checksums = info.pop("sha256", {})
+            items_name = LEGACY_ITEMS_NAME if LEGACY_ITEMS_NAME in checksums else ITEMS_NAME  # written before the item table
+            for name in (INDEX_NAME, items_name):
+                if checksums.get(name) != _file_sha256(directory / name):
+                    raise IndexLoadError(f"{directory}: corrupt index ({name} does not match the checksum in {INFO_NAME})")
         except FileNotFoundError as err:
             raise IndexLoadError(f"{directory}: incomplete index ({Path(err.filename).name} missing); build it with python -m index build") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise IndexLoadError(f"{directory}: corrupt {INFO_NAME} ({err})") from None
-        checksums = info.pop("sha256", {})
-        for name, blob in ((INDEX_NAME, index_blob), (ITEMS_NAME, items_blob)):
-            if checksums.get(name) != hashlib.sha256(blob).hexdigest():
-                raise IndexLoadError(f"{directory}: corrupt index ({name} does not match the checksum in {INFO_NAME})")
         if expected_manifest_hash is not None and info.get("manifest_sha256") != expected_manifest_hash:
             raise IndexLoadError(
                 f"{directory}: built from model {str(info.get('manifest_sha256'))[:12]}, "
                 f"not the loaded model {expected_manifest_hash[:12]}; rebuild the index"
             )
         try:
-            items = json.loads(items_blob)
-            index = faiss.deserialize_index(np.frombuffer(index_blob, dtype=np.uint8))
-        except (json.JSONDecodeError, RuntimeError) as err:
+            index = faiss.read_index(str(directory / INDEX_NAME))
+            if items_name == LEGACY_ITEMS_NAME:
+                saved = json.loads((directory / items_name).read_bytes())
+                tombstones = saved.get("tombstones", [])
+                items = ItemTable.from_mapping({k: int(v) for k, v in saved["labels"].items()}, saved["metadata"], max(tombstones, default=-1) + 1)
+                info["tombstones"] = len(tombstones)
+            else:
+                with open(directory / items_name, "rb") as f:
+                    items = ItemTable.load(f)
+            tombstones = int(info.get("tombstones", 0))
+        except ItemTableError as err:
+            raise IndexLoadError(f"{directory}: {err}; rebuild the index") from None
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
             raise IndexLoadError(f"{directory}: corrupt index ({err})") from None
-        tombstones = set(items.get("tombstones", []))
-        if index.ntotal != len(items["labels"]) + len(tombstones):
-            raise IndexLoadError(f"{directory}: corrupt index ({index.ntotal} vectors for {len(items['labels'])} ids and {len(tombstones)} tombstones)")
-        return cls(index, {k: int(v) for k, v in items["labels"].items()}, items["metadata"], info, tombstones)
+        if index.ntotal != len(items) + tombstones:
+            raise IndexLoadError(f"{directory}: corrupt index ({index.ntotal} vectors for {len(items)} ids and {tombstones} tombstones)")
+        return cls(index, items, info)
+
+
+class _Hashing:
+    """A write-only stream that hashes what passes through it on the way to ``file``."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, blob) -> int:
+        self.digest.update(blob)
+        return self.file.write(blob)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

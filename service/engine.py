@@ -124,17 +124,16 @@ class Engine:
                         continue
                 if job.filter is None:
                     plain[job.target].append(i)
-                else:
-                    allowed = self._matching(job.target, job.filter)
-                    scores, ids = self.indexes[job.target].search(queries[i], job.top_k, allowed_ids=allowed)
-                    results[i] = self._format(job, scores, ids)
+                else:  # metadata filter: JSON types must match too, so true does not match 1
+                    hits = self.indexes[job.target].search_with_metadata(queries[i], job.top_k, where=job.filter)
+                    results[i] = self._format(job, *hits)
             for target, rows in plain.items():
                 k = max(jobs[i].top_k for i in rows)
-                scores, ids = self.indexes[target].search(np.concatenate([queries[i] for i in rows]), k)
+                scores, ids, metadata = self.indexes[target].search_with_metadata(np.concatenate([queries[i] for i in rows]), k)
                 start = 0
                 for i in rows:
                     stop = start + jobs[i].size
-                    results[i] = self._format(jobs[i], scores[start:stop], ids[start:stop])
+                    results[i] = self._format(jobs[i], scores[start:stop], ids[start:stop], metadata[start:stop])
                     start = stop
         return results
 
@@ -145,18 +144,11 @@ class Engine:
         except KeyError as err:
             raise ItemNotFound(modality, err.args[0]) from None
 
-    def _matching(self, target: str, conditions: dict) -> set[str]:
-        """Ids whose metadata holds every key: value of ``conditions`` (a linear scan; JSON types must
-        match too, so ``true`` does not match ``1``)."""
-        items = self.indexes[target].metadata.items()
-        return {item_id for item_id, meta in items if all(k in meta and type(meta[k]) is type(v) and meta[k] == v for k, v in conditions.items())}
-
-    def _format(self, job: SearchJob, scores: np.ndarray, ids: list[list[str]]) -> bytes:
-        metadata = self.indexes[job.target].metadata
+    def _format(self, job: SearchJob, scores: np.ndarray, ids: list[list[str]], metadata: list[list[dict | None]]) -> bytes:
         threshold = -np.inf if job.score_threshold is None else job.score_threshold
         results = [
-            [{"id": item_id, "score": score, "metadata": metadata.get(item_id)} for item_id, score in zip(row_ids[: job.top_k], row_scores) if score >= threshold]
-            for row_ids, row_scores in zip(ids, scores.tolist())
+            [{"id": item_id, "score": score, "metadata": meta} for item_id, score, meta in zip(row_ids[: job.top_k], row_scores, row_meta) if score >= threshold]
+            for row_ids, row_scores, row_meta in zip(ids, scores.tolist(), metadata)
         ]
         return dumps({"results": results, "model": self.version})
 

@@ -23,8 +23,11 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -311,14 +314,17 @@ def load_features(data: str | os.PathLike) -> PairedFeatures:
     raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
 
 
-def atomic_write(path: str | os.PathLike, blob: bytes | str) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename into place (never a torn file)."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """An open binary file that replaces ``path`` only when the block ends without an error: a
+    temporary file beside it, fsynced, then renamed into place (never a torn file). For writers
+    that stream (a multi-GB index), so nothing is assembled in memory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob.encode() if isinstance(blob, str) else blob)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -326,6 +332,12 @@ def atomic_write(path: str | os.PathLike, blob: bytes | str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, blob: bytes | str) -> None:
+    """Write ``blob`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(blob.encode() if isinstance(blob, str) else blob)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

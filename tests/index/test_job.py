@@ -16,6 +16,7 @@ import pytest
 from index.__main__ import main
 from index.build import build_job
 from index.embedder import Embedder
+from index.job import read_shard
 from index.store import VectorIndex
 from training.data import load_features
 
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _index_files(out: Path) -> dict[str, bytes]:
-    return {f"{m}/{name}": (out / m / name).read_bytes() for m in ("audio", "visual") for name in ("index.faiss", "items.json")}
+    return {f"{m}/{name}": (out / m / name).read_bytes() for m in ("audio", "visual") for name in ("index.faiss", "items.bin")}
 
 
 class Crash(RuntimeError):
@@ -77,9 +78,9 @@ def test_killed_job_restarts_to_the_same_index(tiny, tmp_path):
     assert f"({400 - written} embedded now, {written} already done)" in out.stdout
     for modality in ("audio", "visual"):  # different partitioning, same vectors, same ids, same order
         ref, got = VectorIndex.load(tmp_path / "ref" / modality), VectorIndex.load(tmp_path / "job" / modality)
-        assert list(got.label_of) == list(ref.label_of)
+        assert got.ids() == ref.ids()
         np.testing.assert_allclose(got.get("clip-000123").vector, ref.get("clip-000123").vector, atol=1e-6)
-        queries = np.stack([ref.get(i).vector for i in list(ref.label_of)[:20]])
+        queries = np.stack([ref.get(i).vector for i in ref.ids()[:20]])
         assert got.search(queries, 10)[1] == ref.search(queries, 10)[1]
 
 
@@ -120,9 +121,9 @@ def test_ray_engine_matches_local(tiny, tmp_path):
     local = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "local", partition_rows=200, progress=False)
     for modality in ("audio", "visual"):
         for shard in sorted((tmp_path / "local" / "embeddings" / modality).glob("*.npz")):
-            with np.load(shard) as want, np.load(tmp_path / "ray" / "embeddings" / modality / shard.name) as got:
-                assert got["ids"].tolist() == want["ids"].tolist()
-                np.testing.assert_allclose(got["embeddings"], want["embeddings"], atol=1e-6)
+            (want, want_ids, _), (got, got_ids, _) = read_shard(shard), read_shard(tmp_path / "ray" / "embeddings" / modality / shard.name)
+            assert got_ids == want_ids and len(got_ids) == 200
+            np.testing.assert_allclose(got, want, atol=1e-6)
     assert local.embedded == 6
 
 
@@ -179,3 +180,22 @@ def test_training_sample_grows_with_the_ivf_lists(tmp_path):
     sample = _training_sample(paths, rows, 400)
     assert len(sample) == 400 and (sample[:, 0] == 0).sum() == 300  # in proportion to partition size
     assert len(_training_sample(paths, rows, 10_000)) == 4000  # everything when the collection is small
+
+
+def test_embedding_shards_keep_any_id_and_old_shards_still_read(tmp_path):
+    from index.job import embed_partition
+    from index.sources import Chunk
+
+    class OneChunk:
+        def read(self, partition, modality):
+            return Chunk(np.ones((3, 2), np.float32), ["a", "ü-日本", "x y\x00z"], [{"t": 1}, None, None])
+
+    class Identity:
+        def embed(self, modality, x):
+            return x
+
+    embed_partition(Identity(), OneChunk(), "p0", "audio", tmp_path, batch_size=2)
+    vectors, ids, metadata = read_shard(tmp_path / "embeddings" / "audio" / "p0.npz")
+    assert ids == ["a", "ü-日本", "x y\x00z"] and metadata == [{"t": 1}, None, None] and vectors.shape == (3, 2)
+    np.savez(tmp_path / "old.npz", embeddings=vectors, ids=np.array(["a", "b", "c"]), metadata=np.array("null"))  # the earlier layout
+    assert read_shard(tmp_path / "old.npz")[1:] == (["a", "b", "c"], None)

@@ -37,7 +37,7 @@ def test_load_refuses_other_model_and_corrupt_files(tmp_path):
     VectorIndex.build(_unit(rng, 10, 4), [str(i) for i in range(10)], manifest_hash="a" * 64).save(tmp_path)
     with pytest.raises(IndexLoadError, match="rebuild the index"):
         VectorIndex.load(tmp_path, expected_manifest_hash="b" * 64)
-    (tmp_path / "items.json").write_text(json.dumps({"labels": {"x": 0}, "metadata": {}}))
+    (tmp_path / "items.bin").write_bytes(b"not the table that was saved")
     with pytest.raises(IndexLoadError, match="corrupt"):
         VectorIndex.load(tmp_path)
     (tmp_path / "index.faiss").unlink()
@@ -206,3 +206,62 @@ def test_embedder_refuses_a_manifest_that_does_not_match_the_graph(tiny, tmp_pat
     (model / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="re-export"):
         Embedder(model, device="cpu")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat"])
+def test_metadata_filter_equals_exact_search_over_the_matching_items(factory):
+    rng = np.random.default_rng(8)
+    gallery, queries = _clustered(rng, 3000, 8), _clustered(rng, 10, 8)
+    ids = [f"m{i}" for i in range(3000)]
+    metadata = [{"g": i % 5, "odd": bool(i % 2)} if i % 3 else None for i in range(3000)]
+    index = VectorIndex.build(gallery, ids, factory, metadata=metadata)
+    index.remove(ids[:30])
+    for where in ({"g": 2}, {"g": 1, "odd": True}, {"odd": 1}):
+        keep = [i for i in range(30, 3000) if metadata[i] and all(type(metadata[i][k]) is type(v) and metadata[i][k] == v for k, v in where.items())]
+        scores, got, meta = index.search_with_metadata(queries, 10, where=where)
+        if not keep:
+            assert got == [[] for _ in queries]
+            continue
+        exact = queries @ gallery[keep].T
+        want = np.argsort(-exact, axis=1)[:, :10]
+        assert got == [[ids[keep[r]] for r in row] for row in want]
+        assert meta == [[metadata[keep[r]] for r in row] for row in want]
+
+
+def test_an_index_saved_before_the_item_table_still_loads(tmp_path):
+    """The old layout: index.faiss + items.json (id -> label, metadata, HNSW tombstones)."""
+    import hashlib
+
+    import faiss
+
+    vectors = _unit(np.random.default_rng(9), 5, 4)
+    graph = faiss.IndexIDMap2(faiss.index_factory(4, "HNSW8", faiss.METRIC_INNER_PRODUCT))
+    graph.add_with_ids(vectors, np.arange(5, dtype=np.int64))
+    blobs = {
+        "index.faiss": faiss.serialize_index(graph).tobytes(),
+        "items.json": json.dumps({"labels": {"a": 0, "c": 2, "d": 3, "e": 4}, "metadata": {"c": {"t": 1}}, "tombstones": [1]}).encode(),
+    }
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+    info = {"factory": "HNSW8", "metric": "inner_product", "count": 4, "dim": 4, "manifest_sha256": "m" * 64, "build_params": {}, "search_params": {},
+            "sha256": {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    old = VectorIndex.load(tmp_path, expected_manifest_hash="m" * 64)
+    assert old.ids() == ["a", "c", "d", "e"] and old.tombstones == 1 and old.get("c").metadata == {"t": 1}
+    _, got = old.search(vectors, 5)
+    assert all("b" not in row and len(row) == 4 for row in got) and [row[0] for row in got[2:]] == ["c", "d", "e"]
+    old.upsert(vectors[1:2], ["b"])  # a new label past the tombstone
+    assert old.save(tmp_path) and not (tmp_path / "items.json").exists()
+    again = VectorIndex.load(tmp_path)
+    assert again.ids() == ["a", "c", "d", "e", "b"] and again.search(vectors[1:2], 1)[1] == [["b"]]
+
+
+def test_a_failed_upsert_leaves_the_index_as_it_was():
+    rng = np.random.default_rng(10)
+    vectors = _unit(rng, 20, 4)
+    index = VectorIndex.build(vectors[:10], [str(i) for i in range(10)], metadata=[{"i": i} for i in range(10)])
+    before = index.search(vectors, 3)
+    with pytest.raises(ValueError, match="not a JSON object"):
+        index.upsert(vectors[10:12], ["3", "new"], metadata=[{"bad": {1, 2}}, None])  # a set is not JSON
+    assert len(index) == 10 and index.get("3").metadata == {"i": 3}
+    assert index.search(vectors, 3)[1] == before[1] and index.search(vectors, 3, where={})[1] == before[1]

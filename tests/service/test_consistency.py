@@ -70,7 +70,7 @@ def test_concurrent_upserts_deletes_and_searches_stay_consistent(tiny, tmp_path,
         assert c.get("/v1/items/visual/w0-0-0").status_code == 404
     # what was acknowledged is on disk
     on_disk = VectorIndex.load(index_dir / "visual")
-    assert {i for i in on_disk.label_of if i.startswith("w")} == expected
+    assert {i for i in on_disk.ids() if i.startswith("w")} == expected
 
 
 def test_changes_survive_a_restart(tiny, tmp_path, features):

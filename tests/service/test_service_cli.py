@@ -54,7 +54,7 @@ def test_missing_index(copies, tmp_path):
 
 def test_corrupt_index(copies):
     model, index = copies
-    items = index / "visual" / "items.json"
+    items = index / "visual" / "items.bin"
     items.write_bytes(items.read_bytes()[:-20])
     assert "corrupt index" in one_error_line(serve(model, index))
 

@@ -1,0 +1,295 @@
+"""The item table: string ids ↔ FAISS labels, and each item's JSON metadata, in flat arrays.
+
+A FAISS index holds int64 labels; this table gives them the caller's string ids and metadata. A
+label is a row number: rows are appended, never reused, and a removed (or replaced) item's row is
+marked dead. Everything is columnar, so 10^8 items cost a few GB where Python dicts cost ~170 bytes
+an item (measured in ``bench/scale_bench.py``):
+
+* **ids**: the UTF-8 bytes of every row end to end, and the offsets where each starts (Arrow's
+  string layout): 8 bytes an item plus the id itself;
+* **metadata**: each row's JSON object in canonical form (sorted keys, no spaces), laid out the
+  same way; an empty entry means "no metadata". The offsets exist only once an item has metadata;
+* **alive**: one bool a row;
+* **lookup** (id → label): sorted runs of (64-bit BLAKE2b key of the id, row), 16 bytes an item. A
+  key only narrows the search: each candidate is confirmed by comparing the id's bytes, so a
+  collision costs one comparison, never a wrong answer. An upsert adds a run; runs merge like a
+  binary counter (a run is merged into the one before it while that one is less than twice its
+  size), so there are at most log2(N) runs and loading N items in batches costs O(N log N). A merge
+  drops the keys of dead rows.
+
+Every column is a numpy array that grows by reallocation (never in place), so a view handed out
+(to a save, a regex scan) can never block a later append. A write computes everything that can
+fail (encoding, JSON) before it changes anything. Reads (``labels_of``, ``ids_of``, ``save``...)
+change nothing, so they may run concurrently with each other; a write must run alone.
+
+Metadata filters (:meth:`ItemTable.matching`) search the canonical JSON bytes for the first
+scalar condition's ``"key":value`` text (C speed) and decode only the rows that contain it: a row
+that holds the pair always contains that text, so the pre-filter never drops a match.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from hashlib import blake2b
+from typing import BinaryIO
+
+import numpy as np
+
+FORMAT = 1  # version of the saved table (``items.bin``), also recorded in the index's info.json
+ARRAYS = ("id_bytes", "id_offsets", "alive", "keys", "rows", "meta_bytes", "meta_offsets")  # saved in this order
+
+
+class ItemTableError(ValueError):
+    """A saved table that cannot be read (torn, another format), or metadata that is not JSON."""
+
+
+def hash_ids(encoded: list[bytes]) -> np.ndarray:
+    """(n,) uint64 keys of UTF-8 ids: 8-byte BLAKE2b digests (~1 µs an id, C speed, well mixed)."""
+    return np.frombuffer(b"".join([blake2b(e, digest_size=8).digest() for e in encoded]), np.uint64).copy()
+
+
+def canonical_json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def holds(metadata: dict | None, conditions: dict) -> bool:
+    """Every key: value of ``conditions`` is in ``metadata``, with the same JSON type (true ≠ 1)."""
+    return metadata is not None and all(k in metadata and type(metadata[k]) is type(v) and metadata[k] == v for k, v in conditions.items())
+
+
+class Column:
+    """A 1-D numpy array with amortised O(1) appends: the capacity doubles when it runs out."""
+
+    def __init__(self, values: np.ndarray):
+        self._data, self.size = values, len(values)
+
+    def extend(self, values: np.ndarray | bytes) -> None:
+        values = np.frombuffer(values, np.uint8) if isinstance(values, bytes) else values
+        need = self.size + len(values)
+        if need > len(self._data):
+            grown = np.empty(max(need, 2 * len(self._data), 16), self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size : need] = values
+        self.size = need
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._data[: self.size]
+
+
+def _lengths(entries: list[bytes]) -> np.ndarray:
+    return np.fromiter(map(len, entries), np.int64, len(entries))
+
+
+def _slices(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+    """data[starts[i]:ends[i]] for every i, gathered in one numpy pass (fast for many short slices)."""
+    lengths = ends - starts
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    gathered = data[np.repeat(starts - bounds[:-1], lengths) + np.arange(bounds[-1])].tobytes()
+    b = bounds.tolist()
+    return [gathered[b[i] : b[i + 1]] for i in range(len(lengths))]
+
+
+def _merge(runs: list[tuple[np.ndarray, np.ndarray]], alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One sorted run of the live entries of ``runs`` (new arrays; ``runs`` is not changed)."""
+    if len(runs) == 1 and alive[runs[0][1]].all():
+        return runs[0]  # already one run of live rows: no copy (a save at 10^8 would need 5 GB)
+    keys, rows = np.concatenate([k for k, _ in runs]), np.concatenate([r for _, r in runs])
+    keep = alive[rows]
+    keys, rows = keys[keep], rows[keep]
+    order = np.argsort(keys, kind="stable")  # timsort: sorted runs merge in near-linear time
+    return keys[order], rows[order]
+
+
+class ItemTable:
+    """Rows of (id, metadata, alive); a row number is the item's FAISS label."""
+
+    KEY_MASK = np.uint64(2**64 - 1)  # bits of the id hash kept as the lookup key (tests keep 2: collisions)
+
+    def __init__(self) -> None:
+        self._id_bytes = Column(np.zeros(0, np.uint8))
+        self._id_offsets = Column(np.zeros(1, np.int64))  # row r's id: _id_bytes[off[r]:off[r + 1]]
+        self._meta_bytes = Column(np.zeros(0, np.uint8))
+        self._meta_offsets: Column | None = None  # created with the first metadata
+        self._alive = Column(np.zeros(0, bool))
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted uint64 keys, int64 rows); replaced, never edited
+        self.live = 0
+
+    # --- size and rows -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.live
+
+    @property
+    def rows(self) -> int:
+        """Rows ever appended, dead ones included: the next label."""
+        return self._alive.size
+
+    @property
+    def alive(self) -> np.ndarray:
+        """(rows,) bool view."""
+        return self._alive.values
+
+    def live_labels(self) -> np.ndarray:
+        return np.flatnonzero(self.alive)
+
+    # --- writes --------------------------------------------------------------------------------
+    def upsert(self, ids: list[str], metadata: list[dict | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """New rows for ``ids`` (unique): returns (labels of the rows they replace, now dead; their new labels)."""
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids in one upsert must be unique")
+        encoded = [i.encode() for i in ids]
+        keys = hash_ids(encoded) & self.KEY_MASK
+        blobs = self._metadata_blobs(ids, metadata)
+        replaced = self._find(encoded, keys)
+        replaced = replaced[replaced >= 0]
+        self.kill(replaced)
+        return replaced, self._append(encoded, keys, blobs)
+
+    @staticmethod
+    def _metadata_blobs(ids: list[str], metadata: list[dict | None] | None) -> list[bytes] | None:
+        if metadata is None or all(m is None for m in metadata):
+            return None
+        blobs = []
+        for item_id, m in zip(ids, metadata):
+            try:
+                blobs.append(b"" if m is None else canonical_json(m))
+            except (TypeError, ValueError) as err:
+                raise ItemTableError(f"metadata of {item_id!r} is not a JSON object ({err})") from None
+        return blobs
+
+    def _append(self, encoded: list[bytes], keys: np.ndarray, blobs: list[bytes] | None) -> np.ndarray:
+        first = self.rows
+        self._id_offsets.extend(len(self._id_bytes.values) + np.cumsum(_lengths(encoded)))
+        self._id_bytes.extend(b"".join(encoded))
+        if blobs is not None and self._meta_offsets is None:
+            self._meta_offsets = Column(np.zeros(first + 1, np.int64))
+        if self._meta_offsets is not None:
+            blobs = blobs or [b""] * len(encoded)
+            self._meta_offsets.extend(len(self._meta_bytes.values) + np.cumsum(_lengths(blobs)))
+            self._meta_bytes.extend(b"".join(blobs))
+        self._alive.extend(np.ones(len(encoded), bool))
+        self.live += len(encoded)
+        labels = np.arange(first, first + len(encoded), dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        runs = [*self._runs, (keys[order], labels[order])]
+        while len(runs) > 1 and len(runs[-2][0]) < 2 * len(runs[-1][0]):
+            runs[-2:] = [_merge(runs[-2:], self.alive)]
+        self._runs = runs  # one assignment: a reader sees the old list or the new one
+        return labels
+
+    def kill(self, labels: np.ndarray) -> None:
+        """Mark live rows dead (their labels are never reused); KeyError for a label that is not live."""
+        labels = np.unique(np.asarray(labels, np.int64))
+        if len(labels) and (labels[0] < 0 or labels[-1] >= self.rows or not self.alive[labels].all()):
+            raise KeyError("kill() of a label that is not a live row")
+        self.alive[labels] = False
+        self.live -= len(labels)
+
+    # --- reads ---------------------------------------------------------------------------------
+    def labels_of(self, ids: list[str]) -> np.ndarray:
+        """(n,) labels of the live items with these ids; -1 where there is none."""
+        encoded = [i.encode() for i in ids]
+        return self._find(encoded, hash_ids(encoded) & self.KEY_MASK)
+
+    def _find(self, encoded: list[bytes], keys: np.ndarray) -> np.ndarray:
+        found = np.full(len(encoded), -1, np.int64)
+        offsets, data, alive = self._id_offsets.values, self._id_bytes.values, self.alive
+        for run_keys, run_rows in self._runs:
+            if not len(run_keys):
+                continue
+            lo = np.searchsorted(run_keys, keys)
+            queries = np.flatnonzero((run_keys[np.minimum(lo, len(run_keys) - 1)] == keys) & (found < 0))
+            rows = run_rows[lo[queries]]  # the first candidate of each: almost always the only one
+            stored = _slices(data, offsets[rows], offsets[rows + 1])
+            confirmed = np.array([live and s == encoded[q] for q, s, live in zip(queries.tolist(), stored, alive[rows].tolist())], bool)
+            found[queries[confirmed]] = rows[confirmed]
+            after = np.minimum(lo[queries] + 1, len(run_keys) - 1)
+            for q in queries[(lo[queries] + 1 < len(run_keys)) & (run_keys[after] == keys[queries]) & ~confirmed].tolist():
+                for row in run_rows[lo[q] : np.searchsorted(run_keys, keys[q], "right")].tolist():  # keys that collide
+                    if alive[row] and data[offsets[row] : offsets[row + 1]].tobytes() == encoded[q]:
+                        found[q] = row
+                        break
+        return found
+
+    def ids_of(self, labels: np.ndarray) -> list[str]:
+        labels = np.asarray(labels, np.int64)
+        offsets = self._id_offsets.values
+        return [s.decode() for s in _slices(self._id_bytes.values, offsets[labels], offsets[labels + 1])]
+
+    def metadata_of(self, labels: np.ndarray) -> list[dict | None]:
+        if self._meta_offsets is None:
+            return [None] * len(labels)
+        labels = np.asarray(labels, np.int64)
+        offsets = self._meta_offsets.values
+        return [json.loads(s) if s else None for s in _slices(self._meta_bytes.values, offsets[labels], offsets[labels + 1])]
+
+    def matching(self, conditions: dict) -> np.ndarray:
+        """Sorted labels of the live items whose metadata holds every key: value of ``conditions``
+        (non-empty: an empty filter is no filter, the caller's to skip)."""
+        if self._meta_offsets is None:
+            return np.zeros(0, np.int64)
+        offsets = self._meta_offsets.values
+        scalar = [(k, v) for k, v in conditions.items() if isinstance(v, (str, int)) or v is None]  # floats: -0.0 == 0.0 but prints apart
+        if scalar:
+            needle = canonical_json(dict(scalar[:1]))[1:-1]  # '"key":value' exactly as stored
+            text = memoryview(self._meta_bytes.values)
+            starts = np.fromiter((m.start() for m in re.finditer(b"(?=" + re.escape(needle) + b")", text)), np.int64)
+            candidates = np.unique(np.searchsorted(offsets, starts, "right") - 1)
+        else:
+            candidates = np.flatnonzero(np.diff(offsets) > 0)
+        candidates = candidates[self.alive[candidates]]
+        keep = np.array([holds(m, conditions) for m in self.metadata_of(candidates)], bool)
+        return candidates[keep]
+
+    # --- files ---------------------------------------------------------------------------------
+    def save(self, file: BinaryIO) -> None:
+        """A header (JSON: format, rows), then the columns as consecutive ``.npy`` arrays: written
+        front to back, so the caller can hash the stream as it goes; equal tables, equal bytes."""
+        keys, rows = _merge(self._runs, self.alive) if self._runs else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        meta_offsets = self._meta_offsets.values if self._meta_offsets is not None else np.zeros(0, np.int64)
+        columns = dict(zip(ARRAYS, (self._id_bytes.values, self._id_offsets.values, self.alive, keys, rows, self._meta_bytes.values, meta_offsets)))
+        header = json.dumps({"format": FORMAT, "rows": self.rows, "arrays": list(ARRAYS)})
+        np.lib.format.write_array(file, np.frombuffer(header.encode(), np.uint8), allow_pickle=False)
+        for array in columns.values():
+            np.lib.format.write_array(file, array, allow_pickle=False)
+
+    @classmethod
+    def load(cls, file: BinaryIO) -> "ItemTable":
+        try:
+            header = json.loads(np.lib.format.read_array(file, allow_pickle=False).tobytes())
+            if header.get("format") != FORMAT:
+                raise ItemTableError(f"item table format {header.get('format')} (this version reads {FORMAT}): written by another avsearch version")
+            columns = {name: np.lib.format.read_array(file, allow_pickle=False) for name in header["arrays"]}
+        except (ValueError, OSError, EOFError, KeyError, AttributeError) as err:
+            raise err if isinstance(err, ItemTableError) else ItemTableError(f"item table unreadable ({err})") from None
+        table = cls()
+        table._id_bytes, table._id_offsets, table._alive = Column(columns["id_bytes"]), Column(columns["id_offsets"]), Column(columns["alive"])
+        table._runs = [(columns["keys"], columns["rows"])]
+        if len(columns["meta_offsets"]):
+            table._meta_bytes, table._meta_offsets = Column(columns["meta_bytes"]), Column(columns["meta_offsets"])
+        table.live = int(table.alive.sum())
+        rows, offsets = table.rows, table._id_offsets.values
+        if rows != header["rows"] or len(offsets) != rows + 1 or offsets[-1] != table._id_bytes.size or len(columns["keys"]) != table.live:
+            raise ItemTableError("item table columns disagree")
+        if table._meta_offsets is not None and (table._meta_offsets.size != rows + 1 or table._meta_offsets.values[-1] != table._meta_bytes.size):
+            raise ItemTableError("item table metadata columns disagree")
+        return table
+
+    @classmethod
+    def from_mapping(cls, labels: dict[str, int], metadata: dict[str, dict], rows: int = 0) -> "ItemTable":
+        """The table of an index saved by an earlier version (``items.json``: id → label, id → metadata);
+        ``rows``: at least this many (labels of HNSW tombstones lie beyond the live ones)."""
+        rows = max(rows, max(labels.values(), default=-1) + 1)
+        ids = [""] * rows  # labels freed by removals: dead rows, killed below
+        for item_id, label in labels.items():
+            ids[label] = item_id
+        meta: list[dict | None] = [None] * rows
+        for item_id, value in metadata.items():
+            meta[labels[item_id]] = value
+        table = cls()
+        encoded = [i.encode() for i in ids]
+        table._append(encoded, hash_ids(encoded) & cls.KEY_MASK, cls._metadata_blobs(ids, meta))
+        table.kill(np.setdiff1d(np.arange(rows), np.fromiter(labels.values(), np.int64, len(labels))))
+        return table
