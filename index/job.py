@@ -3,8 +3,8 @@
 Layout of a job directory::
 
     job.json                              model hash, collection, partitions (the job's identity)
-    embeddings/<modality>/<partition>.npz embeddings (n, E) float32, ids (n,), metadata (JSON)
-    <modality>/                           the FAISS index (index.faiss, items.json, info.json)
+    embeddings/<modality>/<partition>.npz embeddings (n, E) float32, ids (UTF-8 bytes + ends), metadata (JSON)
+    <modality>/                           the FAISS index (index.faiss, items.bin, info.json)
 
 Every file is written to a temporary name and renamed into place, so a killed job leaves only
 whole shards behind. A restarted job skips every partition whose shard is there and embeds the
@@ -50,8 +50,10 @@ def embed_partition(embedder: Embedder, source: ShardFolder | InMemory, partitio
     """Read, embed and atomically write one partition; returns its row count."""
     chunk = source.read(partition, modality)
     embeddings = np.concatenate([embedder.embed(modality, chunk.features[i : i + batch_size]) for i in range(0, len(chunk.features), batch_size)])
+    encoded = [i.encode() for i in chunk.ids]  # UTF-8 end to end: a quarter of numpy's UTF-32 strings
+    id_ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
     buffer = io.BytesIO()
-    np.savez(buffer, embeddings=embeddings, ids=np.array(chunk.ids, dtype=str), metadata=np.array(json.dumps(chunk.metadata)))
+    np.savez(buffer, embeddings=embeddings, id_bytes=np.frombuffer(b"".join(encoded), np.uint8), id_ends=id_ends, metadata=np.array(json.dumps(chunk.metadata)))
     path = shard_path(out_dir, modality, partition)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
@@ -60,7 +62,12 @@ def embed_partition(embedder: Embedder, source: ShardFolder | InMemory, partitio
 
 def read_shard(path: Path) -> tuple[np.ndarray, list[str], list[dict | None] | None]:
     with np.load(path, allow_pickle=False) as z:
-        return z["embeddings"], z["ids"].tolist(), json.loads(str(z["metadata"]))
+        if "ids" in z:  # a shard written before ids were stored as UTF-8
+            ids = z["ids"].tolist()
+        else:
+            blob, ends = z["id_bytes"].tobytes(), z["id_ends"].tolist()
+            ids = [blob[start:end].decode() for start, end in zip([0, *ends[:-1]], ends)]
+        return z["embeddings"], ids, json.loads(str(z["metadata"]))
 
 
 def _is_done(path: Path, rows: int) -> bool:
@@ -145,7 +152,8 @@ def _training_sample(paths: list[Path], rows: list[int], wanted: int, seed: int 
     rng, total, out = np.random.default_rng(seed), sum(rows), []
     for path, n in zip(paths, rows):
         take = n if total <= wanted else int(np.ceil(wanted * n / total))
-        embeddings = read_shard(path)[0]
+        with np.load(path, allow_pickle=False) as z:
+            embeddings = z["embeddings"]  # not the ids: a sample of 10^8 rows reads every shard
         out.append(embeddings if take >= n else embeddings[np.sort(rng.choice(n, take, replace=False))])
     return np.concatenate(out)
 
