@@ -70,6 +70,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/index_bench.py
 	$(PY) bench/index_bench.py --data clustered --skip-embedding
 	$(PY) bench/index_bench.py --data model --skip-embedding
+	$(PY) bench/scale_bench.py
 	$(PY) bench/http_bench.py
 
 clean:
