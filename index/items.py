@@ -15,7 +15,7 @@ an item (measured in ``bench/scale_bench.py``):
   collision costs one comparison, never a wrong answer. An upsert adds a run; runs merge like a
   binary counter (a run is merged into the one before it while that one is less than twice its
   size), so there are at most log2(N) runs and loading N items in batches costs O(N log N). A merge
-  drops the keys of dead rows.
+  drops the keys of dead rows. A save writes the runs as they are.
 
 Every column is a numpy array that grows by reallocation (never in place), so a view handed out
 (to a save, a regex scan) can never block a later append. A write computes everything that can
@@ -37,7 +37,6 @@ from typing import BinaryIO
 import numpy as np
 
 FORMAT = 1  # version of the saved table (``items.bin``), also recorded in the index's info.json
-ARRAYS = ("id_bytes", "id_offsets", "alive", "keys", "rows", "meta_bytes", "meta_offsets")  # saved in this order
 
 
 class ItemTableError(ValueError):
@@ -85,6 +84,8 @@ def _lengths(entries: list[bytes]) -> np.ndarray:
 
 def _slices(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
     """data[starts[i]:ends[i]] for every i, gathered in one numpy pass (fast for many short slices)."""
+    if len(starts) <= 16:  # a few: plain slices beat the gather's fixed cost
+        return [data[s:e].tobytes() for s, e in zip(starts.tolist(), ends.tolist())]
     lengths = ends - starts
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     gathered = data[np.repeat(starts - bounds[:-1], lengths) + np.arange(bounds[-1])].tobytes()
@@ -92,15 +93,22 @@ def _slices(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[byte
     return [gathered[b[i] : b[i + 1]] for i in range(len(lengths))]
 
 
-def _merge(runs: list[tuple[np.ndarray, np.ndarray]], alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One sorted run of the live entries of ``runs`` (new arrays; ``runs`` is not changed)."""
-    if len(runs) == 1 and alive[runs[0][1]].all():
-        return runs[0]  # already one run of live rows: no copy (a save at 10^8 would need 5 GB)
-    keys, rows = np.concatenate([k for k, _ in runs]), np.concatenate([r for _, r in runs])
+def _live(run: tuple[np.ndarray, np.ndarray], alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys, rows = run
     keep = alive[rows]
-    keys, rows = keys[keep], rows[keep]
-    order = np.argsort(keys, kind="stable")  # timsort: sorted runs merge in near-linear time
-    return keys[order], rows[order]
+    return run if keep.all() else (keys[keep], rows[keep])
+
+
+def _merge(older: tuple[np.ndarray, np.ndarray], newer: tuple[np.ndarray, np.ndarray], alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One sorted run of the live entries of two sorted runs, in linear time (new arrays)."""
+    (k1, r1), (k2, r2) = _live(older, alive), _live(newer, alive)
+    at = np.searchsorted(k1, k2) + np.arange(len(k2))  # where newer's entries land in the merged order
+    keys, rows = np.empty(len(k1) + len(k2), np.uint64), np.empty(len(k1) + len(k2), np.int64)
+    from_newer = np.zeros(len(keys), bool)
+    from_newer[at] = True
+    keys[at], rows[at] = k2, r2
+    keys[~from_newer], rows[~from_newer] = k1, r1
+    return keys, rows
 
 
 class ItemTable:
@@ -175,9 +183,16 @@ class ItemTable:
         order = np.argsort(keys, kind="stable")
         runs = [*self._runs, (keys[order], labels[order])]
         while len(runs) > 1 and len(runs[-2][0]) < 2 * len(runs[-1][0]):
-            runs[-2:] = [_merge(runs[-2:], self.alive)]
+            runs[-2:] = [_merge(runs[-2], runs[-1], self.alive)]
         self._runs = runs  # one assignment: a reader sees the old list or the new one
         return labels
+
+    def consolidate(self) -> None:
+        """Merge the lookup runs into one (fastest lookups; e.g. once a bulk load is done). A write."""
+        runs = self._runs
+        while len(runs) > 1:
+            runs = [*runs[:-2], _merge(runs[-2], runs[-1], self.alive)]
+        self._runs = runs
 
     def kill(self, labels: np.ndarray) -> None:
         """Mark live rows dead (their labels are never reused); KeyError for a label that is not live."""
@@ -201,6 +216,8 @@ class ItemTable:
                 continue
             lo = np.searchsorted(run_keys, keys)
             queries = np.flatnonzero((run_keys[np.minimum(lo, len(run_keys) - 1)] == keys) & (found < 0))
+            if not len(queries):
+                continue
             rows = run_rows[lo[queries]]  # the first candidate of each: almost always the only one
             stored = _slices(data, offsets[rows], offsets[rows + 1])
             confirmed = np.array([live and s == encoded[q] for q, s, live in zip(queries.tolist(), stored, alive[rows].tolist())], bool)
@@ -245,35 +262,39 @@ class ItemTable:
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, file: BinaryIO) -> None:
-        """A header (JSON: format, rows), then the columns as consecutive ``.npy`` arrays: written
-        front to back, so the caller can hash the stream as it goes; equal tables, equal bytes."""
-        keys, rows = _merge(self._runs, self.alive) if self._runs else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        """A header (JSON: format, rows, runs), the columns as consecutive ``.npy`` arrays, then each
+        lookup run's keys and rows as they are (no merge, no concatenation: no copy of a 10^8-item
+        table). Written front to back, so the caller can hash the stream as it goes; equal tables
+        give equal bytes."""
+        runs = self._runs
         meta_offsets = self._meta_offsets.values if self._meta_offsets is not None else np.zeros(0, np.int64)
-        columns = dict(zip(ARRAYS, (self._id_bytes.values, self._id_offsets.values, self.alive, keys, rows, self._meta_bytes.values, meta_offsets)))
-        header = json.dumps({"format": FORMAT, "rows": self.rows, "arrays": list(ARRAYS)})
+        header = json.dumps({"format": FORMAT, "rows": self.rows, "runs": len(runs)})
         np.lib.format.write_array(file, np.frombuffer(header.encode(), np.uint8), allow_pickle=False)
-        for array in columns.values():
+        for array in (self._id_bytes.values, self._id_offsets.values, self.alive, self._meta_bytes.values, meta_offsets, *(a for run in runs for a in run)):
             np.lib.format.write_array(file, array, allow_pickle=False)
 
     @classmethod
     def load(cls, file: BinaryIO) -> "ItemTable":
+        def read() -> np.ndarray:
+            return np.lib.format.read_array(file, allow_pickle=False)
+
         try:
-            header = json.loads(np.lib.format.read_array(file, allow_pickle=False).tobytes())
+            header = json.loads(read().tobytes())
             if header.get("format") != FORMAT:
                 raise ItemTableError(f"item table format {header.get('format')} (this version reads {FORMAT}): written by another avsearch version")
-            columns = {name: np.lib.format.read_array(file, allow_pickle=False) for name in header["arrays"]}
-        except (ValueError, OSError, EOFError, KeyError, AttributeError) as err:
+            id_bytes, id_offsets, alive, meta_bytes, meta_offsets = (read() for _ in range(5))
+            runs = [(read(), read()) for _ in range(header["runs"])]
+        except (ValueError, OSError, EOFError, KeyError, AttributeError, TypeError) as err:
             raise err if isinstance(err, ItemTableError) else ItemTableError(f"item table unreadable ({err})") from None
         table = cls()
-        table._id_bytes, table._id_offsets, table._alive = Column(columns["id_bytes"]), Column(columns["id_offsets"]), Column(columns["alive"])
-        table._runs = [(columns["keys"], columns["rows"])]
-        if len(columns["meta_offsets"]):
-            table._meta_bytes, table._meta_offsets = Column(columns["meta_bytes"]), Column(columns["meta_offsets"])
+        table._id_bytes, table._id_offsets, table._alive, table._runs = Column(id_bytes), Column(id_offsets), Column(alive), runs
+        if len(meta_offsets):
+            table._meta_bytes, table._meta_offsets = Column(meta_bytes), Column(meta_offsets)
         table.live = int(table.alive.sum())
-        rows, offsets = table.rows, table._id_offsets.values
-        if rows != header["rows"] or len(offsets) != rows + 1 or offsets[-1] != table._id_bytes.size or len(columns["keys"]) != table.live:
+        rows = table.rows
+        if rows != header["rows"] or len(id_offsets) != rows + 1 or id_offsets[-1] != len(id_bytes) or sum(len(k) for k, _ in runs) < table.live:
             raise ItemTableError("item table columns disagree")
-        if table._meta_offsets is not None and (table._meta_offsets.size != rows + 1 or table._meta_offsets.values[-1] != table._meta_bytes.size):
+        if len(meta_offsets) and (len(meta_offsets) != rows + 1 or meta_offsets[-1] != len(meta_bytes)):
             raise ItemTableError("item table metadata columns disagree")
         return table
 

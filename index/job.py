@@ -170,6 +170,7 @@ def build_index_from_shards(
     for path in paths:
         embeddings, ids, metadata = read_shard(path)
         index.upsert(embeddings, ids, metadata)
+    index.items.consolidate()  # one lookup run: the index is written once, then read many times
     index.save(out_dir / modality)
     return index
 

@@ -50,6 +50,9 @@ def test_random_operations_match_a_dict(table_class):
                 del live[k]
         if step % 15 == 14:
             table = _roundtrip(table)
+        if step % 20 == 19:
+            table.consolidate()
+            assert len(table._runs) == 1
         assert len(table) == len(live) and len(table._runs) <= max(1, int(np.log2(max(table.rows, 1))) + 1)
         probe = universe[::7] + ["never-added"]
         assert table.labels_of(probe).tolist() == [live[i][0] if i in live else -1 for i in probe]
