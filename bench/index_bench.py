@@ -39,21 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.trained import trained_default_model  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 from index.exact import top_k_inner_product  # noqa: E402
 from index.store import ITEMS_NAME, TRANSPOSED_MAX_DIM, VectorIndex  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 K = 10
 TARGET_RECALL, TARGET_SPEEDUP = 0.95, 10.0  # issue 4: one approximate index at 10^6 items
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def latencies(fn, inputs) -> np.ndarray:

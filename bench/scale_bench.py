@@ -39,6 +39,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from bench.timing import best_time  # noqa: E402
 from index.exact import top_k_inner_product  # noqa: E402
 from index.items import ItemTable, holds  # noqa: E402
 from index.job import build_index_from_shards  # noqa: E402
@@ -48,15 +49,6 @@ from index.store import INDEX_NAME, ITEMS_NAME, VectorIndex  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 K, DIM, SHARD_ROWS, QUERIES = 10, 10, 65536, 1000
 IN_MEMORY_EXACT_MAX = 20_000_000  # above this the vectors do not fit beside the index: exact search streams the shards
-
-
-def best_time(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class PeakMemory:
@@ -249,7 +241,7 @@ def end_to_end(n: int, work: Path, nlist: int, nprobes: list[int]) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["id_map"]
-    lines = [f"# Scale benchmark", "", f"`{report['command']}` on {report['machine']}; {report['date']}.", "",
+    lines = ["# Scale benchmark", "", f"`{report['command']}` on {report['machine']}; {report['date']}.", "",
              f"## The id map at {m['n']:,} ids", "",
              "| | bytes per item | build s | lookup of 1000 ids | one id | ids of 10,000 labels |", "|---|---|---|---|---|---|",
              f"| item table (index/items.py) | {m['table_bytes_per_item']:.0f} | {m['table_build_s']:.2f} | {m['table_lookup_1000_s'] * 1e3:.2f} ms | "
