@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import os
 import platform
@@ -42,7 +41,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from bench.timing import best_time  # noqa: E402
 from index.exact import top_k_inner_product  # noqa: E402
 from index.items import ItemTable, holds  # noqa: E402
-from index.job import build_index_from_shards  # noqa: E402
+from index.job import build_index_from_shards, write_shard  # noqa: E402
 from index.sources import Partition  # noqa: E402
 from index.store import INDEX_NAME, ITEMS_NAME, VectorIndex  # noqa: E402
 
@@ -153,13 +152,7 @@ def write_shards(n: int, out: Path) -> list[Partition]:
         if not path.is_file():
             x = np.random.default_rng([7, number]).standard_normal((rows, DIM), dtype=np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
-            encoded = [f"item-{i}".encode() for i in range(start, start + rows)]
-            buffer = io.BytesIO()
-            np.savez(buffer, embeddings=x, id_bytes=np.frombuffer(b"".join(encoded), np.uint8),
-                     id_ends=np.cumsum([len(e) for e in encoded]), metadata=np.array("null"))
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, path)
+            write_shard(path, x, [f"item-{i}" for i in range(start, start + rows)], None)
         partitions.append(partition)
     return partitions
 

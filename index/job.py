@@ -50,14 +50,18 @@ def embed_partition(embedder: Embedder, source: ShardFolder | InMemory, partitio
     """Read, embed and atomically write one partition; returns its row count."""
     chunk = source.read(partition, modality)
     embeddings = np.concatenate([embedder.embed(modality, chunk.features[i : i + batch_size]) for i in range(0, len(chunk.features), batch_size)])
-    encoded = [i.encode() for i in chunk.ids]  # UTF-8 end to end: a quarter of numpy's UTF-32 strings
+    write_shard(shard_path(out_dir, modality, partition), embeddings, chunk.ids, chunk.metadata)
+    return len(embeddings)
+
+
+def write_shard(path: Path, embeddings: np.ndarray, ids: list[str], metadata: list[dict | None] | None) -> None:
+    """One embedding shard, written atomically; ids as UTF-8 end to end (a quarter of numpy's UTF-32 strings)."""
+    encoded = [i.encode() for i in ids]
     id_ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
     buffer = io.BytesIO()
-    np.savez(buffer, embeddings=embeddings, id_bytes=np.frombuffer(b"".join(encoded), np.uint8), id_ends=id_ends, metadata=np.array(json.dumps(chunk.metadata)))
-    path = shard_path(out_dir, modality, partition)
+    np.savez(buffer, embeddings=embeddings, id_bytes=np.frombuffer(b"".join(encoded), np.uint8), id_ends=id_ends, metadata=np.array(json.dumps(metadata)))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
-    return len(embeddings)
 
 
 def read_shard(path: Path) -> tuple[np.ndarray, list[str], list[dict | None] | None]:

@@ -159,8 +159,6 @@ class VectorIndex:
         ids = [str(i) for i in ids]
         if x.ndim != 2 or x.shape[0] != len(ids) or x.shape[1] != self.dim:
             raise ValueError(f"embeddings {x.shape} do not fit {len(ids)} ids of width {self.dim}")
-        if len(set(ids)) != len(ids):
-            raise ValueError("ids in one upsert must be unique")
         if "" in ids:
             raise ValueError("an id must not be empty")
         if metadata is not None and len(metadata) != len(ids):
@@ -177,8 +175,9 @@ class VectorIndex:
         """Remove the given ids; returns those that were present."""
         ids = list(dict.fromkeys(ids))
         labels = self.items.labels_of(ids)
-        self.items.kill(labels[labels >= 0])
-        self._drop_from_faiss(labels[labels >= 0])
+        present = labels[labels >= 0]
+        self.items.kill(present)
+        self._drop_from_faiss(present)
         self._after_removals()
         self._changed()
         return [i for i, label in zip(ids, labels.tolist()) if label >= 0]
