@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="Ray workers (engine ray)")
     p.add_argument("--partition-rows", type=int, default=65536, help="rows per partition when the data is not a shard folder")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per ONNX call")
+    p.add_argument(
+        "--on-duplicate", default="refuse", choices=["refuse", "last-wins"],
+        help="an id in two rows: refuse the collection (default, exit 2 naming both rows) or keep the later row and count the replaced ones",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_job(
             args.model, args.data, args.out, args.factory, args.device, not args.no_progress, args.engine, args.partition_rows,
             batch_size=args.batch_size, workers=args.workers, search_params=dict(args.search_param), build_params=dict(args.build_param),
+            on_duplicate=args.on_duplicate,
         )
     except (ValueError, RuntimeError, FileNotFoundError, IndexLoadError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

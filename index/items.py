@@ -43,6 +43,24 @@ class ItemTableError(ValueError):
     """A saved table that cannot be read (torn, another format), or metadata that is not JSON."""
 
 
+class RepeatedIdError(ValueError):
+    """One upsert names the same id twice (``.item_id``, its ``.rows`` in the upsert)."""
+
+    def __init__(self, item_id: str, rows: tuple[int, int]):
+        super().__init__(f"ids in one upsert must be unique; {item_id!r} is at positions {rows[0]} and {rows[1]}")
+        self.item_id, self.rows = item_id, rows
+
+
+def first_repeat(ids: list[str]) -> tuple[str, tuple[int, int]] | None:
+    """The first id that occurs twice in ``ids`` and the positions of both, or None."""
+    seen: dict[str, int] = {}
+    for row, item_id in enumerate(ids):
+        if item_id in seen:
+            return item_id, (seen[item_id], row)
+        seen[item_id] = row
+    return None
+
+
 def hash_ids(encoded: list[bytes]) -> np.ndarray:
     """(n,) uint64 keys of UTF-8 ids: 8-byte BLAKE2b digests (~1 µs an id, C speed, well mixed)."""
     return np.frombuffer(b"".join([blake2b(e, digest_size=8).digest() for e in encoded]), np.uint64).copy()
@@ -146,7 +164,7 @@ class ItemTable:
     def upsert(self, ids: list[str], metadata: list[dict | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """New rows for ``ids`` (unique): returns (labels of the rows they replace, now dead; their new labels)."""
         if len(set(ids)) != len(ids):
-            raise ValueError("ids in one upsert must be unique")
+            raise RepeatedIdError(*first_repeat(ids))  # the slower search for which one only on failure
         encoded = [i.encode() for i in ids]
         keys = hash_ids(encoded) & self.KEY_MASK
         blobs = self._metadata_blobs(ids, metadata)

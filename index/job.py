@@ -12,10 +12,17 @@ rest; the index is then rebuilt from all shards in partition order, so an interr
 uninterrupted run end with the same index, and a second run changes nothing. ``engine="ray"``
 runs the embedding step on Ray Data: ``map_batches`` over the pending partitions with one
 :class:`PartitionEmbedder` (one ONNX session) per worker.
+
+An id that occurs in two rows (two partitions, or twice in one) stops the index stage with a
+:class:`DuplicateIdError` naming both places; with ``on_duplicate="last-wins"`` the later row (in
+partition order, then row order) replaces the earlier and the summary counts the replaced rows.
+The check costs nothing extra: each partition's upsert already looks its ids up in the item
+table's sorted keys, and the item count says whether any was there already.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -29,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from index.embedder import Embedder
+from index.items import RepeatedIdError
 from index.sources import InMemory, Partition, ShardFolder
 from index.store import VectorIndex, apply_build_params, atomic_write
 
@@ -36,10 +44,15 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 TRAIN_SAMPLE = 100_000  # rows sampled across partitions to train IVF / PQ quantisers (at least)
 ROWS_PER_LIST = 40  # k-means of an IVF with L lists wants ≥ 39·L points (FAISS warns below that)
+ON_DUPLICATE = ("refuse", "last-wins")  # what to do with an id that occurs in two rows of a collection
 
 
 class JobError(ValueError):
     """A job that cannot run (an output directory of another job, a bad factory string)."""
+
+
+class DuplicateIdError(JobError):
+    """A collection with one id in two rows (refused unless ``on_duplicate="last-wins"``)."""
 
 
 def shard_path(out_dir: Path, modality: str, partition: str) -> Path:
@@ -111,16 +124,21 @@ class JobSummary:
     embed_seconds: float = 0.0
     index_seconds: float = 0.0
     items: dict[str, int] = field(default_factory=dict)
+    on_duplicate: str = "refuse"
+    replaced: dict[str, int] = field(default_factory=dict)  # rows replaced by a later row with the same id (last-wins)
 
     def lines(self) -> list[str]:
         rate = self.rows_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
-        return [
+        lines = [
             f"collection: {self.source}",
             f"partitions: {self.partitions} ({self.embedded} embedded now, {self.skipped} already done)",
             f"embedded:   {self.rows_embedded} clips in {self.embed_seconds:.1f} s ({rate:.0f} clips/s, engine {self.engine}, {self.providers})",
             f"indexes:    {', '.join(f'{m} {n} items' for m, n in self.items.items())}; factory {self.factory}; built in {self.index_seconds:.1f} s",
-            f"written to: {self.out_dir}",
         ]
+        if self.on_duplicate == "last-wins":  # said even when 0: the reader asked for it
+            counts = ", ".join(f"{m} {n}" for m, n in self.replaced.items())
+            lines.append(f"duplicates: {counts} rows replaced by a later row with the same id (last wins)")
+        return [*lines, f"written to: {self.out_dir}"]
 
 
 def _check_job_file(out_dir: Path, card: dict) -> None:
@@ -162,21 +180,85 @@ def _training_sample(paths: list[Path], rows: list[int], wanted: int, seed: int 
     return np.concatenate(out)
 
 
-def build_index_from_shards(
-    out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None, build_params: dict | None = None
-) -> VectorIndex:
+class RowOrigins:
+    """The partition and row each label of a job's index came from. A partition's rows get
+    consecutive labels, so one first label per partition places any row (memory per partition,
+    not per item). Exact while no row is dropped, i.e. whenever duplicates are refused."""
+
+    def __init__(self) -> None:
+        self._partitions: list[str] = []
+        self._first_labels: list[int] = []
+
+    def add(self, partition: str, first_label: int) -> None:
+        self._partitions.append(partition)
+        self._first_labels.append(first_label)
+
+    def of(self, label: int) -> tuple[str, int]:
+        at = bisect.bisect_right(self._first_labels, label) - 1
+        return self._partitions[at], label - self._first_labels[at]
+
+
+def _duplicate_message(modality: str, item_id: str, first: tuple[str, int], second: tuple[str, int]) -> str:
+    return (
+        f"id {item_id!r} occurs twice in the {modality} collection: partition {first[0]!r} row {first[1]} and partition {second[0]!r} row {second[1]}; "
+        "make the ids unique, or keep the later row with --on-duplicate last-wins (the embeddings are kept: a rerun does not embed again)"
+    )
+
+
+def _keep_last(embeddings: np.ndarray, ids: list[str], metadata: list[dict | None] | None):
+    """One partition's rows without the earlier rows of an id it repeats (called only when it does)."""
+    keep = sorted({item_id: row for row, item_id in enumerate(ids)}.values())
+    return embeddings[keep], [ids[r] for r in keep], None if metadata is None else [metadata[r] for r in keep]
+
+
+def _add_partition(index: VectorIndex, origins: RowOrigins, modality: str, partition: str, shard, on_duplicate: str) -> int:
+    """Upsert one partition's rows; returns how many earlier rows they replaced (refused: DuplicateIdError)."""
+    embeddings, ids, metadata = shard
+    first_label, live_before, dropped = index.items.rows, len(index), 0
+    try:
+        index.upsert(embeddings, ids, metadata)
+    except RepeatedIdError as err:  # an id twice within this partition; nothing was changed
+        if on_duplicate == "refuse":
+            raise DuplicateIdError(_duplicate_message(modality, err.item_id, (partition, err.rows[0]), (partition, err.rows[1]))) from None
+        embeddings, ids, metadata = _keep_last(embeddings, ids, metadata)
+        dropped = len(shard[1]) - len(ids)
+        index.upsert(embeddings, ids, metadata)
+    origins.add(partition, first_label)
+    replaced = live_before + len(ids) - len(index)  # found by the upsert's own lookup: no second one
+    if replaced and on_duplicate == "refuse":
+        # Refusing, no row had died before this upsert: the dead ones are exactly those it replaced.
+        label = int(np.flatnonzero(~index.items.alive[:first_label])[0])
+        item_id = index.items.ids_of(np.array([label]))[0]
+        raise DuplicateIdError(_duplicate_message(modality, item_id, origins.of(label), (partition, ids.index(item_id))))
+    return dropped + replaced
+
+
+def _index_from_shards(
+    out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None,
+    build_params: dict | None, on_duplicate: str,
+) -> tuple[VectorIndex, int]:
+    """The saved index of one modality and the count of rows replaced by a later row with the same id."""
     paths = [shard_path(out_dir, modality, p.name) for p in partitions]
     wanted = _check_factory(factory, dim)
     sample = _training_sample(paths, [p.rows for p in partitions], wanted) if wanted else None
     index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample, build_params=build_params)
     if search_params:
         index.set_search_params(**search_params)
-    for path in paths:
-        embeddings, ids, metadata = read_shard(path)
-        index.upsert(embeddings, ids, metadata)
+    origins, replaced = RowOrigins(), 0
+    for partition, path in zip(partitions, paths):
+        replaced += _add_partition(index, origins, modality, partition.name, read_shard(path), on_duplicate)
+    if replaced:
+        log.warning("%s: %d rows replaced by a later row with the same id (--on-duplicate last-wins)", modality, replaced)
     index.items.consolidate()  # one lookup run: the index is written once, then read many times
     index.save(out_dir / modality)
-    return index
+    return index, replaced
+
+
+def build_index_from_shards(
+    out_dir: Path, modality: str, partitions: list[Partition], factory: str, dim: int, manifest_hash: str, search_params: dict | None,
+    build_params: dict | None = None, on_duplicate: str = "refuse",
+) -> VectorIndex:
+    return _index_from_shards(out_dir, modality, partitions, factory, dim, manifest_hash, search_params, build_params, on_duplicate)[0]
 
 
 def _embed_local(embedder: Embedder, source, pending, out_dir, batch_size, bar, on_partition) -> None:
@@ -212,13 +294,18 @@ def run_job(
     build_params: dict | None = None,
     progress: bool = True,
     on_partition: Callable[[str, str], None] | None = None,
+    on_duplicate: str = "refuse",
 ) -> JobSummary:
     """Embed every pending partition of ``source``, then build and save one index per modality.
 
     ``on_partition(modality, partition)`` is called after each partition is written (local engine).
+    ``on_duplicate``: ``"refuse"`` (an id in two rows is a :class:`DuplicateIdError`) or
+    ``"last-wins"`` (the later row replaces the earlier; counted in ``summary.replaced``).
     """
     if engine not in ("local", "ray"):
         raise JobError(f"unknown engine {engine!r}; expected 'local' or 'ray'")
+    if on_duplicate not in ON_DUPLICATE:
+        raise JobError(f"unknown on_duplicate {on_duplicate!r}; expected one of {ON_DUPLICATE}")
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     embedder = Embedder(model_dir, device=device)
     _check_factory(factory, embedder.embedding_dim, build_params)  # fail before hours of embedding, not after
@@ -231,7 +318,7 @@ def run_job(
         "partitions": {m: [[p.name, p.rows] for p in parts] for m, parts in plan.items()},
     }
     _check_job_file(out_dir, card)
-    summary = JobSummary(out_dir, source.description, factory, engine, embedder.providers)
+    summary = JobSummary(out_dir, source.description, factory, engine, embedder.providers, on_duplicate=on_duplicate)
     pending = []
     for modality, parts in plan.items():
         for p in parts:
@@ -252,7 +339,9 @@ def run_job(
     summary.embed_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for modality, parts in plan.items():
-        index = build_index_from_shards(out_dir, modality, parts, factory, embedder.embedding_dim, embedder.manifest_hash, search_params, build_params)
+        index, summary.replaced[modality] = _index_from_shards(
+            out_dir, modality, parts, factory, embedder.embedding_dim, embedder.manifest_hash, search_params, build_params, on_duplicate
+        )
         summary.items[modality] = len(index)
     summary.index_seconds = time.perf_counter() - start
     return summary

@@ -16,7 +16,7 @@ import pytest
 from index.__main__ import main
 from index.build import build_job
 from index.embedder import Embedder
-from index.job import read_shard
+from index.job import DuplicateIdError, JobError, read_shard
 from index.store import VectorIndex
 from training.data import load_features
 
@@ -199,3 +199,82 @@ def test_embedding_shards_keep_any_id_and_old_shards_still_read(tmp_path):
     assert ids == ["a", "ü-日本", "x y\x00z"] and metadata == [{"t": 1}, None, None] and vectors.shape == (3, 2)
     np.savez(tmp_path / "old.npz", embeddings=vectors, ids=np.array(["a", "b", "c"]), metadata=np.array("null"))  # the earlier layout
     assert read_shard(tmp_path / "old.npz")[1:] == (["a", "b", "c"], None)
+
+
+def _shards_with_ids(tiny, folder: Path, ids_per_shard: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """A shard folder with the given ids (audio only; rows from the tiny data); returns each id's features by place."""
+    data = load_features(tiny.data_dir)
+    folder.mkdir()
+    start, rows = 0, {}
+    for name, ids in ids_per_shard.items():
+        features = data.audio[start : start + len(ids)]
+        np.save(folder / f"audio_features-{name}.npy", features)
+        (folder / f"ids-{name}.txt").write_text("\n".join(ids) + "\n")
+        (folder / f"metadata-{name}.jsonl").write_text("\n".join(json.dumps({"from": f"{name}:{r}"}) for r in range(len(ids))) + "\n")
+        rows.update({f"{name}:{r}": features[r] for r in range(len(ids))})
+        start += len(ids)
+    return rows
+
+
+def test_an_id_repeated_across_partitions_is_refused_naming_both_places(tiny, tmp_path, capsys):
+    """6 rows, one id in two shards: once merged into 5 items without a word."""
+    _shards_with_ids(tiny, tmp_path / "shards", {"s0": ["a", "b", "dup"], "s1": ["c", "dup", "d"]})
+    args = ["build", "--model", str(tiny.model_dir), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("error")] == [err[-1]] and "Traceback" not in "\n".join(err)  # one line (after INFO logs)
+    assert err[-1].startswith("error: id 'dup' occurs twice in the audio collection: partition 's0' row 2 and partition 's1' row 1;"), err[-1]
+    assert "--on-duplicate last-wins" in err[-1] and not (tmp_path / "o" / "audio").exists()
+    with pytest.raises(DuplicateIdError, match="'dup' occurs twice"):
+        build_job(tiny.model_dir, tmp_path / "shards", tmp_path / "o", progress=False)
+
+
+def test_an_id_repeated_inside_one_partition_is_refused_naming_both_rows(tiny, tmp_path):
+    _shards_with_ids(tiny, tmp_path / "shards", {"s0": ["a", "b"], "s1": ["x", "c", "x", "d"]})
+    with pytest.raises(DuplicateIdError, match=r"'x' occurs twice in the audio collection: partition 's1' row 0 and partition 's1' row 2;"):
+        build_job(tiny.model_dir, tmp_path / "shards", tmp_path / "o", progress=False)
+
+
+def test_last_wins_keeps_the_later_row_and_counts_the_replaced(tiny, tmp_path, capsys):
+    places = _shards_with_ids(tiny, tmp_path / "shards", {"s0": ["a", "dup", "x"], "s1": ["x", "b"], "s2": ["dup", "c", "dup"]})
+    out = tmp_path / "o"
+    assert main(["build", "--model", str(tiny.model_dir), "--data", str(tmp_path / "shards"), "--out", str(out), "--no-progress"]) == 2
+    capsys.readouterr()
+    summary = build_job(tiny.model_dir, tmp_path / "shards", out, progress=False, on_duplicate="last-wins")
+    assert summary.embedded == 0 and summary.skipped == 3  # the refused run's embeddings are reused
+    assert summary.items == {"audio": 5} and summary.replaced == {"audio": 3}  # 8 rows: dup twice and x once replaced
+    assert "duplicates: audio 3 rows replaced by a later row with the same id (last wins)" in summary.lines()
+    index = VectorIndex.load(out / "audio")
+    assert sorted(index.ids()) == ["a", "b", "c", "dup", "x"]
+    embedder = Embedder(tiny.model_dir, device="cpu")
+    for item_id, place in (("dup", "s2:2"), ("x", "s1:0"), ("a", "s0:0")):
+        assert index.get(item_id).metadata == {"from": place}
+        np.testing.assert_allclose(index.get(item_id).vector, embedder.embed("audio", places[place][None])[0], atol=1e-6)
+    args = ["build", "--model", str(tiny.model_dir), "--data", str(tmp_path / "shards"), "--out", str(out), "--no-progress", "--on-duplicate", "last-wins"]
+    assert main(args) == 0
+    assert "duplicates: audio 3 rows replaced" in capsys.readouterr().out
+    with pytest.raises(JobError, match="unknown on_duplicate 'first-wins'"):
+        build_job(tiny.model_dir, tmp_path / "shards", out, progress=False, on_duplicate="first-wins")
+
+
+def test_a_refused_duplicate_is_found_by_the_upserts_own_lookup(tmp_path):
+    """No second id lookup per partition (10^8 items): a refused run and a clean one call labels_of alike, i.e. never."""
+    from index.items import ItemTable
+    from index.job import ON_DUPLICATE, _index_from_shards, write_shard
+    from index.sources import Partition
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for name, ids in (("p0", ["a", "b"]), ("p1", ["c", "a"])):
+        write_shard(tmp_path / "embeddings" / "visual" / f"{name}.npz", rng.standard_normal((2, 4)).astype(np.float32), ids, None)
+        parts.append(Partition(name, 2))
+    calls = []
+    original = ItemTable.labels_of
+    ItemTable.labels_of = lambda self, ids: calls.append(ids) or original(self, ids)
+    try:
+        with pytest.raises(DuplicateIdError, match="partition 'p0' row 0 and partition 'p1' row 1"):
+            _index_from_shards(tmp_path, "visual", parts, "Flat", 4, "h", None, None, ON_DUPLICATE[0])
+        index, replaced = _index_from_shards(tmp_path, "visual", parts, "Flat", 4, "h", None, None, "last-wins")
+    finally:
+        ItemTable.labels_of = original
+    assert calls == [] and replaced == 1 and len(index) == 3
