@@ -6,19 +6,23 @@ import asyncio
 import logging
 import signal
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
 from service.bodies import OPENAPI_MODELS
 from service.engine import Engine
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
-from service.routers import items, ops, search
+from service.live_stats import SearchStats
+from service.routers import console, items, ops, search
 from service.settings import Settings
 from service.state import ServiceState
 
+UI_DIR = Path(__file__).parent / "ui"
 log = logging.getLogger(__name__)
 
 
@@ -82,8 +86,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
-    for router in (search.router, items.router, ops.router):  # the busiest routes are matched first
+    app.state.console = console.ConsoleState(SearchStats(state.metrics.registry))
+    for router in (search.router, items.router, ops.router, console.router):  # the busiest routes are matched first
         app.include_router(router)
+    # The web console: static files, matched after every API route and behind no middleware of its own.
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def to_console() -> RedirectResponse:
+        return RedirectResponse("/ui/")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, gt=0, description="most query vectors the micro-batcher runs in one encoder+index call")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per encoder call (0 = one per core)")
     search_threads: int = Field(1, ge=0, description="FAISS OpenMP and numpy BLAS threads of `serve` (0 = their defaults, one per core)")
+    report_dir: Path | None = Field(None, description="training report folder (python -m training compare --out) whose plots the console shows; unset = none")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
 
     @field_validator("api_key", "read_api_key", mode="before")
