@@ -29,6 +29,8 @@ $(VENV)/.test-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[cpu,train,dev]'
+	@# Debian's Chromium + chromedriver drive the web console in tests/service/test_ui.py (no browser download); no install, no test run.
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@# docker-compose (Debian's, no engine needed) validates the compose files in the tests.
 	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; } || echo "warning: could not install docker-compose"
 	touch $@ $(VENV)/.run-installed

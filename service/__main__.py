@@ -45,7 +45,8 @@ def _serve(args) -> int:
     url = f"http://{args.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
     print(f"\navsearch serving model {engine.version} on {url}  (API docs: {url}/docs)")
-    print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}\n", flush=True)
+    print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}")
+    print(f"or open the web console: {url}/ui/\n", flush=True)
     # One process: the index lives in memory and item changes must be seen by every request.
     uvicorn.run(create_app(settings, engine), host=args.host, port=args.port, log_level="info", access_log=settings.access_log)
     return 0
