@@ -24,37 +24,59 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def ranked_relevance(queries: np.ndarray, gallery: np.ndarray, relevant: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """(Q, G) bool: ``relevant`` reordered per query by descending cosine similarity (stable sort)."""
+def _ranked(queries: np.ndarray, gallery: np.ndarray, relevant: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, G) relevance reordered per query by descending cosine similarity, and (Q, G) tie ends.
+
+    ``tie_end[q, j]`` is the last ranked position holding the same score as position j: items
+    that tie are ranked together, so no order among them (e.g. the gallery's) can favour the
+    relevant one.
+    """
     q, g = _normalise(queries), _normalise(gallery)
-    out = np.empty(relevant.shape, dtype=bool)
+    ranked = np.empty(relevant.shape, dtype=bool)
+    tie_end = np.empty(relevant.shape, dtype=np.int64)
+    positions = np.arange(relevant.shape[1])
     for start in range(0, len(q), chunk):
         scores = q[start : start + chunk] @ g.T
-        order = np.argsort(-scores, axis=1, kind="stable")
-        out[start : start + chunk] = np.take_along_axis(relevant[start : start + chunk], order, axis=1)
-    return out
+        order = np.argsort(-scores, axis=1)
+        ranked[start : start + chunk] = np.take_along_axis(relevant[start : start + chunk], order, axis=1)
+        sorted_scores = np.take_along_axis(scores, order, axis=1)
+        ends_group = np.ones(sorted_scores.shape, dtype=bool)
+        ends_group[:, :-1] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
+        ends = np.where(ends_group, positions, len(positions))  # next group end at or after j
+        tie_end[start : start + chunk] = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]
+    return ranked, tie_end
 
 
-def average_precision_from_ranking(ranked: np.ndarray) -> np.ndarray:
-    """(Q,) AP per query from ranked relevance; NaN for a query with no relevant item."""
+def average_precision_from_ranking(ranked: np.ndarray, tie_end: np.ndarray | None = None) -> np.ndarray:
+    """(Q,) AP per query from ranked relevance; NaN for a query with no relevant item.
+
+    With ``tie_end``, every relevant item of a tie group takes the precision at the group's end,
+    which is scikit-learn's ``average_precision_score`` (one threshold per distinct score).
+    """
     hits = np.cumsum(ranked, axis=1)
-    precision_at_hit = np.where(ranked, hits / np.arange(1, ranked.shape[1] + 1), 0.0)
+    if tie_end is None:
+        tie_end = np.broadcast_to(np.arange(ranked.shape[1]), ranked.shape)
+    precision_at_hit = np.where(ranked, np.take_along_axis(hits, tie_end, axis=1) / (tie_end + 1), 0.0)
     n_relevant = ranked.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return precision_at_hit.sum(axis=1) / n_relevant
 
 
 def mean_average_precision(queries, gallery, query_labels, gallery_labels) -> float:
-    ranked = ranked_relevance(queries, gallery, relevance(query_labels, gallery_labels))
-    return float(np.nanmean(average_precision_from_ranking(ranked)))
+    ranked, tie_end = _ranked(queries, gallery, relevance(query_labels, gallery_labels))
+    return float(np.nanmean(average_precision_from_ranking(ranked, tie_end)))
 
 
 def direction_metrics(queries, gallery, query_labels, gallery_labels, ks=(1, 5, 10)) -> dict[str, float]:
-    """mAP, R@k (a relevant item among the first k) and median rank of the first relevant item."""
-    ranked = ranked_relevance(queries, gallery, relevance(query_labels, gallery_labels))
-    ap = average_precision_from_ranking(ranked)
+    """mAP, R@k (a relevant item among the first k) and median rank of the first relevant item.
+
+    A first relevant item that ties with others counts at the end of its tie group (1-based rank).
+    """
+    ranked, tie_end = _ranked(queries, gallery, relevance(query_labels, gallery_labels))
+    ap = average_precision_from_ranking(ranked, tie_end)
     has_relevant = ranked.any(axis=1)
-    first_hit = np.argmax(ranked, axis=1)[has_relevant] + 1
+    first = np.argmax(ranked, axis=1)[has_relevant]
+    first_hit = tie_end[has_relevant, first] + 1
     out = {"map": float(np.nanmean(ap))}
     for k in ks:
         out[f"r@{k}"] = float(np.mean(first_hit <= k))

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from training.cca import fit_linear_cca
-from training.metrics import cross_modal_metrics, mean_average_precision
+from training.metrics import cross_modal_metrics, direction_metrics, mean_average_precision
 
 
 def _sklearn_map(queries, gallery, q_labels, g_labels):
@@ -52,3 +52,44 @@ def test_linear_cca_recovers_shared_signal_and_whitens():
     assert (cca.correlations[:3] > 0.95).all() and (cca.correlations[3:] < 0.2).all()
     za = (a - cca.mean_a) @ cca.proj_a
     np.testing.assert_allclose(np.cov(za.T)[:3, :3], np.eye(3), atol=0.05)
+
+
+def test_ties_follow_sklearn_and_not_the_gallery_order():
+    # Duplicate gallery rows tie exactly; a stable sort let the first-listed copy win the tie.
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((5, 4))
+    gallery = base[[0, 0, 1, 1, 2, 3, 3, 4]]
+    g_labels = np.array([1, 0, 0, 1, 1, 0, 1, 0])
+    queries, q_labels = rng.standard_normal((6, 4)), rng.integers(0, 2, 6)
+    expected = _sklearn_map(queries, gallery, q_labels, g_labels)
+    for order in (np.arange(8), np.arange(8)[::-1], rng.permutation(8)):
+        assert mean_average_precision(queries, gallery[order], q_labels, g_labels[order]) == pytest.approx(expected, abs=1e-12)
+
+
+def _slow_rank_metrics(queries, gallery, q_labels, g_labels, k):
+    """Rank of the first relevant item by counting, per query, the items that score at least as high."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    first = []
+    for i in range(len(q)):
+        scores = g @ q[i]
+        relevant = np.flatnonzero(g_labels == q_labels[i])
+        if len(relevant):
+            best = scores[relevant].max()
+            first.append(int(np.sum(scores >= best)))  # ties with the best relevant item rank ahead of it
+    first = np.array(first)
+    return float(np.mean(first <= k)), float(np.median(first))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recall_at_k_and_median_rank_match_a_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    q, g = rng.standard_normal((40, 3)), rng.standard_normal((120, 3))
+    ql, gl = rng.integers(0, 12, 40), rng.integers(0, 12, 120)  # ~10 relevant items each: first hits spread over ranks
+    got = direction_metrics(q, g, ql, gl)
+    for k in (1, 5, 10):
+        recall, median = _slow_rank_metrics(q, g, ql, gl, k)
+        assert got[f"r@{k}"] == pytest.approx(recall)
+    assert got["median_rank"] == pytest.approx(median)
+    assert 0 < got["r@1"] < got["r@5"] < got["r@10"] < 1  # the data spreads the ranks, so a mutant that counts rank 1 fails
+    assert got["median_rank"] > 1
