@@ -5,6 +5,10 @@ worker thread; item changes run in other threads. ``VectorIndex`` is not thread-
 index sits behind a readers-writer lock: searches read, upserts and deletes write. A change is
 saved (whole-directory swap, :mod:`service.persist`) before it is acknowledged; changes that pile
 up behind one save are written by the next single save (group commit).
+
+A save that fails (disk full, I/O error) undoes in memory every change not yet on disk, newest
+first, and each of those changes is answered 503 (:class:`ChangeNotSaved`): what is served is then
+what is on disk, and no client is told a change failed that is still served, or the reverse.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from fastapi import HTTPException
 
 from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
@@ -31,6 +36,23 @@ class ItemNotFound(KeyError):
     def __init__(self, modality: str, item_id: str):
         super().__init__(item_id)
         self.message = f"no {modality} item with id {item_id!r}"
+
+
+class ChangeNotSaved(HTTPException):
+    """A change whose save failed; it has been undone, so the client may simply retry. An
+    HTTPException so that every route answers it as a 503 with this message, never a bare 500."""
+
+    def __init__(self, modality: str, reason: str):
+        super().__init__(503, f"the {modality} change was not saved ({reason}) and has been undone, so nothing changed; retry later")
+
+
+@dataclass
+class Undo:
+    """How to take back one applied change: remove ``ids``, then put ``previous`` items back."""
+
+    generation: int
+    ids: list[str]
+    previous: list[Item]
 
 
 @dataclass
@@ -79,6 +101,8 @@ class Engine:
         self._generation = {m: 0 for m in MODALITIES}  # changes applied
         self._saved = {m: 0 for m in MODALITIES}  # changes on disk
         self._save_locks = {m: threading.Lock() for m in MODALITIES}
+        self._unsaved: dict[str, list[Undo]] = {m: [] for m in MODALITIES}  # applied, not yet on disk, oldest first
+        self._undone: dict[str, list[tuple[int, int, str]]] = {m: [] for m in MODALITIES}  # (after, through, reason) generations taken back
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0) -> "Engine":
@@ -154,24 +178,32 @@ class Engine:
 
     # --- item changes (any thread) -------------------------------------------------------------
     def upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> int:
+        """Apply, save, return the item count; ChangeNotSaved (undone) when the save fails."""
         embeddings = self.embedder.embed(modality, vectors)
         with self.lock.write():
-            self.indexes[modality].upsert(embeddings, ids, metadata)
-            generation, count = self._changed(modality)
+            index = self.indexes[modality]
+            previous = [index.get(item_id) for item_id in ids if item_id in index]
+            index.upsert(embeddings, ids, metadata)
+            generation, count = self._changed(modality, ids, previous)
         self._persist(modality, generation)
         return count
 
     def delete(self, modality: str, item_id: str) -> int:
+        """Remove, save, return the item count; ItemNotFound, or ChangeNotSaved (undone) when the save fails."""
         with self.lock.write():
-            if not self.indexes[modality].remove([item_id]):
+            index = self.indexes[modality]
+            if item_id not in index:
                 raise ItemNotFound(modality, item_id)
-            generation, count = self._changed(modality)
+            previous = [index.get(item_id)]
+            index.remove([item_id])
+            generation, count = self._changed(modality, [], previous)
         self._persist(modality, generation)
         return count
 
-    def _changed(self, modality: str) -> tuple[int, int]:
-        """Under the write lock: a new generation of ``modality`` to persist, and its item count."""
+    def _changed(self, modality: str, ids: list[str], previous: list[Item]) -> tuple[int, int]:
+        """Under the write lock: a new generation of ``modality`` to persist (and how to undo it), and its item count."""
         self._generation[modality] += 1
+        self._unsaved[modality].append(Undo(self._generation[modality], ids, previous))
         return self._generation[modality], len(self.indexes[modality])
 
     def get(self, modality: str, item_id: str) -> Item:
@@ -182,14 +214,41 @@ class Engine:
                 raise ItemNotFound(modality, item_id) from None
 
     def _persist(self, modality: str, generation: int) -> None:
-        """Return once change ``generation`` is on disk, saving it (and any later ones) if no one has."""
+        """Return once change ``generation`` is on disk, saving it (and any later ones) if no one has;
+        ChangeNotSaved if a failed save took it back."""
         with self._save_locks[modality]:
+            for after, through, reason in self._undone[modality]:
+                if after < generation <= through:
+                    raise ChangeNotSaved(modality, reason)
             if self._saved[modality] >= generation:
                 return
-            with self.lock.read():  # readers go on; writers wait for the snapshot
-                current = self._generation[modality]
-                save_atomically(self.indexes[modality], self.index_dir / modality)
+            try:
+                with self.lock.read():  # readers go on; writers wait for the snapshot
+                    current = self._generation[modality]
+                    save_atomically(self.indexes[modality], self.index_dir / modality)
+                    self._unsaved[modality] = [u for u in self._unsaved[modality] if u.generation > current]  # no writer runs here
+            except Exception as err:  # OSError mostly; whatever it is, the disk holds the previous index
+                reason = f"{type(err).__name__}: {err}"
+                log.error("saving the %s index failed (%s); undoing the changes not on disk", modality, reason)
+                self._undo_unsaved(modality, reason)
+                raise ChangeNotSaved(modality, reason) from err
             self._saved[modality] = current
+
+    def _undo_unsaved(self, modality: str, reason: str) -> None:
+        """Take back every change not on disk, newest first, so that memory equals the disk again."""
+        with self.lock.write():
+            index = self.indexes[modality]
+            try:
+                for undo in reversed(self._unsaved[modality]):
+                    if undo.ids:
+                        index.remove(undo.ids)
+                    if undo.previous:
+                        index.upsert(np.stack([i.vector for i in undo.previous]), [i.id for i in undo.previous], [i.metadata for i in undo.previous])
+            except Exception:  # should not happen (re-adding what was there); the disk is the truth then
+                log.exception("undoing the unsaved %s changes failed; reloading the index from disk", modality)
+                self.indexes[modality] = load_index(self.index_dir / modality, expected_manifest_hash=self.embedder.manifest_hash)
+            self._undone[modality].append((self._saved[modality], self._generation[modality], reason))
+            self._unsaved[modality] = []
 
     # --- description ---------------------------------------------------------------------------
     def sizes(self) -> dict[str, int]:

@@ -5,6 +5,11 @@ leaves a directory whose checksums disagree (detected, but not usable). Here the
 is swapped instead: the new index is written complete into ``.<name>.new``, then
 ``<name>`` → ``.<name>.old`` and ``.<name>.new`` → ``<name>`` (two renames on one filesystem),
 then the old copy is removed. :func:`recover` undoes a kill between the two renames.
+
+A save that fails (disk full, I/O error) raises only after putting the previous index back in
+place and deleting its partial copy (freeing the space), so the caller can rely on the disk holding
+the previous index. The second rename is the commit point: a failure after it (the directory
+fsync) is logged and the save counts as done, since the new index is already the one in place.
 """
 
 from __future__ import annotations
@@ -39,10 +44,17 @@ def swap_into_place(staged: Path, directory: Path) -> None:
     """Replace ``directory`` by the complete directory ``staged`` (same filesystem)."""
     previous = _previous(directory)
     shutil.rmtree(previous, ignore_errors=True)
-    if directory.exists():
-        os.rename(directory, previous)
-    os.rename(staged, directory)  # a kill before this line is undone by recover()
-    _fsync_dir(directory.parent)
+    try:
+        if directory.exists():
+            os.rename(directory, previous)
+        os.rename(staged, directory)  # the commit point; a kill before this line is undone by recover()
+    except OSError:
+        recover(directory)  # now, not at the next load: the next save would delete .old as debris
+        raise
+    try:
+        _fsync_dir(directory.parent)
+    except OSError as err:  # the new index is in place (and served): only its durability is in doubt
+        log.error("%s: saved, but the directory could not be synced (%s); a power cut may lose the last change", directory, err)
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -51,8 +63,12 @@ def save_atomically(index: VectorIndex, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging(directory)
     shutil.rmtree(staging, ignore_errors=True)
-    index.save(staging)  # every file fsynced
-    _fsync_dir(staging)
+    try:
+        index.save(staging)  # every file fsynced
+        _fsync_dir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a partial copy on a full disk keeps it full
+        raise
     swap_into_place(staging, directory)
 
 
