@@ -87,13 +87,21 @@ def _onnx_bytes(module: nn.Module, d_in: int) -> bytes:
 
 
 def check_parity(module: nn.Module, onnx_blob: bytes, inputs: np.ndarray) -> float:
-    """Max |ONNX Runtime − PyTorch| over ``inputs``, both in float32."""
+    """Max |ONNX Runtime − PyTorch| over ``inputs``, both in float32.
+
+    Raises :class:`ExportError` when either output holds NaN or Inf: NaN compares false with any
+    tolerance, and equal infinities differ by NaN, so a plain comparison could let them through.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_blob, providers=["CPUExecutionProvider"])
     got = session.run(None, {"features": inputs.astype(np.float32)})[0]
     with torch.no_grad():
         want = module(torch.from_numpy(inputs.astype(np.float32))).numpy()
+    for name, output in (("ONNX Runtime", got), ("PyTorch", want)):
+        bad = ~np.isfinite(output)
+        if bad.any():
+            raise ExportError(f"{name} output is not finite ({int(bad.any(axis=1).sum())} of {len(output)} rows hold NaN or Inf); not written")
     return float(np.max(np.abs(got - want)))
 
 
@@ -156,10 +164,13 @@ def export_run(
         else:
             rng = np.random.default_rng(0)
             inputs = tower.feature_mean.numpy() + tower.feature_std.numpy() * rng.standard_normal((64, dims[modality]))
-        parity[modality] = max(
-            check_parity(encoder, blobs[modality], inputs),
-            *(check_parity(encoder, blobs[modality], inputs[i : i + 1]) for i in range(min(SINGLE_ROWS, len(inputs)))),
-        )
+        try:
+            parity[modality] = max(
+                check_parity(encoder, blobs[modality], inputs),
+                *(check_parity(encoder, blobs[modality], inputs[i : i + 1]) for i in range(min(SINGLE_ROWS, len(inputs)))),
+            )
+        except ExportError as err:
+            raise ExportError(f"{modality} encoder: {err}") from None
         if not parity[modality] <= tolerance:
             raise ExportError(f"{modality} encoder: ONNX Runtime differs from PyTorch by {parity[modality]:.2e} > {tolerance:.0e}; not written")
     use_cca = cca is not None and cfg.cca.enabled

@@ -85,3 +85,18 @@ def test_served_embedding_equals_the_evaluated_one(tiny):
         x = getattr(test, modality)
         evaluated = cca.transform(embed_all(model, modality, x), side)
         np.testing.assert_allclose(embedder.embed(modality, x), evaluated, atol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_export_refuses_a_graph_whose_output_is_not_finite(tiny, tmp_path, poison):
+    """NaN compares false with everything, so a parity check must not let a NaN graph through."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny.run_dir, run)
+    payload = torch.load(run / "checkpoint.pt", weights_only=False)
+    payload["state_dict"]["towers.audio.head.bias"][0] = poison
+    torch.save(payload, run / "checkpoint.pt")
+    with pytest.raises(ExportError, match="not finite"):
+        export_run(run, tmp_path / "model", data=tiny.data_dir)
+    assert not (tmp_path / "model" / "manifest.json").exists()
