@@ -93,7 +93,34 @@ def test_embedder_rejects_bad_input(tiny):
         embedder.embed("visual", np.zeros((0, 1024)))
     with pytest.raises(InputError, match="unknown modality"):
         embedder.embed("text", np.zeros((1, 128)))
-    assert embedder.providers == {"audio": "CPUExecutionProvider", "visual": "CPUExecutionProvider"}
+    # device="cpu" was asked for, so the CPU on any install ([gpu] included); and what is reported is what runs
+    assert embedder.providers == {m: s.get_providers()[0] for m, s in embedder.sessions.items()} == {m: "CPUExecutionProvider" for m in ("audio", "visual")}
+
+
+def test_an_embedder_asked_for_a_gpu_uses_it_or_says_it_cannot(tiny, caplog):
+    """device="auto" runs on CUDA when ONNX Runtime can, else on the CPU with a warning; device="cuda"
+    without a CUDA provider is an error. Checked against the provider the sessions really use."""
+    import logging
+
+    import onnxruntime as ort
+
+    from index.embedder import ModelError
+
+    with caplog.at_level(logging.INFO, logger="index.embedder"):
+        auto = Embedder(tiny.model_dir, device="auto")
+    in_use = {m: s.get_providers()[0] for m, s in auto.sessions.items()}
+    assert auto.providers == in_use
+    fallback = [r for r in caplog.records if "CPU fallback" in r.getMessage()]
+    if set(in_use.values()) == {"CUDAExecutionProvider"}:
+        assert not fallback
+    else:  # no GPU here (or onnxruntime without CUDA): the fallback is said, as a warning, with the providers
+        assert set(in_use.values()) == {"CPUExecutionProvider"}
+        assert [r.levelno for r in fallback] == [logging.WARNING] and "CPUExecutionProvider" in fallback[0].getMessage()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ModelError, match=r"device 'cuda' requested but onnxruntime offers only .*install the gpu extra"):
+            Embedder(tiny.model_dir, device="cuda")
+    else:
+        assert Embedder(tiny.model_dir, device="cuda").providers == in_use
 
 
 def _clustered(rng, n, d, n_clusters=50):
@@ -187,12 +214,55 @@ def test_search_params_validated_and_per_call():
     assert index.info["search_params"] == {}  # per-call parameters are not kept
 
 
-def test_cpu_fallback_is_reported():
-    index = VectorIndex.build(_unit(np.random.default_rng(6), 10, 4), [str(i) for i in range(10)])
-    index.search(_unit(np.random.default_rng(7), 1, 4), 3)
+def _fallback_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "index.store" and "on the CPU" in r.getMessage()]
+
+
+def test_search_device_is_the_gpu_when_faiss_has_one_else_the_cpu_fallback_is_logged(monkeypatch, caplog):
+    import logging
+
     import faiss
 
-    assert index.info["search_device"] == ("cuda:0" if faiss.get_num_gpus() > 0 else "cpu")
+    from index import store
+
+    monkeypatch.setitem(store._said, "no_gpu", False)  # said once per process: make this the first search
+    gallery, queries = _unit(np.random.default_rng(6), 50, 4), _unit(np.random.default_rng(7), 3, 4)
+    index = VectorIndex.build(gallery, [str(i) for i in range(50)])
+    with caplog.at_level(logging.INFO, logger="index.store"):
+        _, got = index.search(queries, 3)
+    assert got == [[str(j) for j in row] for row in np.argsort(-(queries @ gallery.T), axis=1)[:, :3]]
+    if faiss.get_num_gpus() > 0:
+        assert index.info["search_device"] == "cuda:0" and _fallback_lines(caplog) == []
+    else:
+        assert index.info["search_device"] == "cpu"
+        assert _fallback_lines(caplog) == ["faiss sees no GPU (faiss-cpu, or no CUDA device): indexes search on the CPU"]
+
+
+@pytest.mark.parametrize(("factory", "copy_fails", "line"), [
+    ("Flat", True, "faiss GPU copy of Flat failed (no CUDA device found): searching on the CPU"),
+    ("HNSW8", False, "faiss has no GPU version of HNSW8: searching on the CPU"),
+], ids=["copy-fails", "hnsw-stays-on-cpu"])
+def test_a_gpu_copy_that_fails_or_stays_on_the_cpu_falls_back_and_says_so(monkeypatch, caplog, factory, copy_fails, line):
+    """faiss reports a GPU but the copy fails (no device, out of memory) or yields a CPU index (HNSW):
+    the search still runs, on the CPU, with a warning. Runs on any machine: faiss's GPU calls are stubbed."""
+    import logging
+
+    import faiss
+
+    def to_gpu(resources, device, index):
+        if copy_fails:
+            raise RuntimeError("no CUDA device found")
+        return index  # what faiss-gpu does for an index type it cannot move
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    gallery = _unit(np.random.default_rng(8), 50, 4)
+    index = VectorIndex.build(gallery, [str(i) for i in range(50)], factory)
+    with caplog.at_level(logging.WARNING, logger="index.store"):
+        _, got = index.search(gallery[:3], 1)
+    assert [row[0] for row in got] == ["0", "1", "2"]
+    assert index.info["search_device"] == "cpu" and _fallback_lines(caplog) == [line]
 
 
 def test_embedder_refuses_a_manifest_that_does_not_match_the_graph(tiny, tmp_path):
