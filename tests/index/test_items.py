@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from index.items import ItemTable, ItemTableError, canonical_json, hash_ids, holds
+from index.items import ItemTable, ItemTableError, RepeatedIdError, canonical_json, hash_ids, holds
 
 
 class CollidingTable(ItemTable):
@@ -97,9 +97,13 @@ def test_saved_table_is_byte_stable_and_checked():
     table.save(first)
     _roundtrip(table).save(second)
     assert first.getvalue() == second.getvalue()
-    torn = io.BytesIO(first.getvalue()[:-100])
-    with pytest.raises(Exception):
-        ItemTable.load(torn)
+    for cut in (1, 100, len(first.getvalue()) - 1):  # torn in the last array's data, a header, the first magic string
+        with pytest.raises(ItemTableError, match=r"^item table unreadable \(EOF: reading "):
+            ItemTable.load(io.BytesIO(first.getvalue()[:-cut]))
+    newer = io.BytesIO()
+    np.lib.format.write_array(newer, np.frombuffer(b'{"format": 99, "rows": 0, "runs": 0}', np.uint8))
+    with pytest.raises(ItemTableError, match="item table format 99 .* written by another avsearch version"):
+        ItemTable.load(io.BytesIO(newer.getvalue()))
 
 
 def test_table_from_an_old_id_map():
@@ -148,9 +152,10 @@ def test_a_failed_write_changes_nothing():
     before = (table.rows, len(table), table.labels_of(["r5", "r2099"]).tolist())
     with pytest.raises(ItemTableError, match="'r5'"):
         table.upsert(["r5", "new"], [{"n": np.int64(3)}, None])  # a numpy scalar is not JSON
-    with pytest.raises(ValueError, match="unique"):
-        table.upsert(["x", "x"])
-    with pytest.raises(KeyError):
+    with pytest.raises(RepeatedIdError, match="unique; 'x' is at positions 1 and 3") as repeated:
+        table.upsert(["y", "x", "z", "x"])
+    assert (repeated.value.item_id, repeated.value.rows) == ("x", (1, 3))
+    with pytest.raises(KeyError, match="not a live row"):
         table.kill(np.array([-1]))
     assert (table.rows, len(table), table.labels_of(["r5", "r2099"]).tolist()) == before
     assert table.ids_of(np.array([5, 2099])) == ["r5", "r2099"] and table.metadata_of([5]) == [{"i": 5}]
@@ -166,10 +171,9 @@ def test_an_upsert_after_a_failed_save_still_works():
             return super().write(blob)
 
     table = _table_with_runs(2100)
-    try:
+    with pytest.raises(OSError, match="No space left on device") as failed:
         table.save(DiskFull())
-    except OSError as err:
-        kept = err  # noqa: F841  (the frames stay referenced, as in a logged or awaited exception)
+    kept = failed.value  # noqa: F841  (the frames stay referenced, as in a logged or awaited exception)
     table.upsert(["after"], [{"ok": True}])
     assert table.ids_of(table.labels_of(["after", "r0"])) == ["after", "r0"]
     assert _roundtrip(table).metadata_of(table.labels_of(["after"])) == [{"ok": True}]
