@@ -133,13 +133,22 @@ def _recall_at_10(got: list[list[str]], want: list[list[str]]) -> float:
     return float(np.mean([len(set(g[:10]) & set(w[:10])) / 10 for g, w in zip(got, want)]))
 
 
+# Recall@10 of this test's setup measured over data seeds 0-19 (faiss 1.15.1, 1 and 2 threads alike),
+# before / after the removals: IVF32,Flat nprobe 8: min 0.860 / 0.862, mean 0.90, seed 3 0.902 / 0.904;
+# IVF32,PQ8x8 nprobe 8: min 0.776 / 0.788, mean 0.80, seed 3 0.808 / 0.800; HNSW16 efSearch 64: min
+# 0.990 / 0.988, seed 3 1.000 / 0.996. Each threshold sits a few points under the minimum over seeds,
+# so the fixed seed 3 passes with a margin (IVF 7, PQ 5, HNSW 3.6 points) while a lost search
+# parameter still fails (seed 3: nprobe 2 gives 0.50 / 0.49, HNSW's default efSearch 16 0.89).
+SEED = 3
+
+
 @pytest.mark.parametrize(
     ("factory", "params", "min_recall"),
-    [("IVF32,Flat", {"nprobe": 8}, 0.9), ("IVF32,PQ8x8", {"nprobe": 8}, 0.5), ("HNSW16", {"efSearch": 64}, 0.9)],
+    [("IVF32,Flat", {"nprobe": 8}, 0.83), ("IVF32,PQ8x8", {"nprobe": 8}, 0.75), ("HNSW16", {"efSearch": 64}, 0.96)],
 )
 def test_approximate_indexes_recall_remove_and_reload(tmp_path, factory, params, min_recall):
     """Each approximate index against exact search, before and after removals, and across a save."""
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(SEED)
     gallery, queries = _clustered(rng, 4000, 16), _clustered(rng, 50, 16)
     ids = [f"c{i}" for i in range(len(gallery))]
     exact = VectorIndex.build(gallery, ids)
