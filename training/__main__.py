@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {make-data,train,eval,compare,export} ...``.
+"""Command line: ``python -m training {make-data,train,eval,compare,tune,export} ...``.
 
 DATA is a feature directory, an HDF5 file in the authors' layout, or ``synthetic``.
 Errors in the input end the command with exit code 2 and one readable line.
@@ -7,12 +7,13 @@ Errors in the input end the command with exit code 2 and one readable line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-STATE_NAME = "train_state.pt"  # full training state after each epoch, for --resume
+STATE_NAME = "train_state.pt"  # full training state after each evaluation, for --resume
 
 
 def _cmd_make_data(args) -> None:
@@ -43,7 +44,8 @@ def _cmd_train(args) -> None:
 
     if args.method == "linear-cca":
         raise ValueError("linear-cca has no encoder to train or export; it is reported by `compare`")
-    cfg = method_config(load_config(args.config), args.method)
+    cfg = load_config(args.config)
+    cfg = method_config(cfg, args.method or cfg.train.method)  # a tuned preset names its own method
     if args.seed is not None:
         cfg.train.seed = args.seed
     data = _load_data(args.data, cfg)
@@ -52,21 +54,51 @@ def _cmd_train(args) -> None:
     digest = save_checkpoint(run / CHECKPOINT_NAME, cfg, data, result)
     # The selected checkpoint's test figure, reported once; selection never saw it.
     test = evaluate_model(result.model, result.cca, data.subset("test"))
-    atomic_write(run / "metrics.json", json.dumps({"val": result.val_metrics, "test": test, "best_epoch": result.best_epoch}, indent=2))
-    print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best epoch {result.best_epoch})")
+    last_step = result.history[-1]["step"] if result.history else 0
+    summary = {"val": result.val_metrics, "test": test, "best_step": result.best_step, "last_step": last_step, "schedule": dataclasses.asdict(result.schedule)}
+    atomic_write(run / "metrics.json", json.dumps(summary, indent=2))
+    print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best step {result.best_step} of {last_step} run, budget {result.schedule.max_steps})")
     _print_table(test)
 
 
 def _cmd_compare(args) -> None:
-    from training.compare import compare
+    from training.compare import compare, default_methods
     from training.config import load_config
 
     cfg = load_config(args.config)
     data = _load_data(args.data, cfg)
     methods = args.methods.split(",") if args.methods else None
-    results = compare(cfg, data, args.seeds, Path(args.out), methods=methods, show_progress=not args.quiet, report_only=args.report_only)
+    tuned = _tune_each(cfg, data, methods or default_methods(cfg), args) if args.tune else None
+    results = compare(cfg, data, args.seeds, Path(args.out), methods=methods, show_progress=not args.quiet, report_only=args.report_only, method_configs=tuned)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.md, results.json and {len(results['plots'])} plots")
+
+
+def _tune_each(cfg, data, methods: list[str], args) -> dict:
+    """Every trainable method gets the same trial budget on validation before its seeds run."""
+    from training.tune import tune
+
+    tuned = {}
+    for name in methods:
+        if name == "linear-cca":
+            continue
+        result = tune(cfg, data, name, args.tune, Path(args.out) / "tune" / name, storage=args.storage, study_name=name, show_progress=not args.quiet)
+        print(f"tuned {name}: validation avg {result.val_avg:.4f} after {result.trials} trials ({result.seconds:.0f} s)")
+        tuned[name] = result.config
+    return tuned
+
+
+def _cmd_tune(args) -> None:
+    from training.config import load_config
+    from training.tune import BEST_PRESET, tune
+
+    cfg = load_config(args.config)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    data = _load_data(args.data, cfg)
+    result = tune(cfg, data, args.method, args.trials, Path(args.out), storage=args.storage, study_name=args.study, show_progress=not args.quiet)
+    print(f"best validation avg mAP {result.val_avg:.4f} over {result.trials} trials ({result.seconds:.0f} s this run)")
+    print(f"wrote {Path(args.out) / BEST_PRESET}; train with: python -m training train --config {Path(args.out) / BEST_PRESET} --data {args.data} --out RUN")
 
 
 def _print_table(m: dict) -> None:
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="synthetic", help="feature directory, HDF5 file, or 'synthetic'")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--method", default="hscmae", help="hscmae, a baseline (dcca, mae, clip, cavmae), an ablation (no-dcca, ...) or rho=R")
+    p.add_argument("--method", default=None, help="hscmae, a baseline (dcca, mae, clip, cavmae), an ablation (no-dcca, ...) or rho=R (default: the preset's, hscmae)")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{STATE_NAME}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -121,8 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report directory (runs/ inside makes it resumable)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs in OUT/runs")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="first tune every method with N trials on validation (OUT/tune/<method>)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by the tuning studies (default: SQLite per method)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("tune", help="Optuna search of a method's hyper-parameters on validation mAP; writes OUT/best.yaml")
+    p.add_argument("--method", default="hscmae")
+    p.add_argument("--config", default="default", help="the preset the search starts from")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold (a rerun resumes)")
+    p.add_argument("--out", required=True, help="study folder: study.db, best.yaml, tuning.json, tuning_history.png")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/study.db); workers sharing it work one study")
+    p.add_argument("--study", default=None, help="study name (default: the method)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("eval", help="evaluate a run; ends with one JSON line")
     p.add_argument("--run", required=True)

@@ -32,6 +32,37 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "no-distill": ("ablation", "HSC-MAE without distillation", {"distill": False}),
     "fixed-weights": ("ablation", "HSC-MAE with fixed weights (all 1)", {"learned_weights": False}),
 }
+# Search spaces for `python -m training tune`, per method: "section.field" -> (kind, low, high),
+# kind "log" (log-uniform float), "float" or "int". Every method tunes its optimiser, dropout and
+# test-time CCA ridge; each then tunes the knobs of its own objective, and nothing else.
+_COMMON_SPACE = {
+    "train.lr": ("log", 1e-4, 3e-3),
+    "train.weight_decay": ("log", 1e-6, 1e-2),
+    "model.dropout": ("float", 0.0, 0.5),
+    "cca.ridge": ("log", 1e-3, 1.0),
+}
+_TAU = {"objective.tau": ("log", 0.03, 0.5)}
+_MASK = {"objective.mask_ratio": ("float", 0.05, 0.75)}
+_HSCMAE_SPACE = {**_COMMON_SPACE, **_TAU, **_MASK, "objective.tau_w": ("log", 0.01, 0.3), "objective.k": ("int", 2, 12)}
+SEARCH_SPACES: dict[str, dict[str, tuple]] = {
+    "hscmae": _HSCMAE_SPACE,
+    "dcca": {**_COMMON_SPACE, "objective.dcca_ridge": ("log", 1e-5, 1e-1)},
+    "mae": {**_COMMON_SPACE, **_MASK},
+    "clip": {**_COMMON_SPACE, **_TAU},
+    "cavmae": {**_COMMON_SPACE, **_TAU, **_MASK},
+}
+
+
+def search_space(name: str) -> dict[str, tuple]:
+    """The declared space of ``name``; ablations and sweep points tune as the full model does."""
+    if name not in METHODS or name == "linear-cca":
+        raise ValueError(f"method {name!r} has no search space; choose from {sorted(m for m in METHODS if m != 'linear-cca')}")
+    space = dict(SEARCH_SPACES.get(name, _HSCMAE_SPACE))
+    for key in METHODS[name][2]:  # a knob the method fixes (e.g. a sweep's ρ) is not searched
+        space.pop(f"objective.{key}", None)
+    return space
+
+
 SWEEP_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75)
 for _rho in SWEEP_RATIOS:
     METHODS[f"rho={_rho:g}"] = ("sweep", f"HSC-MAE, mask ratio ρ = {_rho:g}", {"mask_ratio": _rho})

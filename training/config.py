@@ -18,9 +18,21 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20  # passes over the training split
-    batch_size: int = 256  # paired clips per step
-    lr: float = 3e-4  # AdamW peak learning rate (cosine schedule)
+    """The budget is counted in optimiser steps, so one recipe fits 10^3 to 10^6 clips.
+
+    Fixed here: the step budget, the largest batch, the patience. Derived from the training
+    split's size N by :func:`training.train.plan_schedule`: the batch (capped so an epoch has at
+    least ``min_batches_per_epoch`` steps), steps per epoch, and how often validation runs.
+    """
+
+    max_steps: int = 3000  # optimiser-step budget; early stopping usually ends sooner
+    batch_size: int = 256  # largest batch: paired clips per step
+    min_batches_per_epoch: int = 8  # caps the batch at N // 8 on small training splits
+    eval_every: int = 0  # steps between validation evaluations; 0 = one epoch, at most 100 steps
+    patience: int = 800  # stop after this many steps without a better validation mAP; 0 = never
+    min_steps: int = 0  # never stop early before this step (0 = after the warm-up)
+    select_rows: int = 4000  # rows of train (CCA fit) and val (mAP) used for selection; larger splits are sampled
+    lr: float = 3e-4  # AdamW peak learning rate (cosine schedule over max_steps)
     weight_decay: float = 1e-4  # AdamW weight decay
     grad_clip: float = 1.0  # max global grad norm
     seed: int = 42  # model init, batch order and masking
@@ -42,6 +54,10 @@ class Config:
 def _build(cls, values: dict):
     """Nested dataclass from a dict; unknown keys are an error, not silently ignored."""
     known = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = {"epochs": "train.max_steps", "warmup_epochs": "objective.warmup_steps"}.items()
+    for old, new in renamed:
+        if old in values:
+            raise ValueError(f"{cls.__name__}: {old!r} was replaced by {new!r} (budgets are counted in optimiser steps)")
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")

@@ -40,7 +40,7 @@ class ObjectiveConfig:
     log_var_min: float = -2.0  # clamp of the log-variances s_i (max weight e²)
     log_var_max: float = 4.0
     log_var_lr: float = 1e-3  # learning rate of the s_i
-    warmup_epochs: float = 5.0  # fixed weights, DCCA off, cross-recon ramps 0→1
+    warmup_steps: int = 200  # optimiser steps with fixed weights, DCCA off, cross-recon ramping 0→1
     teacher: bool = True  # keep an EMA teacher and evaluate/export it (False: the student)
     momentum_start: float = 0.95  # EMA momentum m at the first step ...
     momentum_end: float = 0.999  # ... rising (cosine) to this at the last
@@ -127,14 +127,14 @@ def hscmae_step(
     x_a: torch.Tensor,
     x_v: torch.Tensor,
     generator: torch.Generator,
-    epoch_progress: float,
+    step: int,
 ) -> StepOutput:
     """One batch of raw paired features x_a (B, D_a), x_v (B, D_v) -> loss and terms.
 
-    ``epoch_progress`` is the fractional epoch (e.g. 2.5), which drives the warm-up.
+    ``step`` is the optimiser step about to be taken, which drives the warm-up.
     """
     names = active_terms(cfg)
-    warm = epoch_progress < cfg.warmup_epochs
+    warm = step < cfg.warmup_steps
     if warm and "dcca" in names and len(names) > 1:  # DCCA alone (the baseline) has no warm-up
         names = [n for n in names if n != "dcca"]
     xs = {"audio": student.towers["audio"].scale(x_a), "visual": student.towers["visual"].scale(x_v)}
@@ -177,7 +177,7 @@ def hscmae_step(
     if warm or not cfg.learned_weights:
         fixed = {n: 1.0 for n in terms}
         if warm and "recon_cross" in fixed:
-            fixed["recon_cross"] = min(epoch_progress / cfg.warmup_epochs, 1.0)
+            fixed["recon_cross"] = min(step / cfg.warmup_steps, 1.0)
         total, weights = losses.fixed_weighted_sum(terms, fixed), fixed
     else:
         total, weights = losses.uncertainty_weighted_sum(terms, dict(task_weights.log_vars.items()))

@@ -1,7 +1,7 @@
 """The comparison report: ``results.md``, ``results.json`` and PNG plots from per-run records.
 
 A record is what :func:`training.compare.run_one` returns: method, seed, val/test metrics of the
-selected epoch, per-epoch history, seconds. Figures are fractions; ± is the sample standard
+selected step, per-evaluation history, seconds. Figures are fractions; ± is the sample standard
 deviation over seeds (ddof = 1).
 """
 
@@ -17,7 +17,7 @@ from training.data import atomic_write
 
 COLUMNS = ("a2v", "v2a", "avg", "avg_no_cca", "a2v_r@1", "a2v_r@5", "a2v_r@10", "v2a_r@1", "a2v_median_rank", "v2a_median_rank")
 PLOTS = {
-    "curves": "hscmae_training_curves.png",  # loss terms + validation mAP per epoch (paper Fig. 2)
+    "curves": "hscmae_training_curves.png",  # loss terms + validation mAP per evaluation (paper Fig. 2)
     "mask": "mask_ratio_sweep.png",  # mAP against ρ, gap between directions shaded (paper Fig. 3)
     "weights": "hscmae_task_weights.png",  # learned task weights over training
     "methods": "methods_avg_map.png",  # every method's average test mAP, mean ± std
@@ -37,12 +37,21 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             mean[col] = float(np.mean(values))
             std[col] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         out[name] = {"group": METHODS[name][0], "description": METHODS[name][1], "mean": mean, "std": std, "n": len(runs)}
+        trained = [r for r in runs if r.get("best_step") is not None and r.get("last_step") is not None]
+        if trained:
+            out[name]["steps"] = {"best": float(np.mean([r["best_step"] for r in trained])), "last": float(np.mean([r["last_step"] for r in trained]))}
     full = {r["seed"]: r["test"]["avg"] for r in records if r["method"] == "hscmae"}
     for name, s in out.items():  # paired by seed: the seed's own noise cancels
         diffs = [r["test"]["avg"] - full[r["seed"]] for r in records if r["method"] == name and r["seed"] in full]
         if diffs and name != "hscmae":
             s["paired_diff_avg"] = {"mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, "n": len(diffs)}
     return out
+
+
+def _steps(summary: dict) -> str:
+    """Mean selected step / mean last step run (early stopping), or — for methods without training."""
+    steps = summary.get("steps")
+    return f"{steps['best']:.0f} / {steps['last']:.0f}" if steps else "—"
 
 
 def _pm(summary: dict, col: str, digits: int = 3) -> str:
@@ -54,18 +63,18 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
         "# HSC-MAE against its baselines",
         "",
         f"Data: `{meta['data_source']}`; seeds {meta['seeds']}; test split, mAP as fractions over the full ranked list "
-        "(spec §6), mean ± sample std over seeds. Each run's epoch was selected on validation mAP; test was read once. "
+        "(spec §6), mean ± sample std over seeds. Each run's step was selected on validation mAP; test was read once. "
         "`avg` uses the test-time linear CCA (o' = {o}) on the evaluated embeddings; `avg no CCA` is cosine on them.".format(o=meta["config"]["cca"]["n_components"]),
         "",
-        "| method | group | A→V | V→A | avg | avg no CCA | avg − HSC-MAE (paired) | R@1 A→V | R@10 A→V | med. rank A→V | val avg | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | group | A→V | V→A | avg | avg no CCA | avg − HSC-MAE (paired) | R@1 A→V | R@10 A→V | med. rank A→V | val avg | best / last step | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         d = s.get("paired_diff_avg")
         diff = f"{d['mean']:+.3f} ± {d['std']:.3f}" if d else "—"
         lines.append(
             f"| {s['description']} (`{name}`) | {s['group']} | {_pm(s, 'a2v')} | {_pm(s, 'v2a')} | **{_pm(s, 'avg')}** | {_pm(s, 'avg_no_cca')} | {diff} "
-            f"| {_pm(s, 'a2v_r@1')} | {_pm(s, 'a2v_r@10')} | {s['mean']['a2v_median_rank']:.1f} | {_pm(s, 'val_avg')} | {s['n']} |"
+            f"| {_pm(s, 'a2v_r@1')} | {_pm(s, 'a2v_r@10')} | {s['mean']['a2v_median_rank']:.1f} | {_pm(s, 'val_avg')} | {_steps(s)} | {s['n']} |"
         )
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in PLOTS.values()), ""]
     if not meta.get("complete", True):
@@ -114,19 +123,19 @@ def plot_all(out: Path, records: list[dict], summary: dict[str, dict]) -> None:
     _plot_methods(plt, summary, out / PLOTS["methods"])
 
 
-def _epochs(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs where ``key`` was logged (DCCA is absent during warm-up), mean and std over seeds."""
+def _evaluations(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps where every seed logged ``key`` (DCCA is absent during warm-up; runs stop early), mean and std."""
     n = min(len(r["history"]) for r in records)
     values = np.array([[h.get(key, np.nan) for h in r["history"][:n]] for r in records], dtype=float)
     logged = ~np.isnan(values).any(axis=0)
-    x = np.arange(1, n + 1)[logged]
+    x = np.array([h.get("step", i + 1) for i, h in enumerate(records[0]["history"][:n])])[logged]
     return x, values[:, logged].mean(axis=0), values[:, logged].std(axis=0)
 
 
 
 def _plot_mean_band(ax, records: list[dict], key: str, label: str) -> None:
-    """The per-epoch mean of ``key`` over seeds, with a ± std band."""
-    x, m, s = _epochs(records, key)
+    """The per-evaluation mean of ``key`` over seeds, with a ± std band."""
+    x, m, s = _evaluations(records, key)
     ax.plot(x, m, label=label)
     ax.fill_between(x, m - s, m + s, alpha=0.2)
 
@@ -141,11 +150,11 @@ def _plot_curves(plt, records: list[dict], path: Path) -> None:
     for term in ("recon_intra", "recon_cross", "dcca", "soft_nce", "distill"):
         if any(term in h for r in records for h in r["history"]):
             _plot_mean_band(ax_loss, records, term, term)
-    ax_loss.set(xlabel="epoch", ylabel="loss term (unweighted)", title="HSC-MAE loss terms (mean over seeds)")
+    ax_loss.set(xlabel="optimiser step", ylabel="loss term (unweighted)", title="HSC-MAE loss terms (mean over seeds)")
     ax_loss.legend()
     for key, label in (("val_avg", "with test-time CCA"), ("val_avg_no_cca", "cosine, no CCA")):
         _plot_mean_band(ax_map, records, key, label)
-    ax_map.set(xlabel="epoch", ylabel="validation avg mAP", title="Validation mAP (selection)")
+    ax_map.set(xlabel="optimiser step", ylabel="validation avg mAP", title="Validation mAP (selection)")
     ax_map.legend()
     _save(plt, fig, path)
 
@@ -155,7 +164,7 @@ def _plot_weights(plt, records: list[dict], path: Path) -> None:
     keys = sorted({k for r in records for h in r["history"] for k in h if k.startswith("w_")})
     for key in keys:
         _plot_mean_band(ax, records, key, key[2:])
-    ax.set(xlabel="epoch", ylabel="weight exp(−s_i) (epoch mean)", title="Task weights (fixed during warm-up, then learned)")
+    ax.set(xlabel="optimiser step", ylabel="weight exp(−s_i) (mean since last evaluation)", title="Task weights (fixed during warm-up, then learned)")
     ax.legend()
     _save(plt, fig, path)
 

@@ -6,6 +6,7 @@ Selection uses the validation split only; the test split is touched once, by ``e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import logging
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from training.cca import LinearCCA, fit_linear_cca
-from training.config import Config, config_from_dict, config_to_dict
+from training.config import Config, TrainConfig, config_from_dict, config_to_dict
 from training.data import PairedFeatures, atomic_write
 from training.hscmae import TaskWeights, active_terms, ema_update, hscmae_step, momentum_at
 from training.metrics import cross_modal_metrics
@@ -63,9 +64,10 @@ def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures) 
 class TrainResult:
     model: AVModel  # the evaluated model: the EMA teacher (or the student when there is none)
     cca: LinearCCA | None  # test-time CCA fitted on that model's clean training embeddings
-    val_metrics: dict
-    best_epoch: int
-    history: list[dict]  # one dict per epoch: mean loss terms, weights, validation mAP
+    val_metrics: dict  # of the selected model on the whole validation split
+    best_step: int  # the optimiser step whose model was selected on validation mAP
+    history: list[dict]  # one dict per evaluation: step, epoch, mean loss terms and weights, validation mAP
+    schedule: "Schedule"  # what the recipe derived from the data's size
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -73,10 +75,10 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_one_epoch(step_fn, batches, after_step, bar=None) -> dict[str, float]:
+def run_steps(step_fn, batches, after_step) -> dict[str, float]:
     """Run ``step_fn(batch) -> StepOutput`` over ``batches``; stop on a non-finite loss.
 
-    ``after_step(output)`` does the optimiser work. Returns the epoch means of every logged value.
+    ``after_step(output)`` does the optimiser work. Returns the means of every logged value.
     """
     sums: dict[str, float] = {}
     count = 0
@@ -89,9 +91,63 @@ def train_one_epoch(step_fn, batches, after_step, bar=None) -> dict[str, float]:
         for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if bar is not None:
-            bar.set_postfix(loss=f"{float(out.loss):.3f}", refresh=False)
     return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@dataclass
+class Schedule:
+    """What the recipe derives from the training split's size N (logged and kept in the history)."""
+
+    batch_size: int
+    steps_per_epoch: int
+    max_steps: int
+    eval_every: int
+    patience: int
+    min_steps: int
+
+    @property
+    def max_epochs(self) -> float:
+        return self.max_steps / self.steps_per_epoch
+
+
+def plan_schedule(cfg: TrainConfig, warmup_steps: int, n_train: int) -> Schedule:
+    """Batch capped so an epoch has ≥ ``min_batches_per_epoch`` steps; validation once an epoch, ≤ 100 steps apart."""
+    batch_size = max(1, min(cfg.batch_size, n_train // max(cfg.min_batches_per_epoch, 1)))
+    steps_per_epoch = max(1, n_train // batch_size)
+    eval_every = cfg.eval_every or min(steps_per_epoch, 100)
+    min_steps = cfg.min_steps or warmup_steps  # the weights only start to learn after the warm-up
+    return Schedule(batch_size, steps_per_epoch, cfg.max_steps, eval_every, cfg.patience, min_steps)
+
+
+class BatchStream:
+    """Shuffled row batches, epoch after epoch, drawn from an explicit generator; resumable."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order: torch.Tensor | None = None
+        self.position = 0
+
+    def take(self, count: int) -> list[torch.Tensor]:
+        out = []
+        for _ in range(count):
+            if self.order is None or self.position + self.batch_size > self.n:  # drop the ragged tail
+                self.order, self.position = torch.randperm(self.n, generator=self.generator), 0
+            out.append(self.order[self.position : self.position + self.batch_size])
+            self.position += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = state["order"], state["position"]
+
+
+def _selection_rows(data: PairedFeatures, limit: int, seed: int) -> PairedFeatures:
+    """At most ``limit`` rows of a split, a seeded sample when larger: selection cost stays bounded."""
+    if limit <= 0 or len(data) <= limit:
+        return data
+    return data.take(np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
 
 
 def _scaled_model(cfg: Config, data: PairedFeatures, train_split: PairedFeatures) -> AVModel:
@@ -102,14 +158,33 @@ def _scaled_model(cfg: Config, data: PairedFeatures, train_split: PairedFeatures
     return model
 
 
-def train(
-    cfg: Config, data: PairedFeatures, show_progress: bool = True, state_path: Path | None = None, resume: bool = False, stop_after: int | None = None
-) -> TrainResult:
-    """Train the objective ``cfg.objective``, select the epoch on validation mAP, fit test-time CCA.
+def _rng_states() -> dict:
+    """CPU and (when present) every CUDA generator: dropout draws on a GPU come from the latter."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
-    Labels are read for validation only. With ``state_path`` the full training state is written
-    there after every epoch; ``resume`` continues from it. ``stop_after`` ends this call after that
-    many epochs (a later ``resume`` call finishes the schedule, which stays that of ``cfg``).
+
+def _restore_rng_states(states) -> None:
+    if isinstance(states, torch.Tensor):  # states written before CUDA generators were saved
+        states = {"cpu": states, "cuda": []}
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"]:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(states["cuda"]):
+            raise ValueError("the training state holds CUDA random states for another set of devices; resume on the same devices")
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train(
+    cfg: Config, data: PairedFeatures, show_progress: bool = True, state_path: Path | None = None, resume: bool = False,
+    stop_after: int | None = None, on_evaluation=None,
+) -> TrainResult:
+    """Train the objective ``cfg.objective``, select the step on validation mAP, fit test-time CCA.
+
+    The budget is ``cfg.train.max_steps`` optimiser steps; validation runs every
+    ``Schedule.eval_every`` steps and training stops early after ``patience`` steps without a better
+    validation mAP. Labels are read for validation only. With ``state_path`` the full training
+    state is written there after every evaluation; ``resume`` continues from it. ``stop_after``
+    ends this call after that many evaluations (a later ``resume`` finishes the run).
+    ``on_evaluation(step, val_avg)`` is called after each evaluation (tuning prunes through it).
     """
     if cfg.train.threads > 0:  # process-wide: small models on shared cores lose most time to thread sync
         torch.set_num_threads(cfg.train.threads)
@@ -118,6 +193,9 @@ def train(
     obj = cfg.objective
     names = active_terms(obj)
     train_split, val_split = data.subset("train"), data.labelled().subset("val")
+    cca_fit_split = _selection_rows(train_split, cfg.train.select_rows, cfg.train.seed)
+    val_sample = _selection_rows(val_split, cfg.train.select_rows, cfg.train.seed + 1)
+    schedule = plan_schedule(cfg.train, obj.warmup_steps, len(train_split))
     student = _scaled_model(cfg, data, train_split).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval() if obj.teacher else None
     task_weights = TaskWeights(names).to(device)
@@ -127,18 +205,15 @@ def train(
             {"params": task_weights.parameters(), "lr": obj.log_var_lr, "weight_decay": 0.0},
         ]
     )
-    n = len(train_split)
-    batch_size = min(cfg.train.batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)
-    total_steps = cfg.train.epochs * steps_per_epoch
     base_lrs = [cfg.train.lr, obj.log_var_lr]
     audio = torch.from_numpy(train_split.audio).to(device)
     visual = torch.from_numpy(train_split.visual).to(device)
     generator = torch.Generator().manual_seed(cfg.train.seed)  # batch order and masks, on the CPU
+    stream = BatchStream(len(train_split), schedule.batch_size, generator)
     evaluated = teacher if teacher is not None else student
 
-    start_epoch, global_step, history = 0, 0, []
-    best = {"score": -1.0, "epoch": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
+    global_step, history = 0, []
+    best = {"score": -1.0, "step": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
     if resume and state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["config"] != config_to_dict(cfg):
@@ -149,41 +224,51 @@ def train(
         task_weights.load_state_dict(state["task_weights"])
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, global_step, history, best = state["epoch"] + 1, state["global_step"], state["history"], state["best"]
-        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+        stream.load_state_dict(state["batches"])
+        _restore_rng_states(state["rng"])
+        global_step, history, best = state["global_step"], state["history"], state["best"]
+        log.info("resumed from %s at step %d", state_path, global_step)
+    log.info(
+        "%s: N=%d train clips, batch %d, %d steps/epoch, budget %d steps (%.1f epochs), validation every %d steps, patience %d",
+        cfg.train.method, len(train_split), schedule.batch_size, schedule.steps_per_epoch, schedule.max_steps, schedule.max_epochs, schedule.eval_every, schedule.patience,
+    )
 
     def step_fn(rows):
         student.train()
         with _autocast(device, cfg.train.amp):
-            return hscmae_step(student, teacher, task_weights, obj, audio[rows], visual[rows], generator, global_step / steps_per_epoch)
+            return hscmae_step(student, teacher, task_weights, obj, audio[rows.to(device)], visual[rows.to(device)], generator, global_step)
 
     def after_step(out):
         nonlocal global_step
-        for group, base in zip(optimiser.param_groups, base_lrs):  # cosine schedule
-            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(global_step / total_steps, 1.0)))
+        for group, base in zip(optimiser.param_groups, base_lrs):  # cosine schedule over the budget
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(global_step / schedule.max_steps, 1.0)))
         optimiser.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
         optimiser.step()
         task_weights.clamp_(obj.log_var_min, obj.log_var_max)
         if teacher is not None:
-            ema_update(teacher, student, momentum_at(global_step, total_steps, obj.momentum_start, obj.momentum_end))
+            ema_update(teacher, student, momentum_at(global_step, schedule.max_steps, obj.momentum_start, obj.momentum_end))
         global_step += 1
 
-    last_epoch = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, start_epoch + stop_after)
-    bar = tqdm(range(start_epoch, last_epoch), desc=f"train {cfg.train.method}", disable=not show_progress, unit="epoch")
-    for epoch in bar:
-        order = torch.randperm(n, generator=generator)
-        batches = [order[i * batch_size : (i + 1) * batch_size].to(device) for i in range(steps_per_epoch)]
-        means = train_one_epoch(step_fn, batches, after_step)
-        cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
-        val = evaluate_model(evaluated, cca, val_split)
-        means.update({"epoch": epoch, "val_avg": val["avg"], "val_avg_no_cca": val.get("avg_no_cca", val["avg"])})
+    evaluations = 0
+    bar = tqdm(total=schedule.max_steps, initial=global_step, desc=f"train {cfg.train.method}", disable=not show_progress, unit="step")
+    while global_step < schedule.max_steps and not _patience_ran_out(global_step, best["step"], schedule):
+        if stop_after is not None and evaluations >= stop_after:
+            break
+        count = min(schedule.eval_every, schedule.max_steps - global_step)
+        means = run_steps(step_fn, stream.take(count), after_step)
+        bar.update(count)
+        cca = fit_test_time_cca(evaluated, cca_fit_split, cfg) if cfg.cca.enabled else None
+        val = evaluate_model(evaluated, cca, val_sample)
+        means.update({"step": global_step, "epoch": global_step / schedule.steps_per_epoch, "val_avg": val["avg"], "val_avg_no_cca": val.get("avg_no_cca", val["avg"])})
         history.append(means)
-        bar.set_postfix(loss=f"{means['loss']:.3f}", val_map=f"{val['avg']:.3f}")
+        evaluations += 1
+        bar.set_postfix(loss=f"{means['loss']:.3f}", val_map=f"{val['avg']:.3f}", best_step=best["step"], refresh=False)
         if val["avg"] > best["score"]:
-            best = {"score": val["avg"], "epoch": epoch, "state": copy.deepcopy(evaluated.state_dict()), "val": val}
+            best = {"score": val["avg"], "step": global_step, "state": copy.deepcopy(evaluated.state_dict()), "val": val}
+        if on_evaluation is not None:
+            on_evaluation(global_step, val["avg"])
         if state_path is not None:
             state = {
                 "student": student.state_dict(),
@@ -191,18 +276,24 @@ def train(
                 "task_weights": task_weights.state_dict(),
                 "optimiser": optimiser.state_dict(),
                 "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch,
+                "batches": stream.state_dict(),
+                "rng": _rng_states(),
                 "global_step": global_step,
                 "history": history,
                 "best": best,
                 "config": config_to_dict(cfg),
             }
             _atomic_save(state, Path(state_path))
+    bar.close()
     evaluated.load_state_dict(best["state"])
     evaluated = evaluated.cpu().eval()
     cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
-    return TrainResult(evaluated, cca, best["val"], best["epoch"], history)
+    val = evaluate_model(evaluated, cca, val_split)  # the selected model, CCA refitted on the whole train split
+    return TrainResult(evaluated, cca, val, best["step"], history, schedule)
+
+
+def _patience_ran_out(step: int, best_step: int, schedule: Schedule) -> bool:
+    return schedule.patience > 0 and step >= schedule.min_steps and step - best_step >= schedule.patience
 
 
 def _atomic_save(obj, path: Path) -> bytes:
@@ -222,7 +313,8 @@ def save_checkpoint(path: Path, cfg: Config, data: PairedFeatures, result: Train
         "state_dict": result.model.state_dict(),  # the evaluated (teacher) model
         "cca": result.cca.to_dict() if result.cca is not None else None,
         "val_metrics": result.val_metrics,
-        "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "schedule": dataclasses.asdict(result.schedule),
         "history": result.history,
         "data_source": data.source,
     }

@@ -65,11 +65,11 @@ def _setup(obj: ObjectiveConfig):
 
 
 def test_no_gradient_reaches_the_teacher():
-    obj = ObjectiveConfig(warmup_epochs=0.0, k=3)
+    obj = ObjectiveConfig(warmup_steps=0, k=3)
     student, teacher, weights = _setup(obj)
     x_a, x_v = _batch()
     teacher_before = copy.deepcopy(teacher.state_dict())
-    out = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), epoch_progress=3.0)
+    out = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), step=3)
     assert set(out.terms) == {"recon_intra", "recon_cross", "dcca", "soft_nce", "distill"}
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
@@ -94,26 +94,26 @@ def test_ema_update_and_momentum_schedule():
 
 
 def test_warm_up_has_no_dcca_ramps_the_cross_term_then_learns_weights():
-    obj = ObjectiveConfig(warmup_epochs=4.0, k=3)
+    obj = ObjectiveConfig(warmup_steps=4, k=3)
     student, teacher, weights = _setup(obj)
     x_a, x_v = _batch()
-    warm = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), epoch_progress=1.0)
+    warm = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), step=1)
     assert "dcca" not in warm.terms and warm.weights["recon_cross"] == pytest.approx(0.25)
     with torch.no_grad():
         weights.log_vars["soft_nce"].fill_(1.0)
-    after = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), epoch_progress=4.0)
+    after = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), step=4)
     assert "dcca" in after.terms and after.weights["soft_nce"] == pytest.approx(torch.exp(torch.tensor(-1.0)).item())
     weights.clamp_(-2.0, 0.5)
     assert float(weights.log_vars["soft_nce"].detach()) == 0.5
 
 
 def test_masked_pass_leaves_batchnorm_running_statistics_alone():
-    obj = ObjectiveConfig(dcca=False, warmup_epochs=0.0, k=3)  # only the masked MAE path runs
+    obj = ObjectiveConfig(dcca=False, warmup_steps=0, k=3)  # only the masked MAE path runs
     student, teacher, weights = _setup(obj)
     student.train()
     x_a, x_v = _batch()
     before = student.towers["audio"].encoder.net[0].running_mean.clone()
-    hscmae_step(student, teacher, weights, obj, x_a * 5 + 3, x_v, torch.Generator().manual_seed(0), epoch_progress=1.0)
+    hscmae_step(student, teacher, weights, obj, x_a * 5 + 3, x_v, torch.Generator().manual_seed(0), step=1)
     torch.testing.assert_close(student.towers["audio"].encoder.net[0].running_mean, before)
     assert student.towers["audio"].encoder.net[0].momentum == 0.1  # restored
 

@@ -12,7 +12,7 @@ import torch
 from training.__main__ import main
 from training.config import load_config
 from training.synthetic import generate
-from training.train import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, train
+from training.train import CHECKPOINT_NAME, evaluate_model, load_checkpoint, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def tiny_data():
 
 def test_the_evaluated_model_is_the_ema_teacher(tiny_data, tmp_path):
     cfg = load_config("tiny")
-    cfg.train.epochs = 1  # the only epoch is the selected one, so the teacher must equal the final state
+    cfg.train.max_steps = cfg.train.eval_every  # one evaluation, so the selected teacher is the final state
     result = train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     got = result.model.state_dict()
@@ -41,9 +41,10 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path):
     cfg = load_config("tiny")
     whole = train(cfg, tiny_data, show_progress=False)
     train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", stop_after=1)
-    assert len(torch.load(tmp_path / "s.pt", weights_only=False)["history"]) == 1
+    state = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert len(state["history"]) == 1 and set(state["rng"]) == {"cpu", "cuda"}
     resumed = train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", resume=True)
-    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h["step"] for h in resumed.history] == [8, 16, 24]
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
     assert resumed.val_metrics["avg"] == pytest.approx(whole.val_metrics["avg"], rel=1e-5)
     cfg.train.seed += 1
@@ -55,9 +56,14 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", "tiny", "--data", "synthetic", "--out", str(run), "--method", "clip", "--seed", "3", "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"val", "test", "best_epoch"} and 0 < metrics["test"]["avg"] <= 1
-    cfg, *_ = load_checkpoint(run)
+    assert set(metrics) == {"val", "test", "best_step", "last_step", "schedule"}
+    cfg, model, cca, *_ = load_checkpoint(run)
     assert cfg.train.method == "clip" and cfg.train.seed == 3 and cfg.objective.paired_nce and not cfg.objective.teacher
+    # The recorded figures are those of the saved model, recomputed here from the checkpoint.
+    data = generate(cfg.synthetic)
+    assert metrics["test"]["avg"] == pytest.approx(evaluate_model(model, cca, data.subset("test"))["avg"], abs=1e-6)
+    assert metrics["val"]["avg"] == pytest.approx(evaluate_model(model, cca, data.subset("val"))["avg"], abs=1e-6)
+    assert metrics["best_step"] in {8, 16, 24} and metrics["schedule"]["max_steps"] == 24
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--data", "synthetic"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -93,10 +99,10 @@ def test_paper_preset_trains_on_the_authors_hdf5_layout(tmp_path):
     with h5py.File(path, "w") as f:
         for name, rows in (("train", train_rows), ("test", test_rows)):
             f[f"audio_{name}"], f[f"visual_{name}"], f[f"lab_{name}"] = data.audio[rows], data.visual[rows], data.labels[rows]
-    config = tmp_path / "paper_short.yaml"  # the paper preset, two epochs so the test takes seconds
+    config = tmp_path / "paper_short.yaml"  # the paper preset, a few steps so the test takes seconds
     config.write_text((load_config.__globals__["PRESET_DIR"] / "paper.yaml").read_text() + "\n")
     cfg = load_config(str(config))
-    cfg.train.epochs, cfg.objective.warmup_epochs = 2, 1
+    cfg.train.max_steps, cfg.train.eval_every, cfg.objective.warmup_steps = 4, 2, 2
     from training.data import load_features
 
     features = load_features(path)

@@ -1,0 +1,160 @@
+"""The recipe that follows the data: step budgets, early stopping, keyed reuse in compare, tuning."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from training.__main__ import main
+from training.compare import compare
+from training.config import TrainConfig, load_config
+from training.synthetic import generate
+from training.train import BatchStream, _restore_rng_states, plan_schedule, train
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return generate(load_config("tiny").synthetic)
+
+
+@pytest.mark.parametrize("n_train", [600, 1_200, 60_000, 600_000])
+def test_the_schedule_follows_the_training_split(n_train):
+    cfg = TrainConfig(batch_size=256, max_steps=3000, patience=800)
+    s = plan_schedule(cfg, warmup_steps=200, n_train=n_train)
+    assert s.batch_size == min(256, n_train // 8) and s.steps_per_epoch == n_train // s.batch_size >= 8
+    assert s.eval_every == min(s.steps_per_epoch, 100) and s.max_steps == 3000 and s.min_steps == 200
+    assert s.max_epochs == pytest.approx(3000 / s.steps_per_epoch)
+
+
+def test_batches_cover_every_row_once_an_epoch_and_resume_exactly():
+    stream = BatchStream(10, 3, torch.Generator().manual_seed(0))
+    first_epoch = torch.cat(stream.take(3))  # 3 batches of 3; the ragged row is dropped
+    assert len(set(first_epoch.tolist())) == 9
+    saved, generator_state = stream.state_dict(), stream.generator.get_state()
+    ahead = stream.take(4)
+    again = BatchStream(10, 3, torch.Generator())
+    again.generator.set_state(generator_state)
+    again.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(again.take(4), ahead))
+
+
+def _scripted_validation(monkeypatch, scores):
+    """Validation answers ``scores`` in turn (then keeps the last), so the stopping rule is what is tested."""
+    import training.train as loop
+
+    answers = iter(scores)
+    last = {"avg": scores[-1]}
+
+    def fake(model, cca, data):
+        last["avg"] = next(answers, last["avg"])
+        return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"]}
+
+    monkeypatch.setattr(loop, "evaluate_model", fake)
+
+
+def test_training_stops_when_validation_stops_improving(tiny_data, monkeypatch):
+    _scripted_validation(monkeypatch, [0.50, 0.60, 0.55, 0.60, 0.59, 0.58, 0.70])
+    cfg = load_config("tiny")
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.patience, cfg.objective.warmup_steps = 400, 10, 30, 0
+    seen = []
+    result = train(cfg, tiny_data, show_progress=False, on_evaluation=lambda step, val: seen.append((step, val)))
+    # Best at step 20; a tie (0.60 at 40) is no improvement; 30 steps later the run ends, before 0.70.
+    assert [h["step"] for h in result.history] == [10, 20, 30, 40, 50]
+    assert result.best_step == 20 and seen == [(h["step"], h["val_avg"]) for h in result.history]
+
+
+def test_early_stopping_waits_for_the_warm_up(tiny_data, monkeypatch):
+    _scripted_validation(monkeypatch, [0.9, 0.1])
+    cfg = load_config("tiny")
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.patience, cfg.objective.warmup_steps = 400, 10, 10, 60
+    assert train(cfg, tiny_data, show_progress=False).history[-1]["step"] == 60
+    cfg.train.patience = 0  # no early stopping: the whole budget
+    _scripted_validation(monkeypatch, [0.9, 0.1])
+    assert train(cfg, tiny_data, show_progress=False).history[-1]["step"] == 400
+
+
+def test_cuda_random_states_are_restored_only_onto_matching_devices():
+    cpu = torch.get_rng_state()
+    _restore_rng_states(cpu)  # a state written before CUDA generators were saved still restores
+    with pytest.raises(ValueError, match="CUDA random states"):
+        _restore_rng_states({"cpu": cpu, "cuda": [torch.zeros(16, dtype=torch.uint8)] * (torch.cuda.device_count() + 1)})
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_reproduces_dropout(tiny_data, tmp_path):
+    cfg = load_config("tiny")
+    cfg.train.device = "cuda"
+    whole = train(cfg, tiny_data, show_progress=False)
+    train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", stop_after=1)
+    resumed = train(cfg, tiny_data, show_progress=False, state_path=tmp_path / "s.pt", resume=True)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
+
+
+def test_compare_reuses_a_run_only_for_the_same_configuration_and_data(tiny_data, tmp_path):
+    cfg = load_config("tiny")
+    out = tmp_path / "report"
+    compare(cfg, tiny_data, 1, out, methods=["clip"], show_progress=False)
+    path = out / "runs" / "clip_seed42.json"
+    stamp = path.stat().st_mtime_ns
+    compare(cfg, tiny_data, 1, out, methods=["clip"], show_progress=False)
+    assert path.stat().st_mtime_ns == stamp  # same configuration, data and code: reused
+    other = load_config("tiny")
+    other.objective.tau = 0.5
+    compare(other, tiny_data, 1, out, methods=["clip"], show_progress=False)
+    assert path.stat().st_mtime_ns != stamp and json.loads(path.read_text())["key"]["config"]["objective"]["tau"] == 0.5
+    stamp = path.stat().st_mtime_ns
+    shuffled = tiny_data.take(np.random.default_rng(0).permutation(len(tiny_data)))
+    compare(other, replace(shuffled, ids=tiny_data.ids), 1, out, methods=["clip"], show_progress=False)
+    assert path.stat().st_mtime_ns != stamp  # other data (here: rows paired with other splits)
+    with pytest.raises(ValueError, match="no finished run matches"):
+        compare(other, tiny_data, 1, out, methods=["clip"], show_progress=False, report_only=True)
+    report = compare(other, replace(shuffled, ids=tiny_data.ids), 1, out, methods=["clip", "dcca"], show_progress=False, report_only=True)
+    assert not report["meta"]["complete"] and set(report["methods"]) == {"clip"}
+
+
+class _NoTestSplit:
+    """Features whose test split cannot be read: tuning must select on validation only."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def subset(self, name):
+        if name == "test":
+            raise AssertionError("tuning read the test split")
+        return self._data.subset(name)
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+
+def test_tune_selects_on_validation_resumes_and_writes_a_preset(tiny_data, tmp_path, capsys):
+    from training.tune import load_tuned, tune
+
+    cfg = load_config("tiny")
+    guarded = _NoTestSplit(tiny_data)
+    guarded.labelled = lambda: guarded
+    first = tune(cfg, guarded, "clip", 3, tmp_path / "study", show_progress=False)
+    assert first.trials == 3 and 0 < first.val_avg <= 1
+    summary = json.loads((tmp_path / "study" / "tuning.json").read_text())
+    assert len(summary["trials"]) == 3 and max(t["value"] for t in summary["trials"] if t["state"] == "COMPLETE") == pytest.approx(first.val_avg)
+    tuned = load_tuned(tmp_path / "study")
+    assert tuned.train.method == "clip" and tuned.objective.paired_nce and tuned.train.lr == summary["best_params"]["train.lr"]
+    again = tune(cfg, guarded, "clip", 4, tmp_path / "study", show_progress=False)  # resumes: one more trial
+    assert again.trials == 4 and len(json.loads((tmp_path / "study" / "tuning.json").read_text())["trials"]) == 4
+    assert (tmp_path / "study" / "tuning_history.png").stat().st_size > 5000
+    # The preset trains as written, with the method it names.
+    assert main(["train", "--config", str(tmp_path / "study" / "best.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    saved = yaml.safe_load((tmp_path / "study" / "best.yaml").read_text())
+    assert saved["train"]["lr"] == json.loads((tmp_path / "study" / "tuning.json").read_text())["best_params"]["train.lr"]
+    assert "method clip" in capsys.readouterr().out
+
+
+def test_tune_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["tune", "--method", "linear-cca", "--trials", "2", "--config", "tiny", "--out", str(tmp_path)]) == 2
+    assert "no search space" in capsys.readouterr().err
+    assert main(["tune", "--method", "clip", "--trials", "0", "--config", "tiny", "--out", str(tmp_path)]) == 2
