@@ -32,7 +32,7 @@ $(VENV)/.test-installed: pyproject.toml
 	@# Debian's Chromium + chromedriver drive the web console in tests/service/test_ui.py (no browser download); no install, no test run.
 	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@# docker-compose (Debian's, no engine needed) validates the compose files in the tests.
-	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; } || echo "warning: could not install docker-compose"
+	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; } || { echo "error: could not install docker-compose (apt-get failed); the compose tests need it" >&2; exit 1; }
 	touch $@ $(VENV)/.run-installed
 
 install-run: $(VENV)/.run-installed

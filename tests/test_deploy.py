@@ -23,12 +23,19 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COMPOSE = shutil.which("docker-compose")
-needs_compose = pytest.mark.skipif(COMPOSE is None, reason="docker-compose not installed (make test installs it)")
+NO_COMPOSE = "docker-compose is not on PATH, so the compose files cannot be validated: install it (make test does: apt-get install docker-compose)"
+
+
+def compose_command() -> str:
+    """docker-compose's path; a missing one fails the test that needs it (never a quiet skip)."""
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.fail(NO_COMPOSE, pytrace=False)
+    return found
 
 
 def compose_config(*files: str, profile: str | None = None) -> dict:
-    args = [COMPOSE, *(a for f in files for a in ("-f", f))]
+    args = [compose_command(), *(a for f in files for a in ("-f", f))]
     if profile:
         args += ["--profile", profile]
     out = subprocess.run([*args, "config"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "AVSEARCH_API_KEY": ""})
@@ -77,7 +84,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_compose
 def test_compose_wires_indexer_api_and_trainer():
     config = compose_config("docker-compose.yml")
     services = config["services"]
@@ -96,7 +102,6 @@ def test_compose_wires_indexer_api_and_trainer():
     assert all(s["build"]["context"] == str(REPO) for s in services.values())
 
 
-@needs_compose
 def test_gpu_override_reserves_a_gpu_and_runs_the_cuda_image():
     services = compose_config("docker-compose.yml", "docker/compose.gpu.yml")["services"]
     for name in ("api", "indexer"):
@@ -124,7 +129,6 @@ def test_images_install_torch_only_in_the_trainer():
     assert cpu_env["AVSEARCH_MODEL_DIR"] == gpu_env["AVSEARCH_MODEL_DIR"] == "/models/current"
 
 
-@needs_compose
 def test_indexer_command_builds_once_then_keeps_the_index(volumes):
     indexer = compose_config("docker-compose.yml")["services"]["indexer"]
     _, image_env, _ = dockerfile("Dockerfile.cpu")
@@ -153,7 +157,6 @@ def test_indexer_command_builds_once_then_keeps_the_index(volumes):
     assert missing.returncode == 2 and len(lines) == 1 and "--profile train run --rm trainer" in lines[0]
 
 
-@needs_compose
 def test_api_command_serves_answers_sighup_and_stops(volumes, tiny):
     subprocess.run([sys.executable, "-m", "index", "build", "--model", str(volumes["/models"] / "current"), "--data", str(tiny.data_dir), "--out", str(volumes["/indexes"] / "current")], cwd=REPO, check=True, capture_output=True, timeout=120)
     api = compose_config("docker-compose.yml")["services"]["api"]
@@ -184,6 +187,26 @@ def test_api_command_serves_answers_sighup_and_stops(volumes, tiny):
         out, _ = proc.communicate(timeout=30)
     # a clean shutdown; uvicorn re-raises SIGTERM after it, as Docker expects of a stopped container
     assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+
+
+def test_a_missing_docker_compose_fails_with_a_clear_message(monkeypatch):
+    """Not a skip: the compose and SIGHUP tests once skipped quietly when docker-compose was missing."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        compose_config("docker-compose.yml")
+    except BaseException as outcome:  # pytest's skip and fail outcomes are BaseExceptions: tell them apart here
+        assert type(outcome) is pytest.fail.Exception and str(outcome) == NO_COMPOSE, repr(outcome)
+    else:
+        raise AssertionError("compose_config ran without docker-compose")
+
+
+def test_make_test_fails_when_docker_compose_cannot_be_installed():
+    """The install recipe once ended in `|| echo warning`: the run went on without docker-compose."""
+    makefile = (REPO / "Makefile").read_text()
+    line = next(line for line in makefile.splitlines() if "apt-get install" in line and "docker-compose" in line)
+    script = line.strip().replace("apt-get", "false")  # command -v finds nothing (PATH below) and the install fails
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, env={"PATH": "/nonexistent"})
+    assert out.returncode != 0 and "could not install docker-compose" in out.stderr, (out.returncode, out.stdout, out.stderr)
 
 
 def test_trainer_command_writes_the_model_the_indexer_reads(volumes, tmp_path):
