@@ -111,7 +111,7 @@ def test_shard_folder_job_and_ivf(tiny, tmp_path):
 
 
 def test_ray_engine_matches_local(tiny, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray  # a dev dependency (make test installs it): missing, this fails rather than skips
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = build_job(tiny.model_dir, tiny.data_dir, tmp_path / "ray", engine="ray", partition_rows=200, workers=1, progress=False)
