@@ -105,7 +105,7 @@ def embedding_benchmark(repeats: int) -> dict:
     torch.manual_seed(0)
     model = AVModel(128, 1024, cfg.model).eval()  # untrained weights: same graph and cost as a trained one
     rng = np.random.default_rng(0)
-    e, o = cfg.model.out_dim, cfg.cca.n_components
+    e, o = cfg.model.embedding_dim, cfg.cca.n_components
     cca = LinearCCA(rng.standard_normal(e) * 0.1, rng.standard_normal(e) * 0.1, rng.standard_normal((e, o)), rng.standard_normal((e, o)), np.ones(o))
     encoders = serving_encoders(model, cca)
     out = {"model": f"default config: hidden {cfg.model.hidden_dim}, depth {cfg.model.depth}, head {e}, CCA {o} -> E = {o}", "torch_threads": torch.get_num_threads(), "rows": []}

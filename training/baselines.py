@@ -23,7 +23,7 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "hscmae": ("method", "HSC-MAE (full)", {}),
     "linear-cca": ("baseline", "linear CCA on raw features", {}),
     "dcca": ("baseline", "DCCA (encoders + DCCA only)", {**_NO_HSC, "dcca": True, "teacher": False, "mask_ratio": 0.0}),
-    "mae": ("baseline", "MAE only (+ linear CCA)", {**_NO_HSC, "recon_intra": True, "teacher": False, "fusion": False}),
+    "mae": ("baseline", "MAE only (+ linear CCA on h)", {**_NO_HSC, "recon_intra": True, "teacher": False, "fusion": False, "model.head": False}),
     "clip": ("baseline", "paired InfoNCE (CLIP-style)", {**_NO_HSC, "paired_nce": True, "teacher": False, "mask_ratio": 0.0}),
     "cavmae": ("baseline", "MAE + paired InfoNCE (CAV-MAE-style)", {**_NO_HSC, "recon_intra": True, "paired_nce": True, "paired_nce_masked": True, "teacher": False}),
     "no-dcca": ("ablation", "HSC-MAE without DCCA", {"dcca": False}),
@@ -59,7 +59,7 @@ def search_space(name: str) -> dict[str, tuple]:
         raise ValueError(f"method {name!r} has no search space; choose from {sorted(m for m in METHODS if m != 'linear-cca')}")
     space = dict(SEARCH_SPACES.get(name, _HSCMAE_SPACE))
     for key in METHODS[name][2]:  # a knob the method fixes (e.g. a sweep's ρ) is not searched
-        space.pop(f"objective.{key}", None)
+        space.pop(key if "." in key else f"objective.{key}", None)
     return space
 
 
@@ -74,7 +74,8 @@ def method_config(cfg: Config, name: str) -> Config:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     out = copy.deepcopy(cfg)
     for key, value in METHODS[name][2].items():
-        setattr(out.objective, key, value)
+        section, field = key.split(".") if "." in key else ("objective", key)  # bare keys are objective switches
+        setattr(getattr(out, section), field, value)
     out.train.method = name
     return out
 

@@ -174,7 +174,7 @@ def export_run(
         if not parity[modality] <= tolerance:
             raise ExportError(f"{modality} encoder: ONNX Runtime differs from PyTorch by {parity[modality]:.2e} > {tolerance:.0e}; not written")
     use_cca = cca is not None and cfg.cca.enabled
-    embedding_dim = int(cca.proj_a.shape[1]) if use_cca else cfg.model.out_dim
+    embedding_dim = int(cca.proj_a.shape[1]) if use_cca else cfg.model.embedding_dim
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -27,11 +27,17 @@ class ModelConfig:
     hidden_dim: int = 1024  # H: width of every encoder layer (spec §2: 1024)
     depth: int = 3  # linear layers per encoder
     out_dim: int = 32  # E: embedding width of the projection head
+    head: bool = True  # a learned projection H -> E; False: z = normalise(h), E = H (for objectives that train no head)
     dropout: float = 0.2  # dropout after each hidden encoder layer
     fusion_tokens: int = 8  # L: h is split into L tokens of H/L for cross-attention
     fusion_heads: int = 1  # attention heads per fusion direction (must divide H/L)
     decoder_hidden: int = 1024  # hidden width of the 3-layer decoders (spec §2: 1024)
     decoder_depth: int = 3  # linear layers per decoder
+
+    @property
+    def embedding_dim(self) -> int:
+        """E: the width of z, what the tower returns."""
+        return self.out_dim if self.head else self.hidden_dim
 
 
 class Encoder(nn.Module):
@@ -62,7 +68,9 @@ class Tower(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(d_in))
         self.register_buffer("feature_std", torch.ones(d_in))
         self.encoder = Encoder(d_in, cfg)
-        self.head = nn.Linear(cfg.hidden_dim, cfg.out_dim)
+        # Nothing trains a head under a reconstruction-only objective; a random projection of h would
+        # only lose information before the test-time CCA, so such models use h itself.
+        self.head = nn.Linear(cfg.hidden_dim, cfg.out_dim) if cfg.head else nn.Identity()
 
     def set_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Feature statistics of the training split (never val or test)."""

@@ -158,3 +158,21 @@ def test_tune_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["tune", "--method", "linear-cca", "--trials", "2", "--config", "tiny", "--out", str(tmp_path)]) == 2
     assert "no search space" in capsys.readouterr().err
     assert main(["tune", "--method", "clip", "--trials", "0", "--config", "tiny", "--out", str(tmp_path)]) == 2
+
+
+def test_the_mae_baseline_retrieves_with_h_not_an_untrained_head(tiny_data, tmp_path):
+    from training.baselines import method_config
+    from training.export import export_run
+    from training.train import CHECKPOINT_NAME, save_checkpoint
+
+    cfg = method_config(load_config("tiny"), "mae")
+    assert not cfg.model.head and cfg.model.embedding_dim == cfg.model.hidden_dim
+    result = train(cfg, tiny_data, show_progress=False)
+    x = torch.from_numpy(tiny_data.audio[:4])
+    with torch.no_grad():
+        z, h = result.model.towers["audio"](x), result.model.towers["audio"].encode(x)
+    torch.testing.assert_close(z, torch.nn.functional.normalize(h, dim=-1))  # no projection at all
+    assert result.cca.proj_a.shape == (cfg.model.hidden_dim, cfg.cca.n_components)
+    save_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, cfg, tiny_data, result)
+    manifest = export_run(tmp_path / "run", tmp_path / "model", data=tiny_data)
+    assert manifest["embedding_dim"] == cfg.cca.n_components
