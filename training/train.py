@@ -49,13 +49,16 @@ def fit_test_time_cca(model: AVModel, train: PairedFeatures, cfg: Config) -> Lin
     return fit_linear_cca(embed_all(model, "audio", train.audio), embed_all(model, "visual", train.visual), cfg.cca.n_components, cfg.cca.ridge)
 
 
-def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures) -> dict[str, float]:
+EVAL_MAX_QUERIES = 10_000  # larger splits are scored with a seeded query sample against the whole gallery
+
+
+def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures, max_queries: int = EVAL_MAX_QUERIES) -> dict[str, float]:
     """Cross-modal metrics of ``data`` with the CCA projection (when given) and without it."""
     z_a, z_v = embed_all(model, "audio", data.audio), embed_all(model, "visual", data.visual)
-    plain = cross_modal_metrics(z_a, z_v, data.labels)
+    plain = cross_modal_metrics(z_a, z_v, data.labels, max_queries)
     if cca is None:
         return plain
-    out = cross_modal_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels)
+    out = cross_modal_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels, max_queries)
     out.update({f"{k}_no_cca": v for k, v in plain.items() if k in ("a2v", "v2a", "avg")})
     return out
 
@@ -288,7 +291,7 @@ def train(
     evaluated.load_state_dict(best["state"])
     evaluated = evaluated.cpu().eval()
     cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
-    val = evaluate_model(evaluated, cca, val_split)  # the selected model, CCA refitted on the whole train split
+    val = evaluate_model(evaluated, cca, val_split, max_queries=cfg.train.select_rows)  # CCA refitted on the whole train split
     return TrainResult(evaluated, cca, val, best["step"], history, schedule)
 
 

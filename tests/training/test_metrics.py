@@ -93,3 +93,14 @@ def test_recall_at_k_and_median_rank_match_a_slow_reference(seed):
     assert got["median_rank"] == pytest.approx(median)
     assert 0 < got["r@1"] < got["r@5"] < got["r@10"] < 1  # the data spreads the ranks, so a mutant that counts rank 1 fails
     assert got["median_rank"] > 1
+
+
+def test_a_query_sample_scores_against_the_whole_gallery():
+    rng = np.random.default_rng(4)
+    a, v, labels = rng.standard_normal((300, 5)), rng.standard_normal((300, 5)), rng.integers(0, 4, 300)
+    whole = cross_modal_metrics(a, v, labels)
+    assert cross_modal_metrics(a, v, labels, max_queries=300) == whole  # no sampling at the split's size
+    sampled = cross_modal_metrics(a, v, labels, max_queries=50, seed=1)
+    rows = np.sort(np.random.default_rng(1).choice(300, 50, replace=False))
+    assert sampled["a2v"] == pytest.approx(mean_average_precision(a[rows], v, labels[rows], labels))
+    assert sampled["v2a"] == pytest.approx(mean_average_precision(v[rows], a, labels[rows], labels))
