@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from index.atomic import atomic_write
 from index.embedder import Embedder
 from index.items import RepeatedIdError
 from index.sources import InMemory, Partition, ShardFolder
-from index.store import VectorIndex, apply_build_params, atomic_write
+from index.store import VectorIndex, apply_build_params
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"

@@ -27,7 +27,7 @@ from index.store import IndexLoadError
 def _settings(args):
     from service.settings import Settings
 
-    overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index)) if v is not None}
+    overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index), ("host", getattr(args, "host", None))) if v is not None}
     return Settings(**overrides)
 
 
@@ -42,13 +42,15 @@ def _serve(args) -> int:
     engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads)  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{settings.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
     print(f"\navsearch serving model {engine.version} on {url}  (API docs: {url}/docs)")
     print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}")
     print(f"or open the web console: {url}/ui/\n", flush=True)
     # One process: the index lives in memory and item changes must be seen by every request.
-    uvicorn.run(create_app(settings, engine), host=args.host, port=args.port, log_level="info", access_log=settings.access_log)
+    if settings.anonymous_writes_refused():
+        print(f"no API key and bound to {settings.host}: item changes and reloads answer 403 (set AVSEARCH_API_KEY)", flush=True)
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=args.port, log_level="info", access_log=settings.access_log)
     return 0
 
 
@@ -96,7 +98,7 @@ def _prepare(args) -> int:
 
 def _example(args) -> int:
     """The last test-split clip's audio vector (a clip the model never trained on)."""
-    from training.data import load_features  # numpy-only data layer: every format, validated
+    from avdata.features import load_features  # numpy-only data layer: every format, validated
 
     test = load_features(args.data).subset("test")
     body = {"modality": "audio", "vectors": [test.audio[-1].astype(float).round(6).tolist()], "top_k": args.top_k}
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve the search API with uvicorn (settings: AVSEARCH_* variables, see service/README.md)")
     p.add_argument("--model", type=Path, help="exported model directory (default: $AVSEARCH_MODEL_DIR or artifacts/model)")
     p.add_argument("--index", type=Path, help="index directory (default: $AVSEARCH_INDEX_DIR or artifacts/index)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", help="address to bind (default: $AVSEARCH_HOST or 127.0.0.1; off loopback, writes need AVSEARCH_API_KEY)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--example", type=Path, help="a JSON request body to show in the printed curl")
     p.set_defaults(func=_serve)

@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.openapi = openapi
     # Added innermost first: metrics see every answer, the 401/403/413 of the others included.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, read_api_key=settings.read_api_key)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, drain_bytes=settings.max_drain_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, read_api_key=settings.read_api_key, refuse_anonymous_writes=settings.anonymous_writes_refused())
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

@@ -1,6 +1,8 @@
 """Optional API keys: ``Authorization: Bearer <key>``; a read-write key and an optional read-only one.
 
-No key configured: every route is open. With keys, every ``/v1`` route needs one: changes
+No key configured: every route is open when the server is bound to loopback (or
+``AVSEARCH_ALLOW_ANONYMOUS_WRITES`` is set); bound to any other address, changes answer 403 with a
+message naming the setting, since anyone who reaches the port could otherwise rewrite the index. With keys, every ``/v1`` route needs one: changes
 (``POST``/``DELETE`` under ``/v1/items`` and ``/v1/admin``) need the read-write key, everything else
 either key. Probes, metrics and the docs stay open. Missing or malformed header: 401; a key that is
 not accepted here (unknown, or the read-only key on a write route): 403.
@@ -36,11 +38,22 @@ def _matches(given: bytes, key: SecretStr | None) -> bool:
     return key is not None and hmac.compare_digest(given, key.get_secret_value().encode())
 
 
+ANONYMOUS_WRITES_REFUSED = (
+    "writes, deletes and reloads need an API key on a server reachable from other machines: set AVSEARCH_API_KEY "
+    "(and send 'Authorization: Bearer <key>'), or set AVSEARCH_ALLOW_ANONYMOUS_WRITES=true to let anyone change the index"
+)
+
+
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: SecretStr | None, read_api_key: SecretStr | None):
+    def __init__(self, app: ASGIApp, api_key: SecretStr | None, read_api_key: SecretStr | None, refuse_anonymous_writes: bool = False):
         self.app, self.api_key, self.read_api_key = app, api_key, read_api_key
+        self.refuse_anonymous_writes = refuse_anonymous_writes  # no key, bound off loopback, not explicitly allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.api_key is None and self.refuse_anonymous_writes:
+            if access_needed(scope["method"], scope["path"]) == "write":
+                await reject(send, 403, ANONYMOUS_WRITES_REFUSED)
+                return
         if scope["type"] == "http" and self.api_key is not None:
             needed = access_needed(scope["method"], scope["path"])
             problem = self._problem(scope, needed) if needed else None

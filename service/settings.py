@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -25,6 +26,22 @@ class Settings(BaseSettings):
     search_threads: int = Field(1, ge=0, description="FAISS OpenMP and numpy BLAS threads of `serve` (0 = their defaults, one per core)")
     report_dir: Path | None = Field(None, description="training report folder (python -m training compare --out) whose plots the console shows; unset = none")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
+    host: str = Field("127.0.0.1", description="address `serve` binds (--host overrides); off loopback, writes need a key unless allow_anonymous_writes")
+    allow_anonymous_writes: bool = Field(False, description="let anyone who reaches a non-loopback address write, delete and reload when no API key is set")
+    reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir")
+    max_drain_bytes: int = Field(256 * 1024 * 1024, ge=0, description="of an over-limit body, how much is read and dropped so the client (which may send it all before reading) gets its 413")
+
+    def reload_root_paths(self) -> list[Path]:
+        """Resolved directories a reload may name; symlinks resolved so none can point out of them."""
+        if self.reload_roots:
+            roots = [Path(part) for part in self.reload_roots.split(":") if part.strip()]
+        else:
+            roots = [Path(self.model_dir).absolute().parent, Path(self.index_dir).absolute().parent]
+        return list(dict.fromkeys(root.resolve() for root in roots))
+
+    def anonymous_writes_refused(self) -> bool:
+        """No key, bound off loopback, and not explicitly allowed: writes and admin routes answer 403."""
+        return self.api_key is None and not self.allow_anonymous_writes and not is_loopback(self.host)
 
     @field_validator("api_key", "read_api_key", mode="before")
     @classmethod
@@ -42,3 +59,13 @@ class Settings(BaseSettings):
             if key is not None and not key.get_secret_value().strip():
                 raise ValueError(f"AVSEARCH_{name.upper()} is blank; unset it or give a key")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0 and :: included) is reachable from elsewhere."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -176,8 +176,8 @@ async def stats(request: Request) -> dict:
 @router.get("/access", response_model=Access, summary="What the key sent may do: read-write, read-only, or open (no keys configured)")
 async def access(request: Request) -> Access:
     settings = _state(request).settings
-    if settings.api_key is None:
-        return Access(access="open")
+    if settings.api_key is None:  # off loopback without a key, writes are refused: the page hides its write controls
+        return Access(access="read-only" if settings.anonymous_writes_refused() else "open")
     # The key middleware already refused unknown keys; only which of the two came is left to tell.
     token = request.headers.get("authorization", "").partition(" ")[2].strip().encode()
     writes = hmac.compare_digest(token, settings.api_key.get_secret_value().encode())

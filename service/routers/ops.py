@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from index.embedder import ModelError
@@ -45,7 +47,7 @@ async def info(request: Request) -> Info:
     "/v1/admin/reload",
     response_model=ReloadResponse,
     summary="Swap in a model + index version atomically (same as SIGHUP with no body)",
-    responses={**ERRORS, 409: {"description": "the new version cannot be loaded (missing, corrupt, index from another model); the current one stays"}},
+    responses={**ERRORS, 403: {"description": "a path outside AVSEARCH_RELOAD_ROOTS (or the key is not accepted)"}, 409: {"description": "the new version cannot be loaded (missing, corrupt, index from another model); the current one stays"}},
     openapi_extra=OPTIONAL_BODY,
 )
 async def reload(request: Request) -> ReloadResponse:
@@ -57,8 +59,25 @@ async def reload(request: Request) -> ReloadResponse:
         options = await parse_json(request, ReloadRequest, body)
     else:
         options = ReloadRequest()
+    for name in ("model_dir", "index_dir"):
+        _check_under_roots(state, name, getattr(options, name))
     try:
         previous, engine = await state.swap(options.model_dir, options.index_dir)
     except (ModelError, IndexLoadError, OSError, ValueError) as err:  # ValueError: paths the OS refuses
         raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
     return ReloadResponse(model=engine.version, previous_model=previous, index_sizes=engine.sizes())
+
+
+def _check_under_roots(state: ServiceState, name: str, requested: str | None) -> None:
+    """403 unless ``requested`` (symlinks resolved) lies under a reload root: a client must not make
+    the server open arbitrary paths (``/etc``, another tenant's data) as a model or an index."""
+    if requested is None:
+        return  # the configured paths, re-read
+    roots = state.settings.reload_root_paths()
+    try:
+        resolved = Path(requested).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a path the OS refuses
+        raise HTTPException(409, f"version not swapped, the current one keeps serving: {name} {requested!r}: {err}") from None
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise HTTPException(403, f"{name} {requested!r} is outside the directories a reload may load from ({allowed}); set AVSEARCH_RELOAD_ROOTS to allow others")

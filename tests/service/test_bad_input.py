@@ -177,6 +177,9 @@ def test_reload_bad_bodies(client):
     r = client.post("/v1/admin/reload", json={"index_dir": "\u0000"})  # found by schemathesis: was a 500
     assert r.status_code == 422 and "no NUL character" in r.json()["detail"]
     r = client.post("/v1/admin/reload", json={"model_dir": "/does/not/exist"})
+    assert r.status_code == 403 and "AVSEARCH_RELOAD_ROOTS" in r.json()["detail"]  # outside the reload roots
+    missing = client.app.state.avsearch.settings.model_dir.parent / "does-not-exist"
+    r = client.post("/v1/admin/reload", json={"model_dir": str(missing)})
     assert r.status_code == 409 and "manifest.json: missing" in r.json()["detail"]
     assert client.get("/readyz").status_code == 200  # the current version keeps serving
 
@@ -243,7 +246,7 @@ def test_incoherent_settings_are_refused(settings, message):
 
 def test_uint8_npy_is_dequantised_like_the_data_layer(client):
     """8-bit features embed as the loader de-quantises them, (q - 128) / 256, not as raw 0..255."""
-    from training.data import dequantize
+    from avdata.features import dequantize
 
     q = np.random.default_rng(0).integers(0, 256, size=(2, 128), dtype=np.uint8)
     accept = {**NPY, "accept": "application/x-npy"}

@@ -158,7 +158,8 @@ def test_swap_under_load_fails_no_request_and_refuses_another_models_index(tiny,
     statuses: list[int] = []
     versions: list[str] = []
     stop = threading.Event()
-    with make_client(tiny, index_dir) as c:
+    roots = ":".join(str(p.parent) for p in (model_v2, index_v2, tiny.model_dir, index_dir))
+    with make_client(tiny, index_dir, reload_roots=roots) as c:
         wait_ready(c)
         v1 = c.get("/readyz").json()["model"]
 
