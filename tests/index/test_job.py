@@ -18,7 +18,7 @@ from index.build import build_job
 from index.embedder import Embedder
 from index.job import DuplicateIdError, JobError, read_shard
 from index.store import VectorIndex
-from training.data import load_features
+from avdata.features import load_features
 
 REPO = Path(__file__).resolve().parents[2]
 

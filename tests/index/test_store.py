@@ -7,7 +7,7 @@ import pytest
 
 from index.embedder import Embedder, InputError
 from index.store import IndexLoadError, VectorIndex
-from training.data import load_features
+from avdata.features import load_features
 from training.metrics import cross_modal_metrics
 
 

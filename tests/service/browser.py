@@ -37,7 +37,7 @@ def annotated_index(index_dir: Path, data_dir: Path, dest: Path) -> Path:
     """A copy of ``index_dir`` whose items carry metadata: the class label, the split, and on every
     third clip a YouTube id + start second (AVE style), on every fifth a page URL."""
     from index.store import VectorIndex
-    from training.data import load_features
+    from avdata.features import load_features
 
     data = load_features(data_dir)
     labels = {clip: int(np.argmax(label)) if np.ndim(label) else int(label) for clip, label in zip(data.ids, data.labels)}

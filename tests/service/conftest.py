@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from training.data import load_features
+from avdata.features import load_features
 
 
 def copy_index(tiny, dest: Path) -> Path:

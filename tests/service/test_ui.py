@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.service.browser import annotated_index, chromium_driver, fetch_json, serving
-from training.data import load_features
+from avdata.features import load_features
 
 RW_KEY, RO_KEY = "console-rw-key", "console-ro-key"
 WAIT_S = 30

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data import DataError, dequantize, load_features, make_paired, save_directory
-from training.synthetic import SyntheticConfig, generate, generate_chunks
+from avdata.features import DataError, dequantize, load_features, make_paired, save_directory
+from avdata.synthetic import SyntheticConfig, generate, generate_chunks
 
 
 def _write(tmp_path, **arrays):

@@ -1,0 +1,256 @@
+"""The data layer: paired audio/visual clip features, loaded and validated.
+
+Formats (see README "Data formats"):
+
+* a **feature directory** holding ``audio_features.npy`` (N×D_a), ``visual_features.npy`` (N×D_v)
+  and optionally ``labels.npy`` (N class ids, or N×C multi-hot), ``ids.txt`` (one id per line) and
+  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2);
+* the authors' **HDF5 layout**: ``audio_train``, ``visual_train``, ``lab_train`` and the same three
+  ``_test`` keys; a validation split is carved from the training rows (seeded), never the test rows;
+* a **shard folder** of many ``.npy`` shards, one shard = ``audio_features-<name>.npy`` and/or
+  ``visual_features-<name>.npy`` (same rows) with optional ``ids-<name>.txt``,
+  ``labels-<name>.npy``, ``split-<name>.npy`` and ``metadata-<name>.jsonl`` (one JSON object per
+  row, for the index); default ids are ``<name>:<row>``, so adding a shard renames nothing;
+* ``synthetic``: the embedded default generator (:mod:`avdata.synthetic`).
+
+uint8 features are 8-bit quantised (YouTube-8M style) and de-quantised as ``(q − 128) / 256``.
+Every problem raises :class:`DataError` with one message naming the file and what is wrong.
+This package imports no torch: training, the batch indexing jobs and the service all read data
+through it, and the service image carries it without ``training/``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from avdata.atomic import atomic_file, atomic_write
+from avdata.paired import (
+    AUDIO_FILE,
+    HDF5_SUFFIXES,
+    IDS_FILE,
+    LABELS_FILE,
+    SPLIT_FILE,
+    SPLIT_NAMES,
+    VISUAL_FILE,
+    DataError,
+    PairedFeatures,
+    as_features,
+    dequantize,
+)
+
+__all__ = [
+    "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
+    "DataError", "PairedFeatures", "dequantize", "as_features", "make_paired",
+    "load_directory", "load_hdf5", "shard_names", "load_shard", "shard_ids", "load_shard_folder", "load_features",
+    "atomic_file", "atomic_write", "save_directory",
+]
+
+
+def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+    if labels.ndim not in (1, 2) or labels.shape[0] != n:
+        raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            return labels.astype(np.int64)
+        raise DataError(f"{name}: labels must be integers (class ids or 0/1 multi-hot), got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def _check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
+    if split.ndim != 1 or split.shape[0] != n:
+        raise DataError(f"{name}: expected {n} split entries, got shape {split.shape}")
+    if np.issubdtype(split.dtype, np.integer):
+        if split.min() < 0 or split.max() > 2:
+            raise DataError(f"{name}: integer splits must be 0 (train), 1 (val) or 2 (test)")
+        return np.asarray(SPLIT_NAMES)[split]
+    split = split.astype(str)
+    unknown = set(np.unique(split)) - set(SPLIT_NAMES)
+    if unknown:
+        raise DataError(f"{name}: unknown split names {sorted(unknown)}; expected {SPLIT_NAMES}")
+    return split
+
+
+def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays") -> PairedFeatures:
+    """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
+    audio = as_features(audio, f"{source}: audio features")
+    visual = as_features(visual, f"{source}: visual features")
+    n = audio.shape[0]
+    if visual.shape[0] != n:
+        raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
+    if labels is not None:
+        labels = _check_labels(np.asarray(labels), n, f"{source}: labels")
+    if ids is None:
+        ids = [str(i) for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise DataError(f"{source}: {len(ids)} ids for {n} clips")
+    if len(set(ids)) != n:
+        raise DataError(f"{source}: ids are not unique")
+    if split is not None:
+        split = _check_split(np.asarray(split), n, f"{source}: split")
+    return PairedFeatures(audio, visual, labels, ids, split, source)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+
+
+def load_directory(path: Path) -> PairedFeatures:
+    for required in (AUDIO_FILE, VISUAL_FILE):
+        if not (path / required).is_file():
+            raise DataError(f"{path / required}: missing; a feature directory needs {AUDIO_FILE} and {VISUAL_FILE}")
+    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE))
+    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE))
+    if audio.shape[0] != visual.shape[0]:
+        raise DataError(
+            f"{path / VISUAL_FILE}: has {visual.shape[0]} rows but {AUDIO_FILE} has {audio.shape[0]}; rows must pair up"
+        )
+    labels = _load_npy(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
+    ids = (path / IDS_FILE).read_text().splitlines() if (path / IDS_FILE).is_file() else None
+    split = _load_npy(path / SPLIT_FILE) if (path / SPLIT_FILE).is_file() else None
+    return make_paired(audio, visual, labels, ids, split, source=str(path))
+
+
+def load_hdf5(path: Path, val_fraction: float = 0.1, seed: int = 0) -> PairedFeatures:
+    """The authors' layout; validation rows are carved (seeded) from the training rows."""
+    import h5py
+
+    keys = [f"{kind}_{part}" for part in ("train", "test") for kind in ("audio", "visual", "lab")]
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise DataError(f"{path}: missing HDF5 datasets {missing}; expected {keys}")
+            arrays = {k: np.asarray(f[k]) for k in keys}
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+    parts = []
+    for part in ("train", "test"):
+        parts.append(
+            make_paired(
+                arrays[f"audio_{part}"],
+                arrays[f"visual_{part}"],
+                np.asarray(arrays[f"lab_{part}"]).squeeze(),
+                [f"{part}-{i:07d}" for i in range(len(arrays[f"audio_{part}"]))],
+                source=f"{path}[{part}]",
+            )
+        )
+    train, test = parts
+    if train.audio_dim != test.audio_dim or train.visual_dim != test.visual_dim:
+        raise DataError(f"{path}: train and test feature widths differ")
+    split = np.array(["train"] * len(train) + ["test"] * len(test), dtype=object)
+    val_rows = np.random.default_rng(seed).permutation(len(train))[: int(round(val_fraction * len(train)))]
+    split[val_rows] = "val"
+    labels = None
+    if train.labels is not None and test.labels is not None and train.labels.ndim == test.labels.ndim:
+        labels = np.concatenate([train.labels, test.labels])
+    return make_paired(
+        np.vstack([train.audio, test.audio]),
+        np.vstack([train.visual, test.visual]),
+        labels,
+        train.ids + test.ids,
+        split.astype(str),
+        source=str(path),
+    )
+
+
+SHARD_PREFIXES = {"audio": "audio_features-", "visual": "visual_features-"}
+
+
+def shard_names(path: str | os.PathLike) -> list[str]:
+    """Sorted shard names of a shard folder (empty when ``path`` holds no shards)."""
+    names = set()
+    for prefix in SHARD_PREFIXES.values():
+        names.update(p.name[len(prefix) : -len(".npy")] for p in Path(path).glob(f"{prefix}*.npy"))
+    return sorted(names)
+
+
+def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = True) -> tuple[np.ndarray | None, list[str] | None]:
+    """(features (N, D) float32 or None when the shard lacks ``modality``, ids or None for the default)."""
+    path = Path(path)
+    file = path / f"{SHARD_PREFIXES[modality]}{name}.npy"
+    if not file.is_file():
+        return None, None
+    try:
+        raw = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{file}: not a readable .npy file ({err})") from None
+    features = as_features(np.asarray(raw), str(file))
+    ids_file = path / f"ids-{name}.txt"
+    ids = ids_file.read_text().splitlines() if ids_file.is_file() else None
+    if ids is not None and len(ids) != len(features):
+        raise DataError(f"{ids_file}: {len(ids)} ids for {len(features)} rows of {file.name}")
+    return features, ids
+
+
+def shard_ids(name: str, n: int) -> list[str]:
+    """Default ids of a shard's rows: ``<name>:<row>``."""
+    return [f"{name}:{row}" for row in range(n)]
+
+
+def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
+    """Every shard of a shard folder as one :class:`PairedFeatures` (each shard needs both modalities)."""
+    path = Path(path)
+    names = shard_names(path)
+    if not names:
+        raise DataError(f"{path}: no shards ({SHARD_PREFIXES['audio']}<name>.npy / {SHARD_PREFIXES['visual']}<name>.npy)")
+    audio, visual, ids, labels, splits = [], [], [], [], []
+    for name in names:
+        a, a_ids = load_shard(path, name, "audio", mmap=False)
+        v, _ = load_shard(path, name, "visual", mmap=False)
+        if a is None or v is None:
+            raise DataError(f"{path}: shard {name!r} lacks {'audio' if a is None else 'visual'} features; training needs both")
+        if len(a) != len(v):
+            raise DataError(f"{path}: shard {name!r} has {len(a)} audio rows but {len(v)} visual rows; rows must pair up")
+        audio.append(a), visual.append(v), ids.extend(a_ids or shard_ids(name, len(a)))
+        labels.append(_load_npy(path / f"labels-{name}.npy") if (path / f"labels-{name}.npy").is_file() else None)
+        split_file = path / f"split-{name}.npy"
+        splits.append(_check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
+    all_labels = np.concatenate(labels) if all(x is not None for x in labels) else None
+    all_split = np.concatenate(splits) if all(x is not None for x in splits) else None
+    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path))
+
+
+def load_features(data: str | os.PathLike) -> PairedFeatures:
+    """Load ``synthetic``, a feature directory or an HDF5 file; always returns a train/val/test split."""
+    if str(data) == "synthetic":
+        from avdata.synthetic import generate  # imported when asked for: most callers read files
+
+        return generate()
+    path = Path(data)
+    if path.is_dir():
+        if not (path / AUDIO_FILE).exists() and shard_names(path):
+            return load_shard_folder(path).with_default_split()
+        return load_directory(path).with_default_split()
+    if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
+        return load_hdf5(path)
+    if not path.exists():
+        raise DataError(f"{path}: does not exist (expected a feature directory, an HDF5 file or 'synthetic')")
+    raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
+
+
+def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
+    """Write ``data`` in the feature-directory format; each file is written then renamed into place."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save_npy(path / AUDIO_FILE, data.audio)
+    _atomic_save_npy(path / VISUAL_FILE, data.visual)
+    if data.labels is not None:
+        _atomic_save_npy(path / LABELS_FILE, data.labels)
+    if data.split is not None:
+        _atomic_save_npy(path / SPLIT_FILE, data.split.astype("U5"))
+    atomic_write(path / IDS_FILE, "\n".join(data.ids) + "\n")
+    return path

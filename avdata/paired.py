@@ -1,0 +1,110 @@
+"""Paired audio/visual clip features: the type every format loads into, and its validation.
+
+Numpy only (no torch, no HDF5): :mod:`avdata.features` (the formats) and :mod:`avdata.synthetic`
+(the embedded default generator) both build on it, so neither imports the other's module at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+__all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES",
+           "DataError", "PairedFeatures", "dequantize", "as_features"]
+
+SPLIT_NAMES = ("train", "val", "test")
+AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
+LABELS_FILE, IDS_FILE, SPLIT_FILE = "labels.npy", "ids.txt", "split.npy"
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+class DataError(ValueError):
+    """Input features that cannot be used, with a message that names the file and the problem."""
+
+
+@dataclass
+class PairedFeatures:
+    """N paired clips. Row i of ``audio`` and of ``visual`` belong to the same clip."""
+
+    audio: np.ndarray  # (N, D_a) float32
+    visual: np.ndarray  # (N, D_v) float32
+    labels: np.ndarray | None  # (N,) int class ids or (N, C) multi-hot; evaluation only
+    ids: list[str]  # N stable string ids
+    split: np.ndarray | None  # (N,) str in SPLIT_NAMES, or None when the source has none
+    source: str = ""  # where the data came from, for logs and cards
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def audio_dim(self) -> int:
+        return int(self.audio.shape[1])
+
+    @property
+    def visual_dim(self) -> int:
+        return int(self.visual.shape[1])
+
+    def subset(self, split_name: str) -> "PairedFeatures":
+        """The rows of one split (``train``, ``val`` or ``test``)."""
+        if split_name not in SPLIT_NAMES:
+            raise DataError(f"{self.source}: unknown split {split_name!r}; expected one of {SPLIT_NAMES}")
+        if self.split is None:
+            raise DataError(f"{self.source}: has no split; call with_default_split() first")
+        rows = np.flatnonzero(self.split == split_name)
+        if len(rows) == 0:
+            raise DataError(f"{self.source}: the {split_name!r} split has no rows; give split.npy rows of train, val and test")
+        return self.take(rows)
+
+    def labelled(self) -> "PairedFeatures":
+        """Self, or a DataError when there are no labels (validation and evaluation need them)."""
+        if self.labels is None:
+            raise DataError(f"{self.source}: has no labels ({LABELS_FILE}); they are needed for validation-based selection and evaluation")
+        return self
+
+    def take(self, rows: np.ndarray) -> "PairedFeatures":
+        return replace(
+            self,
+            audio=self.audio[rows],
+            visual=self.visual[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            ids=[self.ids[i] for i in rows],
+            split=None if self.split is None else self.split[rows],
+        )
+
+    def with_default_split(self, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> "PairedFeatures":
+        """Keep an existing split; otherwise assign a seeded train/val/test split."""
+        if self.split is not None:
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))
+        n_train = int(round(fractions[0] * len(self)))
+        n_val = int(round(fractions[1] * len(self)))
+        split = np.empty(len(self), dtype=object)
+        split[order[:n_train]], split[order[n_train : n_train + n_val]] = "train", "val"
+        split[order[n_train + n_val :]] = "test"
+        return replace(self, split=split.astype(str))
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    """YouTube-8M 8-bit features back to floats: ``(q − 128) / 256``."""
+    return ((q.astype(np.float32) - 128.0) / 256.0).astype(np.float32)
+
+
+def as_features(array: np.ndarray, name: str) -> np.ndarray:
+    """Validate one N×D feature matrix and return it as float32 (uint8 is de-quantised)."""
+    if not isinstance(array, np.ndarray) or array.dtype == object:
+        raise DataError(f"{name}: expected a numeric array, got {type(array).__name__}")
+    if array.ndim != 2:
+        raise DataError(f"{name}: expected a 2-D array (clips × features), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{name}: is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        return dequantize(array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise DataError(f"{name}: unsupported dtype {array.dtype}; expected float or uint8 (8-bit quantised)")
+    out = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataError(f"{name}: holds {int(bad.sum())} NaN/Inf values (first in row {row})")
+    return out
