@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.atomic import atomic_write
+from avdata.atomic import atomic_write
 from index.embedder import Embedder
 from index.items import RepeatedIdError
 from index.sources import InMemory, Partition, ShardFolder

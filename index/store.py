@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.atomic import atomic_file, atomic_write  # temp file + fsync + rename, mode from the umask
+from avdata.atomic import atomic_file, atomic_write  # the one temp-file + fsync + rename helper (mode from the umask)
 from index.exact import top_k_inner_product
 from index.items import FORMAT as ITEMS_FORMAT
 from index.items import ItemTable, ItemTableError

@@ -39,7 +39,7 @@ def _serve(args) -> int:
 
     settings = _settings(args)
     limit_threads(settings)
-    engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads)  # before binding the port
+    engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.durability())  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
     url = f"http://{settings.host}:{args.port}"

@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if loader is not None:
                 await loader
             await state.batcher.stop()
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.close)  # the log holds every acknowledged change; the next start replays it
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state

@@ -1,58 +1,38 @@
-"""One model version: the embedder and one index per modality, with the locking and saving they need.
+"""One model version: the embedder and one index per modality, with the locking and logging they need.
 
 Searches and embeddings arrive here in micro-batches (:mod:`service.batching`) and run in one
-worker thread; item changes run in other threads. ``VectorIndex`` is not thread-safe, so each
-index sits behind a readers-writer lock: searches read, upserts and deletes write. A change is
-saved (whole-directory swap, :mod:`service.persist`) before it is acknowledged; changes that pile
-up behind one save are written by the next single save (group commit).
-
-A save that fails (disk full, I/O error) undoes in memory every change not yet on disk, newest
-first, and each of those changes is answered 503 (:class:`ChangeNotSaved`): what is served is then
-what is on disk, and no client is told a change failed that is still served, or the reverse.
+worker thread; item changes run in other threads. ``VectorIndex`` is not thread-safe, so the
+indexes sit behind a readers-writer lock: searches read, applying a change writes. A change is
+appended to its modality's write-ahead log and fsynced (group commit, :mod:`service.commit`)
+before it is applied and acknowledged; the log is folded into a snapshot in the background
+(:mod:`service.snapshots`). Loading = the last snapshot + the log after it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import HTTPException
 
 from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
+from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record
 from service.encoding import dumps
 from service.locks import ReadWriteLock
-from service.persist import load_index, save_atomically
+from service.persist import load_index
+from service.snapshots import Durability, Snapshotter, snapshot_lsn
+from service.wal import LogCorrupt, WriteAheadLog
 
 log = logging.getLogger(__name__)
 OTHER = {"audio": "visual", "visual": "audio"}
 
 
-class ItemNotFound(KeyError):
-    def __init__(self, modality: str, item_id: str):
-        super().__init__(item_id)
-        self.message = f"no {modality} item with id {item_id!r}"
-
-
-class ChangeNotSaved(HTTPException):
-    """A change whose save failed; it has been undone, so the client may simply retry. An
-    HTTPException so that every route answers it as a 503 with this message, never a bare 500."""
-
-    def __init__(self, modality: str, reason: str):
-        super().__init__(503, f"the {modality} change was not saved ({reason}) and has been undone, so nothing changed; retry later")
-
-
-@dataclass
-class Undo:
-    """How to take back one applied change: remove ``ids``, then put ``previous`` items back."""
-
-    generation: int
-    ids: list[str]
-    previous: list[Item]
+__all__ = ["ChangeNotSaved", "Engine", "EmbedJob", "ItemNotFound", "SearchJob"]
+WAL_DIR = "wal"  # <index>/wal/<modality>/: the log segments after each modality's snapshot
 
 
 @dataclass
@@ -92,28 +72,38 @@ def as_matrix(rows: list[list[float]], modality: str) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, embedder: Embedder, indexes: dict[str, VectorIndex], model_dir: Path, index_dir: Path):
+    def __init__(self, embedder: Embedder, indexes: dict[str, VectorIndex], model_dir: Path, index_dir: Path, logs: dict[str, ChangeLog], durability: Durability):
         self.embedder = embedder
         self.indexes = indexes
         self.model_dir, self.index_dir = Path(model_dir), Path(index_dir)
         self.version = embedder.manifest_hash[:12]
         self.lock = ReadWriteLock()
-        self._generation = {m: 0 for m in MODALITIES}  # changes applied
-        self._saved = {m: 0 for m in MODALITIES}  # changes on disk
-        self._save_locks = {m: threading.Lock() for m in MODALITIES}
-        self._unsaved: dict[str, list[Undo]] = {m: [] for m in MODALITIES}  # applied, not yet on disk, oldest first
-        self._undone: dict[str, list[tuple[int, int, str]]] = {m: [] for m in MODALITIES}  # (after, through, reason) generations taken back
+        self.logs = logs
+        for changelog in logs.values():
+            changelog.lock = self.lock
+        self.snapshots = Snapshotter(logs, self.index_dir, durability)
+        self.snapshots.start()
 
     @classmethod
-    def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0) -> "Engine":
-        """Raises ModelError / IndexLoadError (an index built from another model included)."""
+    def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, durability: Durability | None = None) -> "Engine":
+        """The snapshot of each modality plus its log; raises ModelError / IndexLoadError (an index built from another model included)."""
         embedder = Embedder(model_dir, device=device, intra_op_threads=intra_op_threads)
-        indexes = {m: load_index(Path(index_dir) / m, expected_manifest_hash=embedder.manifest_hash) for m in MODALITIES}
-        for modality, index in indexes.items():
+        # Resolved: when the configured path is a symlink that moves to a new version, this one keeps logging here.
+        index_dir = Path(index_dir).resolve()
+        indexes, logs = {}, {}
+        for modality in MODALITIES:
+            index = load_index(index_dir / modality, expected_manifest_hash=embedder.manifest_hash)
             if index.dim != embedder.embedding_dim:
                 raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
-        # Resolved: when the configured path is a symlink that moves to a new version, this one keeps saving here.
-        return cls(embedder, indexes, Path(model_dir), Path(index_dir).resolve())
+            indexes[modality] = index
+            logs[modality] = _replay(modality, index, index_dir, embedder, durability or Durability())
+        return cls(embedder, indexes, Path(model_dir), index_dir, logs, durability or Durability())
+
+    def close(self) -> None:
+        """Stop the background snapshots and close the logs (a swapped-out version; searches in flight still finish)."""
+        self.snapshots.stop()
+        for changelog in self.logs.values():
+            changelog.close()
 
     def validate(self, modality: str, rows: list[list[float]] | np.ndarray) -> np.ndarray:
         x = rows if isinstance(rows, np.ndarray) else as_matrix(rows, modality)
@@ -178,33 +168,14 @@ class Engine:
 
     # --- item changes (any thread) -------------------------------------------------------------
     def upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> int:
-        """Apply, save, return the item count; ChangeNotSaved (undone) when the save fails."""
+        """Log (fsynced), apply, return the item count; ChangeNotSaved (nothing applied) when the log append fails."""
         embeddings = self.embedder.embed(modality, vectors)
-        with self.lock.write():
-            index = self.indexes[modality]
-            previous = [index.get(item_id) for item_id in ids if item_id in index]
-            index.upsert(embeddings, ids, metadata)
-            generation, count = self._changed(modality, ids, previous)
-        self._persist(modality, generation)
-        return count
+        change = Change("upsert", list(ids), list(metadata), np.ascontiguousarray(vectors, np.float32), embeddings)
+        return self.logs[modality].commit(change)
 
     def delete(self, modality: str, item_id: str) -> int:
-        """Remove, save, return the item count; ItemNotFound, or ChangeNotSaved (undone) when the save fails."""
-        with self.lock.write():
-            index = self.indexes[modality]
-            if item_id not in index:
-                raise ItemNotFound(modality, item_id)
-            previous = [index.get(item_id)]
-            index.remove([item_id])
-            generation, count = self._changed(modality, [], previous)
-        self._persist(modality, generation)
-        return count
-
-    def _changed(self, modality: str, ids: list[str], previous: list[Item]) -> tuple[int, int]:
-        """Under the write lock: a new generation of ``modality`` to persist (and how to undo it), and its item count."""
-        self._generation[modality] += 1
-        self._unsaved[modality].append(Undo(self._generation[modality], ids, previous))
-        return self._generation[modality], len(self.indexes[modality])
+        """Log, remove, return the item count; ItemNotFound, or ChangeNotSaved (nothing applied)."""
+        return self.logs[modality].commit(Change("delete", [item_id], []))
 
     def get(self, modality: str, item_id: str) -> Item:
         with self.lock.read():
@@ -212,43 +183,6 @@ class Engine:
                 return self.indexes[modality].get(item_id)
             except KeyError:
                 raise ItemNotFound(modality, item_id) from None
-
-    def _persist(self, modality: str, generation: int) -> None:
-        """Return once change ``generation`` is on disk, saving it (and any later ones) if no one has;
-        ChangeNotSaved if a failed save took it back."""
-        with self._save_locks[modality]:
-            for after, through, reason in self._undone[modality]:
-                if after < generation <= through:
-                    raise ChangeNotSaved(modality, reason)
-            if self._saved[modality] >= generation:
-                return
-            try:
-                with self.lock.read():  # readers go on; writers wait for the snapshot
-                    current = self._generation[modality]
-                    save_atomically(self.indexes[modality], self.index_dir / modality)
-                    self._unsaved[modality] = [u for u in self._unsaved[modality] if u.generation > current]  # no writer runs here
-            except Exception as err:  # OSError mostly; whatever it is, the disk holds the previous index
-                reason = f"{type(err).__name__}: {err}"
-                log.error("saving the %s index failed (%s); undoing the changes not on disk", modality, reason)
-                self._undo_unsaved(modality, reason)
-                raise ChangeNotSaved(modality, reason) from err
-            self._saved[modality] = current
-
-    def _undo_unsaved(self, modality: str, reason: str) -> None:
-        """Take back every change not on disk, newest first, so that memory equals the disk again."""
-        with self.lock.write():
-            index = self.indexes[modality]
-            try:
-                for undo in reversed(self._unsaved[modality]):
-                    if undo.ids:
-                        index.remove(undo.ids)
-                    if undo.previous:
-                        index.upsert(np.stack([i.vector for i in undo.previous]), [i.id for i in undo.previous], [i.metadata for i in undo.previous])
-            except Exception:  # should not happen (re-adding what was there); the disk is the truth then
-                log.exception("undoing the unsaved %s changes failed; reloading the index from disk", modality)
-                self.indexes[modality] = load_index(self.index_dir / modality, expected_manifest_hash=self.embedder.manifest_hash)
-            self._undone[modality].append((self._saved[modality], self._generation[modality], reason))
-            self._unsaved[modality] = []
 
     # --- description ---------------------------------------------------------------------------
     def sizes(self) -> dict[str, int]:
@@ -265,3 +199,23 @@ class Engine:
             "index_factories": {m: str(ix.info.get("factory")) for m, ix in self.indexes.items()},
             "providers": dict(self.embedder.providers),
         }
+
+
+def _replay(modality: str, index: VectorIndex, index_dir: Path, embedder: Embedder, durability: Durability) -> ChangeLog:
+    """Apply the changes logged after the snapshot; a record of another model is re-embedded from its raw features."""
+    after = snapshot_lsn(index_dir / modality)
+    wal = WriteAheadLog(index_dir / WAL_DIR / modality)
+    try:
+        records = wal.recover(after)
+    except LogCorrupt as err:
+        raise IndexLoadError(f"{err}; restore a snapshot (python -m service restore) or rebuild the index") from None
+    for record in records:
+        if record.op == "upsert" and record.model != embedder.manifest_hash:
+            record.embeddings = embedder.embed(modality, record.features)
+        apply_record(index, record)
+    if records:
+        log.info("%s: replayed %d logged changes after snapshot change %d", modality, len(records), after)
+    changelog = ChangeLog(modality, index, wal, ReadWriteLock(), embedder.manifest_hash, max([after, *(r.lsn for r in records)]) + 1, durability.fsync)
+    changelog.snapshot_lsn = after
+    changelog.oldest_unsnapshotted = time.monotonic() if records else None
+    return changelog

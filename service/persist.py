@@ -19,7 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from index.store import VectorIndex
+from avdata.atomic import atomic_write
+from index.store import FrozenIndex, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,16 @@ def swap_into_place(staged: Path, directory: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_atomically(index: VectorIndex, directory: Path) -> None:
+def save_atomically(index: VectorIndex | FrozenIndex, directory: Path, extra: dict[str, bytes] | None = None) -> None:
+    """Save ``index`` (and ``extra`` files beside its own, such as the snapshot's log position) as one swap."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging(directory)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         index.save(staging)  # every file fsynced
+        for name, blob in (extra or {}).items():
+            atomic_write(staging / name, blob)
         _fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a partial copy on a full disk keeps it full

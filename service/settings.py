@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir")
     max_drain_bytes: int = Field(256 * 1024 * 1024, ge=0, description="of an over-limit body, how much is read and dropped so the client (which may send it all before reading) gets its 413")
 
+    wal_fsync: str = Field("always", pattern="^(always|never)$", description="always: an item change is fsynced in the write-ahead log before its answer (group commit); never: written to the OS before its answer (a killed process loses nothing, a power cut may lose the last changes)")
+    wal_snapshot_bytes: int = Field(64 * 1024 * 1024, gt=0, description="fold a modality's write-ahead log into a snapshot once it holds this many bytes")
+    wal_snapshot_seconds: float = Field(300.0, gt=0, description="...or once its oldest change not in a snapshot is this old")
+
+    def durability(self):
+        from service.snapshots import Durability  # settings stay importable without the engine
+
+        return Durability(fsync=self.wal_fsync == "always", snapshot_bytes=self.wal_snapshot_bytes, snapshot_seconds=self.wal_snapshot_seconds)
+
     def reload_root_paths(self) -> list[Path]:
         """Resolved directories a reload may name; symlinks resolved so none can point out of them."""
         if self.reload_roots:

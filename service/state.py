@@ -32,7 +32,7 @@ class ServiceState:
 
     def load_engine(self, model_dir: Path | None = None, index_dir: Path | None = None) -> Engine:
         s = self.settings
-        return Engine.load(model_dir or s.model_dir, index_dir or s.index_dir, device=s.device, intra_op_threads=s.intra_op_threads)
+        return Engine.load(model_dir or s.model_dir, index_dir or s.index_dir, device=s.device, intra_op_threads=s.intra_op_threads, durability=s.durability())
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
@@ -55,8 +55,18 @@ class ServiceState:
         none lands in the old version after the new one was read from disk.
         """
         async with self.gate.exclusive():
-            engine = await asyncio.to_thread(self.load_engine, model_dir, index_dir)
-            previous = self.engine.version if self.engine is not None else ""
+            current = self.engine
+            if current is not None:  # no change is under way (the gate); stop its snapshots, which may write where the new one loads from
+                await asyncio.to_thread(current.snapshots.stop)
+            try:
+                engine = await asyncio.to_thread(self.load_engine, model_dir, index_dir)
+            except BaseException:
+                if current is not None:
+                    current.snapshots.start()
+                raise
+            if current is not None:
+                await asyncio.to_thread(current.close)  # its logs: the new version reads and appends them now when it is the same directory
+            previous = current.version if current is not None else ""
             self.engine, self.load_error = engine, None
         self.metrics.swaps.inc()
         log.info("swapped in model %s (was %s), index sizes %s", engine.version, previous or "none", engine.sizes())

@@ -20,6 +20,15 @@ def copy_index(tiny, dest: Path) -> Path:
     return dest
 
 
+def persisted(tiny, index_dir: Path, modality: str):
+    """The index a restart would serve: the snapshot on disk plus the write-ahead log after it."""
+    from service.engine import Engine
+
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    engine.close()
+    return engine.indexes[modality]
+
+
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import pytest
 from index.build import build_indexes
 from index.store import VectorIndex
 from service.persist import load_index, save_atomically
-from tests.service.conftest import copy_index, make_client, wait_ready
+from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,8 +68,8 @@ def test_concurrent_upserts_deletes_and_searches_stay_consistent(tiny, tmp_path,
         for item_id in sorted(expected)[:6]:
             assert c.get(f"/v1/items/visual/{item_id}").json()["metadata"] == {"w": int(item_id[1])}
         assert c.get("/v1/items/visual/w0-0-0").status_code == 404
-    # what was acknowledged is on disk
-    on_disk = VectorIndex.load(index_dir / "visual")
+    # what was acknowledged is on disk (snapshot + log)
+    on_disk = persisted(tiny, index_dir, "visual")
     assert {i for i in on_disk.ids() if i.startswith("w")} == expected
 
 
@@ -205,4 +205,4 @@ def test_changes_go_to_the_loaded_version_after_its_symlink_moves(tiny, tmp_path
         link.unlink()
         link.symlink_to(nxt.name)  # the next version is being prepared and linked
         assert c.post("/v1/items/audio", json={"items": [{"id": "late", "vector": features.audio[0].tolist()}]}).status_code == 200
-    assert "late" in VectorIndex.load(live / "audio") and "late" not in VectorIndex.load(nxt / "audio")
+    assert "late" in persisted(tiny, live, "audio") and "late" not in persisted(tiny, nxt, "audio")

@@ -1,40 +1,50 @@
-"""A change whose save fails is undone and answered 503: the client's answer and the served state agree.
+"""A change whose log append fails is refused with a 503 and nothing of it is applied: the client's
+answer, the served state and what a restart serves agree.
 
-Before: the change stayed live in memory (served, and written by the next save) while the client
-got a 500.
+With the write-ahead log the acknowledgement path is the append (and its fsync); the snapshot is
+written later in the background, and a snapshot that fails loses nothing (the log keeps it all).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from index.store import VectorIndex
-from service.engine import ChangeNotSaved
-from tests.service.conftest import copy_index, make_client, wait_ready
+from index.store import FrozenIndex
+from service.engine import ChangeNotSaved, Engine
+from service.wal import WriteAheadLog
+from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
 DISK_FULL = "No space left on device"
 
 
 @pytest.fixture
-def failing_saves(monkeypatch):
-    """``fail[0] = n``: the next n index saves write part of their files, then fail as on a full disk."""
-    fail = [0]
-    real_save = VectorIndex.save
+def failing_log(monkeypatch):
+    """``fail["append"] = n``: the next n appends write half their bytes, then fail as on a full disk;
+    ``fail["sync"] = n``: the next n fsyncs fail with an I/O error (the bytes were written)."""
+    fail = {"append": 0, "sync": 0}
+    real_append, real_sync = WriteAheadLog.append, WriteAheadLog.sync
 
-    def save(index, directory):
-        if fail[0] <= 0:
-            return real_save(index, directory)
-        fail[0] -= 1
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "index.faiss").write_bytes(b"the first bytes of an index")
-        raise OSError(errno.ENOSPC, DISK_FULL)
+    def append(wal, frames):
+        if fail["append"] <= 0:
+            return real_append(wal, frames)
+        fail["append"] -= 1
+        start = real_append(wal, frames[: len(frames) // 2])  # a torn write: part of the record reached the file
+        raise OSError(errno.ENOSPC, f"{DISK_FULL} (after byte {start})")
 
-    monkeypatch.setattr(VectorIndex, "save", save)
+    def sync(wal):
+        if fail["sync"] <= 0:
+            return real_sync(wal)
+        fail["sync"] -= 1
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(WriteAheadLog, "append", append)
+    monkeypatch.setattr(WriteAheadLog, "sync", sync)
     return fail
 
 
@@ -48,76 +58,50 @@ def _served(c, features, ids: list[str]) -> dict:
     return {"items": items, "size": c.get("/v1/info").json()["index_sizes"]["visual"], "ranking": [h["id"] for h in search["results"][0]]}
 
 
-def _on_disk(index_dir) -> dict:
-    index = VectorIndex.load(index_dir / "visual")
-    return {"size": len(index), "ids": sorted(index.ids())}
+def _log_bytes(index_dir) -> int:
+    return sum(p.stat().st_size for p in (index_dir / "wal" / "visual").glob("*.wal"))
 
 
-def _assert_refused_as_undone(r) -> None:
+def _assert_refused(r, reason: str) -> None:
     assert r.status_code == 503, r.text
     detail = r.json()["detail"]
-    assert "not saved" in detail and DISK_FULL in detail and "undone" in detail and "Traceback" not in detail
+    assert "not saved" in detail and reason in detail and "nothing was applied" in detail and "Traceback" not in detail
 
 
-def test_a_failed_save_undoes_the_upsert_or_delete_and_answers_503(tiny, tmp_path, features, failing_saves):
+@pytest.mark.parametrize("failure, reason", [("append", DISK_FULL), ("sync", "Input/output error")])
+def test_a_failed_log_append_applies_nothing_and_answers_503(tiny, tmp_path, features, failing_log, failure, reason):
     index_dir = copy_index(tiny, tmp_path / "index")
     existing, other = features.ids[3], features.ids[4]
     watched = [existing, other, "new-item"]
+    replace = [  # replaces one item (vector and metadata) and adds one
+        {"id": existing, "vector": features.visual[50].tolist(), "metadata": {"v": 2}},
+        {"id": "new-item", "vector": features.visual[3].tolist(), "metadata": {"v": 3}},
+    ]
     with make_client(tiny, index_dir) as c:
         wait_ready(c)
         assert c.post("/v1/items/visual", json={"items": [{"id": existing, "vector": features.visual[3].tolist(), "metadata": {"v": 1}}]}).status_code == 200
-        before, disk_before = _served(c, features, watched), _on_disk(index_dir)
-        assert before["items"]["new-item"] == 404 and before["ranking"][0] == features.ids[50]
+        before, logged = _served(c, features, watched), _log_bytes(index_dir)
+        assert before["items"]["new-item"] == 404 and before["ranking"][0] == features.ids[50] and logged > 0
 
-        failing_saves[0] = 2
-        replace = [  # replaces one item (vector and metadata) and adds one
-            {"id": existing, "vector": features.visual[50].tolist(), "metadata": {"v": 2}},
-            {"id": "new-item", "vector": features.visual[3].tolist(), "metadata": {"v": 3}},
-        ]
-        _assert_refused_as_undone(c.post("/v1/items/visual", json={"items": replace}))
+        failing_log[failure] = 2
+        _assert_refused(c.post("/v1/items/visual", json={"items": replace}), reason)
         assert _served(c, features, watched) == before
-        _assert_refused_as_undone(c.delete(f"/v1/items/visual/{other}"))
+        _assert_refused(c.delete(f"/v1/items/visual/{other}"), reason)
         assert _served(c, features, watched) == before
-        assert _on_disk(index_dir) == disk_before
-        assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]  # the partial copy (.visual.new) was removed
+        assert _log_bytes(index_dir) == logged  # the torn or unsynced bytes were cut back out: nothing replays
 
-        assert failing_saves[0] == 0  # the disk has room again: the same requests now succeed and are kept
+        assert failing_log[failure] == 0  # the disk works again: the same requests now succeed and are kept
         assert c.post("/v1/items/visual", json={"items": replace}).status_code == 200
         assert c.delete(f"/v1/items/visual/{other}").status_code == 200
         after = _served(c, features, watched)
         assert after["items"][existing][0] == {"v": 2} and after["items"]["new-item"][0] == {"v": 3} and after["items"][other] == 404
-        assert after["ranking"][:2] in ([existing, features.ids[50]], [features.ids[50], existing])  # the same picture now
-    disk = _on_disk(index_dir)
-    assert disk["size"] == after["size"] == before["size"] and "new-item" in disk["ids"] and other not in disk["ids"]
+    restarted = persisted(tiny, index_dir, "visual")
+    assert len(restarted) == after["size"] == before["size"] and restarted.get(existing).metadata == {"v": 2} and other not in restarted
 
 
-def test_a_save_that_fails_at_its_commit_rename_leaves_the_previous_index_in_place(tiny, tmp_path, features, monkeypatch):
-    """The live directory was already moved aside when the rename of the new one failed: it must be put back now."""
-    import service.persist
-
-    index_dir = copy_index(tiny, tmp_path / "index")
-    real_rename = service.persist.os.rename
-
-    def rename(src, dst):
-        if str(src).endswith(".visual.new"):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_rename(src, dst)
-
-    with make_client(tiny, index_dir) as c:
-        wait_ready(c)
-        disk_before = _on_disk(index_dir)
-        monkeypatch.setattr(service.persist.os, "rename", rename)
-        r = c.post("/v1/items/visual", json={"items": [{"id": "late", "vector": features.visual[0].tolist()}]})
-        assert r.status_code == 503 and "Input/output error" in r.json()["detail"]
-        assert c.get("/v1/items/visual/late").status_code == 404
-        assert _on_disk(index_dir) == disk_before and not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]
-
-
-def test_changes_grouped_into_one_failed_save_are_all_undone_and_all_refused(tiny, tmp_path, features, failing_saves):
-    """Two changes applied while an earlier save runs are saved together (group commit): a failure of
-    that save must undo both, newest first, and answer both 503 (also the one whose thread did not save)."""
-    from service.engine import Engine
-
+def test_changes_grouped_into_one_failed_append_are_all_refused(tiny, tmp_path, features, failing_log):
+    """Two changes queued behind a commit under way are logged together (group commit): a failure
+    of that append refuses both, and neither is applied."""
     index_dir = copy_index(tiny, tmp_path / "index")
     engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
     index = engine.indexes["visual"]
@@ -131,20 +115,19 @@ def test_changes_grouped_into_one_failed_save_are_all_undone_and_all_refused(tin
         except ChangeNotSaved as err:
             outcomes[name] = err
 
-    busy = engine._save_locks["visual"]  # as if a save were under way: both changes apply, then wait
-    busy.acquire()
-    threads = [
-        threading.Thread(target=change, args=("upsert", lambda: engine.upsert("visual", features.visual[10:12], [features.ids[0], "fresh"], [{"n": 1}, None]))),
-        threading.Thread(target=change, args=("delete", lambda: engine.delete("visual", features.ids[1]))),
-    ]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while engine._generation["visual"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(index) == size  # both applied in memory: +1 fresh, -1 deleted
-    failing_saves[0] = 1  # only the first save fails: the second thread must not save (and acknowledge) its undone change
-    busy.release()
+    changelog = engine.logs["visual"]
+    with changelog.paused():  # as if a commit were under way: both changes queue
+        threads = [
+            threading.Thread(target=change, args=("upsert", lambda: engine.upsert("visual", features.visual[10:12], [features.ids[0], "fresh"], [{"n": 1}, None]))),
+            threading.Thread(target=change, args=("delete", lambda: engine.delete("visual", features.ids[1]))),
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(changelog._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(changelog._queue) == 2
+        failing_log["append"] = 1  # one append for both: the second writer must not log its change alone
     for t in threads:
         t.join()
     assert all(isinstance(outcomes[n], ChangeNotSaved) and outcomes[n].status_code == 503 for n in ("upsert", "delete")), outcomes
@@ -152,31 +135,31 @@ def test_changes_grouped_into_one_failed_save_are_all_undone_and_all_refused(tin
     for item_id, (vector, metadata) in before.items():
         np.testing.assert_array_equal(index.get(item_id).vector, vector)
         assert index.get(item_id).metadata == metadata
-    assert failing_saves[0] == 0
-    assert engine.upsert("visual", features.visual[10:11], ["fresh"], [None]) == size + 1  # later changes save normally
-    assert "fresh" in VectorIndex.load(index_dir / "visual")
+    assert failing_log["append"] == 0
+    assert engine.upsert("visual", features.visual[10:11], ["fresh"], [None]) == size + 1  # later changes commit normally
+    engine.close()
+    assert "fresh" in persisted(tiny, index_dir, "visual") and features.ids[1] in persisted(tiny, index_dir, "visual")
 
 
-def test_an_undo_that_fails_falls_back_to_the_index_on_disk(tiny, tmp_path, features, failing_saves, monkeypatch):
-    from service.engine import Engine
-
+def test_a_failed_snapshot_loses_nothing(tiny, tmp_path, features, monkeypatch):
     index_dir = copy_index(tiny, tmp_path / "index")
     engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
-    first = engine.indexes["visual"]
-    old = first.get(features.ids[0])
-    real_upsert, calls = VectorIndex.upsert, []
+    engine.snapshots.stop()  # folds by hand here
+    engine.upsert("visual", features.visual[:2], ["a", "b"], [{"k": 1}, {"k": 2}])
+    real_save = FrozenIndex.save
 
-    def upsert_once(index, *args, **kwargs):  # the change applies; putting the old item back fails
-        calls.append(1)
-        if len(calls) > 1:
-            raise MemoryError("no room to re-add")
-        return real_upsert(index, *args, **kwargs)
+    def full_disk(frozen, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "index.faiss").write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, DISK_FULL)
 
-    monkeypatch.setattr(VectorIndex, "upsert", upsert_once)
-    failing_saves[0] = 1
-    with pytest.raises(ChangeNotSaved, match="not saved"):
-        engine.upsert("visual", features.visual[10:11], [features.ids[0]], [{"n": 1}])
-    reloaded = engine.indexes["visual"]
-    assert reloaded is not first and len(calls) == 2  # the undo was tried, then the disk's copy taken
-    assert reloaded.get(features.ids[0]).metadata == old.metadata and sorted(reloaded.ids()) == sorted(VectorIndex.load(index_dir / "visual").ids())
-    np.testing.assert_array_equal(reloaded.get(features.ids[0]).vector, old.vector)
+    monkeypatch.setattr(FrozenIndex, "save", full_disk)
+    with pytest.raises(OSError, match=DISK_FULL):
+        engine.snapshots.fold("visual")
+    assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]  # the partial copy was removed
+    engine.delete("visual", "a")  # the log goes on in its new segment
+    monkeypatch.setattr(FrozenIndex, "save", real_save)
+    engine.close()
+    restarted = persisted(tiny, index_dir, "visual")
+    assert "a" not in restarted and restarted.get("b").metadata == {"k": 2}
+    assert len(os.listdir(index_dir / "wal" / "visual")) == 2  # both segments kept: the snapshot never landed

@@ -1,0 +1,112 @@
+"""Folding the write-ahead log into a snapshot, in the background, without stopping searches.
+
+A modality's log is folded when it passes ``wal_snapshot_bytes`` or its oldest change not in a
+snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's commits only while it
+copies the index into memory (:meth:`VectorIndex.frozen`, tens of ms at 10^6 items) and starts a
+new log segment; searches never wait for it (the copy reads the index, and only commits write it).
+The copy is then saved with the whole-directory swap of :mod:`service.persist`, beside
+``snapshot.json`` holding the last log sequence number it contains, and the older segments are
+deleted. A kill anywhere leaves the previous snapshot and every segment after it, or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.commit import ChangeLog
+from service.persist import save_atomically
+
+log = logging.getLogger(__name__)
+SNAPSHOT_NAME = "snapshot.json"  # inside <index>/<modality>/: {"lsn": the last change it holds}
+
+
+@dataclass(frozen=True)
+class Durability:
+    fsync: bool = True  # fsync the log before each answer (group commit); False: after writing it (a kill loses nothing, a power cut may)
+    snapshot_bytes: int = 64 * 1024 * 1024  # fold the log into a snapshot past this size...
+    snapshot_seconds: float = 300.0  # ...or when its oldest change not in a snapshot is this old
+
+
+def snapshot_lsn(directory: Path) -> int:
+    """The last log sequence number inside the snapshot in ``directory`` (0: an index built by a job)."""
+    try:
+        return int(json.loads((Path(directory) / SNAPSHOT_NAME).read_text())["lsn"])
+    except FileNotFoundError:
+        return 0
+
+
+class Snapshotter:
+    def __init__(self, logs: dict[str, ChangeLog], index_dir: Path, durability: Durability):
+        self.logs, self.index_dir, self.durability = logs, Path(index_dir), durability
+        self._fold_locks = {m: threading.Lock() for m in logs}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        for changelog in logs.values():
+            changelog.on_commit = self._nudge
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="avsearch-snapshots", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop folding (waits for a fold under way); the log keeps every change until a later start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _nudge(self) -> None:
+        changelog_due = any(self._due(m) for m in self.logs)
+        if changelog_due:
+            self._wake.set()
+
+    def _due(self, modality: str) -> bool:
+        changelog = self.logs[modality]
+        oldest = changelog.oldest_unsnapshotted
+        if changelog.wal.bytes_since_rotation >= self.durability.snapshot_bytes:
+            return True
+        return oldest is not None and time.monotonic() - oldest >= self.durability.snapshot_seconds
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            for modality in self.logs:
+                if self._stop.is_set():
+                    return
+                if self._due(modality):
+                    try:
+                        self.fold(modality)
+                    except Exception as err:  # OSError mostly: the log still holds every change; retried when due again
+                        log.error("folding the %s log into a snapshot failed (%s); the log keeps the changes", modality, err)
+
+    def fold(self, modality: str) -> int:
+        """Write a snapshot of ``modality`` holding every change committed so far; returns its log sequence number."""
+        changelog = self.logs[modality]
+        with self._fold_locks[modality]:
+            with changelog.paused():  # no commit half-done: the index is exactly at last_lsn
+                lsn, pending_since = changelog.last_lsn, changelog.oldest_unsnapshotted
+                if lsn == changelog.snapshot_lsn:
+                    return lsn
+                frozen = changelog.index.frozen()
+                changelog.wal.rotate(lsn + 1)
+                changelog.oldest_unsnapshotted = None
+            try:
+                started = time.perf_counter()
+                save_atomically(frozen, self.index_dir / modality, extra={SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode()})
+            except BaseException:
+                changelog.oldest_unsnapshotted = pending_since
+                raise
+            changelog.snapshot_lsn = lsn
+            changelog.wal.drop_before_current()
+            log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
+            return lsn

@@ -1,0 +1,137 @@
+"""The write-ahead log: records read back, a torn tail is dropped, start-up = snapshot + replay,
+the background fold truncates the log, and searches and writes go on during a snapshot."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from index.store import FrozenIndex
+from service.engine import Engine
+from service.snapshots import Durability, snapshot_lsn
+from service.wal import LogCorrupt, Record, WriteAheadLog, read_segment
+from tests.service.conftest import copy_index, make_client, persisted, wait_ready
+
+
+def _records(n: int) -> list[Record]:
+    rng = np.random.default_rng(0)
+    return [
+        Record(i + 1, "upsert", [f"id-{i}", f"id-{i}b"], "m" * 64, [{"i": i, "ü": "ñ"}, None], rng.random((2, 5), np.float32), rng.random((2, 3), np.float32))
+        if i % 3
+        else Record(i + 1, "delete", [f"id-{i}"], "m" * 64)
+        for i in range(n)
+    ]
+
+
+def _same(a: Record, b: Record) -> bool:
+    arrays = all((x is None and y is None) or np.array_equal(x, y) for x, y in ((a.features, b.features), (a.embeddings, b.embeddings)))
+    return (a.lsn, a.op, a.ids, a.model, a.metadata) == (b.lsn, b.op, b.ids, b.model, b.metadata) and arrays
+
+
+def test_records_read_back_exactly(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    assert wal.recover(0) == []
+    written = _records(7)
+    wal.append(b"".join(r.encode() for r in written[:4]))
+    wal.append(b"".join(r.encode() for r in written[4:]))
+    wal.close()
+    read = WriteAheadLog(tmp_path).recover(0)
+    assert len(read) == 7 and all(_same(a, b) for a, b in zip(read, written))
+    assert [r.lsn for r in WriteAheadLog(tmp_path).recover(5)] == [6, 7]  # the snapshot holds the rest
+
+
+@pytest.mark.parametrize("tear", ["half a frame header", "half a payload", "a flipped byte", "a length past the end"])
+def test_a_torn_last_record_is_dropped_and_cut_off(tmp_path, tear):
+    wal = WriteAheadLog(tmp_path)
+    wal.recover(0)
+    written = _records(3)
+    wal.append(b"".join(r.encode() for r in written[:2]))
+    whole = wal.end()
+    last = bytearray(written[2].encode())
+    torn = {
+        "half a frame header": bytes(last[:5]),
+        "half a payload": bytes(last[: len(last) // 2]),
+        "a flipped byte": bytes(last[:-3] + bytes([last[-3] ^ 1]) + last[-2:]),
+        "a length past the end": bytes(last[:8]) + b"\0" * 4,
+    }[tear]
+    wal.append(torn)
+    wal.close()
+    segment = wal.segments()[-1]
+    assert read_segment(segment)[2]  # torn
+    again = WriteAheadLog(tmp_path)
+    read = again.recover(0)
+    assert [r.lsn for r in read] == [1, 2] and segment.stat().st_size == whole  # cut back to the last whole record
+    again.append(written[2].encode())  # appends follow the whole records, not the garbage
+    again.close()
+    assert [r.lsn for r in WriteAheadLog(tmp_path).recover(0)] == [1, 2, 3]
+
+
+def test_a_bad_record_inside_the_log_is_refused_not_guessed(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    wal.recover(0)
+    wal.append(_records(1)[0].encode() + _records(1)[0].encode())  # the same LSN twice
+    wal.close()
+    with pytest.raises(LogCorrupt, match="out of order"):
+        WriteAheadLog(tmp_path).recover(0)
+
+
+def test_start_up_is_the_snapshot_plus_the_log_and_a_fold_truncates_it(tiny, tmp_path, features):
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    engine.snapshots.stop()
+    engine.upsert("visual", features.visual[:3], ["a", "b", "c"], [{"n": 1}, {"n": 2}, None])
+    engine.delete("visual", "b")
+    assert snapshot_lsn(index_dir / "visual") == 0 and "a" in persisted(tiny, index_dir, "visual")
+    assert engine.snapshots.fold("visual") == 2
+    assert snapshot_lsn(index_dir / "visual") == 2 and len(list((index_dir / "wal" / "visual").glob("*.wal"))) == 1
+    engine.upsert("visual", features.visual[3:4], ["d"], [{"n": 4}])  # after the snapshot: in the new segment only
+    engine.close()
+    restarted = persisted(tiny, index_dir, "visual")
+    assert restarted.get("a").metadata == {"n": 1} and "b" not in restarted and restarted.get("d").metadata == {"n": 4}
+    np.testing.assert_allclose(restarted.get("a").vector, engine.indexes["visual"].get("a").vector)
+    assert len(restarted) == len(engine.indexes["visual"]) == len(features) + 3
+
+
+def test_the_log_is_folded_in_the_background_past_its_size_threshold(tiny, tmp_path, features):
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=20_000))
+    for i in range(8):  # ~4.3 kB a visual record
+        engine.upsert("visual", features.visual[i : i + 1], [f"x{i}"], [None])
+    deadline = time.monotonic() + 20
+    while snapshot_lsn(index_dir / "visual") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert snapshot_lsn(index_dir / "visual") >= 5
+    engine.close()
+    assert all(f"x{i}" in persisted(tiny, index_dir, "visual") for i in range(8))
+
+
+def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, features, monkeypatch):
+    real_save, writing = FrozenIndex.save, threading.Event()
+
+    def slow_save(frozen, directory):
+        writing.set()
+        time.sleep(2.0)  # a large index on a slow disk
+        return real_save(frozen, directory)
+
+    monkeypatch.setattr(FrozenIndex, "save", slow_save)
+    index_dir = copy_index(tiny, tmp_path / "index")
+    with make_client(tiny, index_dir) as c:
+        wait_ready(c)
+        engine = c.app.state.avsearch.engine
+        assert c.post("/v1/items/visual", json={"items": [{"id": "before", "vector": features.visual[0].tolist()}]}).status_code == 200
+        folding = threading.Thread(target=engine.snapshots.fold, args=("visual",))
+        folding.start()
+        assert writing.wait(10)
+        times = []
+        for i in range(5):
+            start = time.perf_counter()
+            assert c.post("/v1/search", json={"modality": "audio", "vectors": [features.audio[i].tolist()], "top_k": 3}).status_code == 200
+            assert c.post("/v1/items/visual", json={"items": [{"id": f"during-{i}", "vector": features.visual[i].tolist()}]}).status_code == 200
+            times.append(time.perf_counter() - start)
+        assert folding.is_alive() and max(times) < 1.0, times  # all answered while the 2 s save runs
+        folding.join()
+    restarted = persisted(tiny, index_dir, "visual")
+    assert snapshot_lsn(index_dir / "visual") == 1 and all(f"during-{i}" in restarted for i in range(5)) and "before" in restarted
