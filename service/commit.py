@@ -64,6 +64,31 @@ def apply_record(index: VectorIndex, record: Record | Change) -> None:
         index.remove([i for i in record.ids if i in index])
 
 
+def _runs(changes: list[Change]) -> Iterator[list[Change]]:
+    """Consecutive changes of one kind that one index call can apply: a Flat or IVF removal moves
+    the whole array once per call, so 16 deletes in one call cost what one costs. Upserts merge
+    while their ids stay distinct (an id written twice keeps its order by starting a new run)."""
+    run: list[Change] = []
+    seen: set[str] = set()
+    for change in changes:
+        if run and (change.op != run[0].op or seen.intersection(change.ids)):
+            yield run
+            run, seen = [], set()
+        run.append(change)
+        seen.update(change.ids)
+    if run:
+        yield run
+
+
+def _merged(run: list[Change]) -> Change:
+    if len(run) == 1:
+        return run[0]
+    ids = [i for c in run for i in c.ids]
+    if run[0].op == "delete":
+        return Change("delete", ids, [])
+    return Change("upsert", ids, [m for c in run for m in c.metadata], None, np.concatenate([c.embeddings for c in run]))
+
+
 class ChangeLog:
     """One modality: its index, its log, and the group commit between them."""
 
@@ -119,9 +144,10 @@ class ChangeLog:
             if accepted:
                 self._log(accepted)
                 with self.lock.write():
-                    for change in accepted:
-                        apply_record(self.index, change)
-                        change.count = len(self.index)
+                    for run in _runs(accepted):
+                        apply_record(self.index, _merged(run))
+                        for change in run:
+                            change.count = len(self.index)
         finally:
             for change in group:
                 change.done = True

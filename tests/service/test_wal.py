@@ -135,3 +135,35 @@ def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, f
         folding.join()
     restarted = persisted(tiny, index_dir, "visual")
     assert snapshot_lsn(index_dir / "visual") == 1 and all(f"during-{i}" in restarted for i in range(5)) and "before" in restarted
+
+
+def test_a_group_applies_in_log_order_whatever_it_merges(tiny, tmp_path, features):
+    """One group holding an upsert, a delete and an upsert of the same id and two deletes: merged
+    into as few index calls as order allows, with the result of one-by-one application."""
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    calls = [
+        lambda: engine.upsert("visual", features.visual[0:1], ["x"], [{"v": 1}]),
+        lambda: engine.delete("visual", "x"),
+        lambda: engine.upsert("visual", features.visual[1:2], ["x"], [{"v": 2}]),
+        lambda: engine.delete("visual", features.ids[1]),
+        lambda: engine.delete("visual", features.ids[2]),
+        lambda: engine.upsert("visual", features.visual[3:5], ["y", "z"], [None, {"v": 3}]),
+    ]
+    changelog = engine.logs["visual"]
+    threads = []
+    with changelog.paused():
+        for call in calls:  # queued in this order
+            threads.append(threading.Thread(target=call))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(changelog._queue) < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert len(changelog._queue) == len(calls)
+    for t in threads:
+        t.join()
+    engine.close()
+    for index in (engine.indexes["visual"], persisted(tiny, index_dir, "visual")):
+        assert index.get("x").metadata == {"v": 2} and index.get("z").metadata == {"v": 3} and "y" in index
+        assert features.ids[1] not in index and features.ids[2] not in index and len(index) == len(features) + 1
+        np.testing.assert_allclose(index.get("x").vector, engine.embedder.embed("visual", features.visual[1:2])[0], atol=1e-6)

@@ -1,0 +1,226 @@
+"""Write benchmark: item upserts and deletes through HTTP against a real ``python -m service serve``.
+
+Per size N (10^5, 10^6, optionally 10^7) and index type (Flat, HNSW32): an audio index of N random
+unit embeddings (the model's width) is written as a snapshot, the server started on it, then
+single-item upserts (1 and 16 clients) and deletes of those items (16 and 1 clients) are timed:
+throughput, p50 and p99. Folding into snapshots is on (every ``--snapshot-seconds``) so the figures
+include it. Bulk loading: ``--bulk`` items upserted in batches of 1000 by 4 clients into an empty
+Flat index, timed per tenth: linear in N means every tenth takes the same time.
+
+Setup: the ``tiny`` preset trained on the synthetic default and exported (cached in ``--work``):
+the write path does not depend on the model's quality. Results: ``bench/results/write_bench.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.http_bench import free_port, read_response, start, stop  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+AUDIO_DIM = 128
+
+
+def tiny_model(work: Path) -> Path:
+    py = sys.executable
+    if not (work / "run" / "checkpoint.pt").is_file():
+        subprocess.run([py, "-m", "training", "train", "--config", "tiny", "--data", "synthetic", "--out", str(work / "run"), "--quiet"], cwd=REPO, check=True)
+    if not (work / "model" / "manifest.json").is_file():
+        subprocess.run([py, "-m", "training", "export", "--run", str(work / "run"), "--out", str(work / "model")], cwd=REPO, check=True)
+    return work / "model"
+
+
+def build_index(model: Path, out: Path, n: int, factory: str) -> float:
+    """An index directory with ``n`` random audio items and a few visual ones; returns the build seconds."""
+    from index.embedder import load_manifest
+    from index.store import VectorIndex
+
+    manifest, manifest_hash = load_manifest(model)
+    dim = int(manifest["embedding_dim"])
+    shutil.rmtree(out, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for modality, count in (("audio", n), ("visual", 1000)):
+        x = rng.standard_normal((count, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        index = VectorIndex.build(x, [f"base-{i}" for i in range(count)], factory=factory if modality == "audio" else "Flat", manifest_hash=manifest_hash)
+        index.save(out / modality)
+        del index, x
+    return time.perf_counter() - started
+
+
+def upsert_request(item_ids: list[str], rng: np.random.Generator) -> bytes:
+    vectors = rng.standard_normal((len(item_ids), AUDIO_DIM)).round(4)
+    body = json.dumps({"items": [{"id": i, "vector": v.tolist(), "metadata": {"bench": 1}} for i, v in zip(item_ids, vectors)]}).encode()
+    return f"POST /v1/items/audio HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def delete_request(item_id: str) -> bytes:
+    return f"DELETE /v1/items/audio/{item_id} HTTP/1.1\r\nHost: b\r\n\r\n".encode()
+
+
+async def run_requests(port: int, requests: list[bytes], clients: int, duration: float) -> dict:
+    """Closed loop: each client sends the next unused request when its previous answer arrived."""
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    position = 0
+    started = time.perf_counter()
+
+    async def client(c: int) -> None:
+        nonlocal position
+        reader, writer = connections[c]
+        while position < len(requests) and time.perf_counter() - started < duration:
+            request = requests[position]
+            position += 1
+            t = time.perf_counter()
+            writer.write(request)
+            status, _ = await read_response(reader)
+            latencies.append(time.perf_counter() - t)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - started
+    for _, writer in connections:
+        writer.close()
+    lat = np.array(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(latencies) - statuses.get(200, 0),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "seconds": round(elapsed, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def serve(model: Path, index: Path, args) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(args.snapshot_seconds),
+        "AVSEARCH_MAX_VECTORS": "1000",
+        "AVSEARCH_ACCESS_LOG": "false",
+    }
+    cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
+    return start(cmd, port, env, timeout=1800), port
+
+
+def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
+    index = work / f"index-{factory.replace(',', '_')}-{n}"
+    build_s = build_index(model, index, n, factory)
+    load_started = time.perf_counter()
+    proc, port = serve(model, index, args)
+    row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1)}
+    try:
+        rng = np.random.default_rng(n)
+        ids = [f"new-{i}" for i in range(args.max_requests)]
+        upserts = [upsert_request([i], rng) for i in ids]
+        one = asyncio.run(run_requests(port, upserts[: args.max_requests // 4], 1, args.duration))
+        many = asyncio.run(run_requests(port, upserts[one["requests"] :], 16, args.duration))
+        written = ids[: one["requests"] + many["requests"]]
+        deletes = [delete_request(i) for i in written]
+        del_many = asyncio.run(run_requests(port, deletes, 16, args.duration))
+        del_one = asyncio.run(run_requests(port, deletes[del_many["requests"] :], 1, args.duration))
+        row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one})
+    finally:
+        stop(proc)
+        shutil.rmtree(index, ignore_errors=True)
+    row["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bulk(model: Path, work: Path, total: int, args) -> dict:
+    index = work / "index-bulk"
+    build_index(model, index, 1, "Flat")
+    proc, port = serve(model, index, args)
+    try:
+        rng = np.random.default_rng(1)
+        tenth = total // 10
+        per_tenth = []
+        for t in range(10):
+            requests = [upsert_request([f"bulk-{t}-{b}-{j}" for j in range(1000)], rng) for b in range(tenth // 1000)]
+            result = asyncio.run(run_requests(port, requests, 4, 1e9))
+            assert result["errors"] == 0, result
+            per_tenth.append({"loaded_after": (t + 1) * tenth, "items_per_s": round(tenth / result["seconds"], 1), "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"]})
+            print(json.dumps(per_tenth[-1]), flush=True)
+    finally:
+        stop(proc)
+        shutil.rmtree(index, ignore_errors=True)
+    rates = [p["items_per_s"] for p in per_tenth]
+    return {"items": total, "batch": 1000, "clients": 4, "tenths": per_tenth, "last_over_first_tenth_rate": round(rates[-1] / rates[0], 2)}
+
+
+def write_results(out: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "write_bench.json").write_text(json.dumps(out, indent=2))
+    lines = [
+        "# Write benchmark (`bench/write_bench.py`)",
+        "",
+        f"{out['machine']}; model: {out['model']}; each write is in the write-ahead log (fsynced, group commit) before its answer; "
+        f"snapshots folded every {out['snapshot_seconds']} s during the runs. Single-item upserts of 128-d audio features (JSON), then deletes of those items.",
+        "",
+        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["points"]:
+        u1, u16, d16, d1 = r["upsert_1"], r["upsert_16"], r["delete_16"], r["delete_1"]
+        lines.append(
+            f"| {r['items']:.0e} | {r['factory']} | {u1['p50_ms']} / {u1['p99_ms']} | {u16['per_s']} | {u16['p50_ms']} / {u16['p99_ms']} | "
+            f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {r['load_average_1min']} |"
+        )
+    if out.get("bulk"):
+        b = out["bulk"]
+        lines += ["", f"Bulk load: {b['items']:,} items in batches of {b['batch']} by {b['clients']} clients into an empty Flat index; items/s per tenth "
+                  f"(linear in N = a flat rate; last tenth / first: {b['last_over_first_tenth_rate']}):", "",
+                  "| loaded | items/s | p50 / p99 ms per batch |", "|---|---|---|"]
+        lines += [f"| {t['loaded_after']:,} | {t['items_per_s']} | {t['p50_ms']} / {t['p99_ms']} |" for t in b["tenths"]]
+    lines += ["", *out.get("notes", [])]
+    (RESULTS / "write_bench.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6])
+    parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32"])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per phase")
+    parser.add_argument("--max-requests", type=int, default=12000)
+    parser.add_argument("--bulk", type=float, default=1e6, help="items to bulk-load (0: skip)")
+    parser.add_argument("--snapshot-seconds", type=float, default=3.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
+    parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
+    args = parser.parse_args()
+    model = tiny_model(args.work)
+    out = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "model": "tiny preset (embedding width 8)",
+        "snapshot_seconds": args.snapshot_seconds,
+        "points": [],
+        "notes": args.note,
+    }
+    for n in args.sizes:
+        for factory in args.factories:
+            out["points"].append(point(model, args.work, int(n), factory, args))
+            write_results(out)
+    if args.bulk:
+        out["bulk"] = bulk(model, args.work, int(args.bulk), args)
+    write_results(out)
+
+
+if __name__ == "__main__":
+    main()
