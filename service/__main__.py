@@ -3,6 +3,7 @@
 ``python -m service serve``: load the model and index (fail fast), print a curl to try, serve with uvicorn.
 ``python -m service prepare --data DATA``: build the index for the configured model unless an up-to-date
 one is there (the compose indexing job; item changes made through the API survive a re-run).
+``python -m service restore FILE``: make the index directory the content of a snapshot file.
 ``python -m service example``: write a request body holding one audio query from a feature directory.
 """
 
@@ -84,7 +85,10 @@ def _prepare(args) -> int:
     version = link.parent / f"{link.name}-{manifest_hash[:12]}"
     staging = link.parent / f".{version.name}.build"
     shutil.rmtree(staging, ignore_errors=True)
+    live = link.resolve() if link.exists() else None  # the version being served: never collected, its API items carried
     indexes = build_indexes(settings.model_dir, args.data, staging, args.factory, settings.device, progress=False)
+    if live is not None and not args.rebuild:
+        _carry_api_items(indexes, settings, live, staging)
     swap_into_place(staging, version)  # a kill leaves the old or the new version directory
     if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
         os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
@@ -93,6 +97,38 @@ def _prepare(args) -> int:
     os.symlink(version.name, pointer)
     os.replace(pointer, link)  # atomic: readers see the old version or the new one
     print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
+    from service.carry import collect_versions
+
+    for gone in collect_versions(link, settings.keep_versions, [version, *([live] if live else [])]):
+        print(f"deleted old version {gone.name} (AVSEARCH_KEEP_VERSIONS={settings.keep_versions})")
+    return 0
+
+
+def _carry_api_items(indexes: dict, settings, live: Path, staging: Path) -> None:
+    """The items written through the API to the live version, re-embedded by the new model, with its
+    deletions applied; their raw features go along (``api_items.npz``) for the version after."""
+    from index.embedder import Embedder
+    from service.carry import API_ITEMS_NAME, carry_over
+
+    embedder = Embedder(settings.model_dir, device=settings.device)
+    carried = carry_over(indexes, embedder, live)
+    for modality, index in indexes.items():
+        index.save(staging / modality)
+        (staging / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
+        print(f"{modality}: {len(carried[modality].features)} items written through the API re-embedded, {len(carried[modality].deleted)} deletions kept")
+
+
+def _restore(args) -> int:
+    """Make the configured index directory (or --index) the content of a snapshot file."""
+    from service.backup import restore
+
+    settings = _settings(args)
+    try:
+        _, manifest_hash = load_manifest(settings.model_dir)
+    except ModelError as err:
+        raise ModelError(f"{err} (the snapshot is checked against the model it will be served with; --model names it)") from None
+    card = restore(args.file, settings.index_dir, manifest_hash)
+    print(f"restored {args.file} into {Path(settings.index_dir).resolve()}: model {card['model']}, items {card['items']}, taken at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(card['created']))}")
     return 0
 
 
@@ -124,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factory", default="Flat", help="FAISS factory string (default: exact inner product)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date (drops API item changes)")
     p.set_defaults(func=_prepare)
+    p = sub.add_parser("restore", help="make the index directory the content of a snapshot file (stop the server first, or restore elsewhere and reload)")
+    p.add_argument("file", type=Path, help="a snapshot file (GET /v1/admin/snapshots/{name}, or the snapshot directory)")
+    p.add_argument("--model", type=Path, help="the model it will be served with (default: $AVSEARCH_MODEL_DIR)")
+    p.add_argument("--index", type=Path, help="index directory to restore into (default: $AVSEARCH_INDEX_DIR); its content and log are replaced")
+    p.set_defaults(func=_restore)
     p = sub.add_parser("example", help="write an example search request from a feature directory")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)

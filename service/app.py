@@ -18,7 +18,7 @@ from service.bodies import OPENAPI_MODELS
 from service.engine import Engine
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
 from service.live_stats import SearchStats
-from service.routers import console, items, ops, search
+from service.routers import console, items, ops, search, snapshots
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
     app.state.console = console.ConsoleState(SearchStats(state.metrics.registry))
-    for router in (search.router, items.router, ops.router, console.router):  # the busiest routes are matched first
+    for router in (search.router, items.router, ops.router, snapshots.router, console.router):  # the busiest routes are matched first
         app.include_router(router)
     # The web console: static files, matched after every API route and behind no middleware of its own.
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

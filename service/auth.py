@@ -31,6 +31,8 @@ def access_needed(method: str, path: str) -> str | None:
         return None
     if method in WRITE_METHODS and path.startswith(WRITE_PREFIXES):
         return "write"
+    if path.startswith("/v1/admin/"):  # listing and downloading snapshots: the whole index, an admin's business
+        return "write"
     return "read"
 
 

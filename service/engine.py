@@ -20,6 +20,7 @@ import numpy as np
 
 from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
+from service.backup import hold_index_dir, release_index_dir
 from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record
 from service.encoding import dumps
 from service.locks import ReadWriteLock
@@ -83,6 +84,7 @@ class Engine:
             changelog.lock = self.lock
         self.snapshots = Snapshotter(logs, self.index_dir, durability)
         self.snapshots.start()
+        self._closed = False
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, durability: Durability | None = None) -> "Engine":
@@ -91,19 +93,31 @@ class Engine:
         # Resolved: when the configured path is a symlink that moves to a new version, this one keeps logging here.
         index_dir = Path(index_dir).resolve()
         indexes, logs = {}, {}
-        for modality in MODALITIES:
-            index = load_index(index_dir / modality, expected_manifest_hash=embedder.manifest_hash)
-            if index.dim != embedder.embedding_dim:
-                raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
-            indexes[modality] = index
-            logs[modality] = _replay(modality, index, index_dir, embedder, durability or Durability())
+        if index_dir.is_dir():
+            hold_index_dir(index_dir)  # a restore into this directory is refused while it is served
+        try:
+            for modality in MODALITIES:
+                index = load_index(index_dir / modality, expected_manifest_hash=embedder.manifest_hash)
+                if index.dim != embedder.embedding_dim:
+                    raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
+                indexes[modality] = index
+                logs[modality] = _replay(modality, index, index_dir, embedder, durability or Durability())
+        except BaseException:
+            for changelog in logs.values():
+                changelog.wal.close()
+            release_index_dir(index_dir)
+            raise
         return cls(embedder, indexes, Path(model_dir), index_dir, logs, durability or Durability())
 
     def close(self) -> None:
         """Stop the background snapshots and close the logs (a swapped-out version; searches in flight still finish)."""
+        if self._closed:
+            return
+        self._closed = True
         self.snapshots.stop()
         for changelog in self.logs.values():
             changelog.close()
+        release_index_dir(self.index_dir)
 
     def validate(self, modality: str, rows: list[list[float]] | np.ndarray) -> np.ndarray:
         x = rows if isinstance(rows, np.ndarray) else as_matrix(rows, modality)

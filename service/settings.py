@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     wal_snapshot_bytes: int = Field(64 * 1024 * 1024, gt=0, description="fold a modality's write-ahead log into a snapshot once it holds this many bytes")
     wal_snapshot_seconds: float = Field(300.0, gt=0, description="...or once its oldest change not in a snapshot is this old")
 
+    keep_versions: int = Field(3, ge=1, description="python -m service prepare keeps this many <index>-<version> directories (the live one and the new one always)")
+    snapshot_dir: Path | None = Field(None, description="where POST /v1/admin/snapshots writes snapshot files; unset = <parent of index_dir>/snapshots")
+
+    def snapshot_directory(self) -> Path:
+        return self.snapshot_dir if self.snapshot_dir is not None else Path(self.index_dir).absolute().parent / "snapshots"
+
     def durability(self):
         from service.snapshots import Durability  # settings stay importable without the engine
 

@@ -5,8 +5,8 @@ snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's com
 copies the index into memory (:meth:`VectorIndex.frozen`, tens of ms at 10^6 items) and starts a
 new log segment; searches never wait for it (the copy reads the index, and only commits write it).
 The copy is then saved with the whole-directory swap of :mod:`service.persist`, beside
-``snapshot.json`` holding the last log sequence number it contains, and the older segments are
-deleted. A kill anywhere leaves the previous snapshot and every segment after it, or the new one.
+``snapshot.json`` holding the last log sequence number it contains and ``api_items.npz`` (the raw
+features of API-written items, :mod:`service.carry`), and the older segments are deleted. A kill anywhere leaves the previous snapshot and every segment after it, or the new one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.carry import API_ITEMS_NAME, api_items_of
 from service.commit import ChangeLog
 from service.persist import save_atomically
 
@@ -64,6 +65,10 @@ class Snapshotter:
             self._thread.join()
             self._thread = None
 
+    def folding(self, modality: str) -> threading.Lock:
+        """Held while ``modality``'s snapshot directory and log segments may change."""
+        return self._fold_locks[modality]
+
     def _nudge(self) -> None:
         changelog_due = any(self._due(m) for m in self.logs)
         if changelog_due:
@@ -102,7 +107,10 @@ class Snapshotter:
                 changelog.oldest_unsnapshotted = None
             try:
                 started = time.perf_counter()
-                save_atomically(frozen, self.index_dir / modality, extra={SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode()})
+                # The raw features of API-written items follow the snapshot (a new model re-embeds them).
+                carried = api_items_of(self.index_dir, modality, changelog.snapshot_lsn, lsn)
+                extra = {SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode(), API_ITEMS_NAME: carried.to_bytes()}
+                save_atomically(frozen, self.index_dir / modality, extra=extra)
             except BaseException:
                 changelog.oldest_unsnapshotted = pending_since
                 raise

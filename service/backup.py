@@ -1,0 +1,204 @@
+"""Snapshot files (backups): one tar holding both modalities' indexes at one moment, and restoring one.
+
+A snapshot file is ``<name>.tar`` in the snapshot directory: ``audio/`` and ``visual/`` (each an
+index directory with its ``snapshot.json``) and ``avsearch-snapshot.json`` (model, time, the log
+sequence number and item count of each modality). It is taken with both modalities' commits held
+off for the in-memory copy only, so it is one point in time across both, and every change
+acknowledged before the request is in it.
+
+``restore`` checks the file (member names, both indexes load, built from the configured model),
+unpacks it beside the target index directory and swaps it into place, dropping the target's
+write-ahead log (its changes are not part of the restored state). A serving process holds a lock on
+its index directory (:func:`hold_index_dir`), so a restore into a served directory is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from avdata.atomic import current_umask
+from index.embedder import MODALITIES
+from index.store import IndexLoadError, VectorIndex
+from service.carry import API_ITEMS_NAME, api_items_of
+from service.persist import swap_into_place
+from service.snapshots import SNAPSHOT_NAME
+
+CARD_NAME = "avsearch-snapshot.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LOCK_NAME = "serving.lock"  # in the index directory; a served directory holds a shared lock on it
+
+
+class SnapshotError(ValueError):
+    """A snapshot name or file that cannot be used; the message says why."""
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name) or name.endswith(".tar"):
+        raise SnapshotError(f"snapshot name {name!r}: use letters, digits, '.', '_' and '-' (the name without .tar)")
+    return name
+
+
+def describe(path: Path) -> dict:
+    with tarfile.open(path) as tar:
+        card = json.load(tar.extractfile(CARD_NAME))
+    return {"name": path.name.removesuffix(".tar"), "bytes": path.stat().st_size, **card}
+
+
+def list_snapshots(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob("*.tar")):
+        try:
+            out.append(describe(path))
+        except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError):
+            continue  # a file that is not one of ours (or a torn copy someone put here)
+    return out
+
+
+def create_snapshot(engine, directory: Path) -> dict:
+    """Write ``<directory>/<name>.tar`` holding both modalities as of now; returns its description."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        for modality in MODALITIES:  # a fixed order (fold lock, then commits): two requests cannot hold one each
+            held.enter_context(engine.snapshots.folding(modality))
+        with ExitStack() as paused:
+            for modality in MODALITIES:
+                paused.enter_context(engine.logs[modality].paused())
+            frozen = {m: engine.indexes[m].frozen() for m in MODALITIES}
+            lsns = {m: engine.logs[m].last_lsn for m in MODALITIES}
+        carried = {m: api_items_of(engine.index_dir, m, engine.logs[m].snapshot_lsn, lsns[m]) for m in MODALITIES}
+    created = time.time()
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{engine.version}"
+    card = {"model": engine.version, "model_sha256": engine.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(f) for m, f in frozen.items()}}
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as staging:
+        root = Path(staging)
+        for modality, index in frozen.items():
+            index.save(root / modality)
+            (root / modality / SNAPSHOT_NAME).write_text(json.dumps({"lsn": lsns[modality]}))
+            (root / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
+        (root / CARD_NAME).write_text(json.dumps(card, indent=2))
+        partial = root / "snapshot.tar"
+        with tarfile.open(partial, "w") as tar:
+            tar.add(root / CARD_NAME, CARD_NAME)
+            for modality in MODALITIES:
+                tar.add(root / modality, modality)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(partial, 0o666 & ~current_umask())
+        os.replace(partial, directory / f"{name}.tar")
+    return describe(directory / f"{name}.tar")
+
+
+def snapshot_path(directory: Path, name: str) -> Path:
+    path = Path(directory) / f"{check_name(name)}.tar"
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot named {name!r} in {directory}")
+    return path
+
+
+def restore(file: Path, index_dir: Path, manifest_hash: str | None) -> dict:
+    """Unpack snapshot ``file`` and make it ``index_dir`` (its previous content and log dropped)."""
+    file, target = Path(file), Path(index_dir).resolve()
+    try:
+        tar = tarfile.open(file)
+    except (OSError, tarfile.TarError) as err:
+        raise SnapshotError(f"{file}: not a snapshot file ({err})") from None
+    try:
+        with tar:
+            members = tar.getmembers()
+            allowed = {CARD_NAME, *MODALITIES}
+            for member in members:
+                parts = Path(member.name).parts
+                if not parts or parts[0] not in allowed or ".." in parts or member.name.startswith("/") or not (member.isfile() or member.isdir()):
+                    raise SnapshotError(f"{file}: unexpected member {member.name!r}; not a snapshot file made by this service")
+            if CARD_NAME not in {m.name for m in members}:
+                raise SnapshotError(f"{file}: no {CARD_NAME}; not a snapshot file made by this service")
+            card = json.load(tar.extractfile(CARD_NAME))
+            if manifest_hash is not None and card.get("model_sha256") != manifest_hash:
+                raise SnapshotError(f"{file}: taken with model {str(card.get('model_sha256'))[:12]}, not the configured model {manifest_hash[:12]}; restore it with that model")
+            with held_elsewhere_check(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = target.parent / f".{target.name}.restore"
+                shutil.rmtree(staging, ignore_errors=True)
+                try:
+                    tar.extractall(staging, filter="data")
+                    for modality in MODALITIES:
+                        VectorIndex.load(staging / modality, expected_manifest_hash=manifest_hash)  # checksums: a torn copy is refused here
+                    swap_into_place(staging, target)
+                except IndexLoadError as err:
+                    raise SnapshotError(f"{file}: {err}") from None
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    except (tarfile.TarError, EOFError) as err:  # a truncated or damaged file
+        raise SnapshotError(f"{file}: damaged snapshot file ({err})") from None
+    return card
+
+
+# --- the serving lock --------------------------------------------------------------------------
+_held: dict[Path, list[int]] = {}  # directory -> [fd, holders in this process]
+_held_lock = threading.Lock()
+
+
+def hold_index_dir(directory: Path) -> None:
+    """Mark ``directory`` as served by this process (a POSIX lock, so this process may load it twice
+    during a reload of the same directory; another process's restore is refused)."""
+    directory = Path(directory).resolve()
+    with _held_lock:
+        if directory in _held:
+            _held[directory][1] += 1
+            return
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise IndexLoadError(f"{directory}: a restore is under way; start again once it has finished") from None
+        _held[directory] = [fd, 1]
+
+
+def release_index_dir(directory: Path) -> None:
+    directory = Path(directory).resolve()
+    with _held_lock:
+        entry = _held.get(directory)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            os.close(entry[0])  # closing releases the lock
+            del _held[directory]
+
+
+class held_elsewhere_check:
+    """An exclusive lock on ``directory`` for a restore: refused while a server holds it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        if not self.directory.exists():
+            return
+        self.fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise SnapshotError(
+                f"{self.directory} is being served: stop the server first, or restore into another directory "
+                "(--index) and swap to it with POST /v1/admin/reload"
+            ) from None
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)

@@ -1,0 +1,131 @@
+"""Items that follow the model: the raw features of items written through the API, kept so that a
+new model version can re-embed them.
+
+Each change's record in the write-ahead log holds the raw features. When the log is folded into a
+snapshot, the records are folded into ``api_items.npz`` beside the index (the previous file plus
+the folded records): the ids, raw features and metadata of every live API-written item, and the
+ids deleted through the API (a deleted item of the base collection must stay deleted in the next
+version). ``python -m service prepare`` for a new model builds the base collection, then re-embeds
+these items with the new model and applies the deletions (:func:`carry_over`), and old version
+directories are garbage-collected (:func:`collect_versions`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.wal import Record, read_segment
+
+log = logging.getLogger(__name__)
+API_ITEMS_NAME = "api_items.npz"
+WAL_DIR = "wal"
+
+
+@dataclass
+class ApiItems:
+    """Live API-written items (id -> raw features, metadata) and ids deleted through the API."""
+
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict[str, dict | None] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+
+    def apply(self, record: Record) -> None:
+        if record.op == "upsert":
+            for row, (item_id, meta) in enumerate(zip(record.ids, record.metadata)):
+                self.features[item_id] = np.asarray(record.features[row], np.float32)
+                self.metadata[item_id] = meta
+                self.deleted.discard(item_id)
+        else:
+            for item_id in record.ids:
+                self.features.pop(item_id, None)
+                self.metadata.pop(item_id, None)
+                self.deleted.add(item_id)
+
+    def to_bytes(self) -> bytes:
+        ids = list(self.features)
+        width = next(iter(self.features.values())).shape[0] if ids else 0
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            ids=np.array(json.dumps(ids).encode()),
+            features=np.stack([self.features[i] for i in ids]) if ids else np.zeros((0, width), np.float32),
+            metadata=np.array(json.dumps([self.metadata[i] for i in ids]).encode()),
+            deleted=np.array(json.dumps(sorted(self.deleted)).encode()),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, directory: Path) -> "ApiItems":
+        """The file beside a snapshot (empty when there is none: an index built by a job)."""
+        path = Path(directory) / API_ITEMS_NAME
+        if not path.is_file():
+            return cls()
+        with np.load(path, allow_pickle=False) as z:
+            ids = json.loads(z["ids"].tobytes())
+            metadata = json.loads(z["metadata"].tobytes())
+            features = z["features"]
+            return cls({i: features[row] for row, i in enumerate(ids)}, dict(zip(ids, metadata)), set(json.loads(z["deleted"].tobytes())))
+
+
+def logged_records(wal_dir: Path, after: int, through: int | None = None) -> list[Record]:
+    """The whole records of every segment with ``after < lsn <= through`` (a torn tail ends a segment)."""
+    records = []
+    for path in sorted(Path(wal_dir).glob("*.wal")):
+        found, _, _ = read_segment(path)
+        records.extend(r for r in found if r.lsn > after and (through is None or r.lsn <= through))
+    return sorted(records, key=lambda r: r.lsn)
+
+
+def api_items_of(index_dir: Path, modality: str, after: int, through: int | None = None) -> ApiItems:
+    """The snapshot's file plus the logged changes after it (``after`` is the snapshot's LSN)."""
+    items = ApiItems.load(Path(index_dir) / modality)
+    for record in logged_records(Path(index_dir) / WAL_DIR / modality, after, through):
+        items.apply(record)
+    return items
+
+
+def carry_over(indexes: dict, embedder, previous_dir: Path) -> dict[str, ApiItems]:
+    """Re-embed the API-written items of ``previous_dir`` (a version directory) with ``embedder``
+    into ``indexes`` (the new version, built from the base collection) and apply its deletions."""
+    from service.snapshots import snapshot_lsn
+
+    carried = {}
+    for modality, index in indexes.items():
+        items = api_items_of(previous_dir, modality, snapshot_lsn(Path(previous_dir) / modality))
+        gone = [i for i in items.deleted if i in index]
+        if gone:
+            index.remove(gone)
+        ids = list(items.features)
+        for start in range(0, len(ids), 4096):
+            batch = ids[start : start + 4096]
+            embeddings = embedder.embed(modality, np.stack([items.features[i] for i in batch]))
+            index.upsert(embeddings, batch, [items.metadata[i] for i in batch])
+        log.info("%s: carried %d API-written items (re-embedded) and %d deletions from %s", modality, len(ids), len(gone), previous_dir)
+        carried[modality] = items
+    return carried
+
+
+def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
+    """Delete version directories ``<link>-<12 hex>`` beyond the ``keep`` newest; never those in
+    ``protect`` (the live one and the one just prepared). Returns what was deleted."""
+    pattern = re.compile(re.escape(link.name) + r"-[0-9a-f]{12}$")
+    protected = {p.resolve() for p in protect}
+    versions = sorted((p for p in link.parent.iterdir() if p.is_dir() and not p.is_symlink() and pattern.match(p.name)), key=lambda p: p.stat().st_mtime, reverse=True)
+    kept = 0
+    deleted = []
+    for path in versions:
+        if path.resolve() in protected:
+            continue
+        kept += 1
+        if kept > max(keep - len(protected), 0):
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
