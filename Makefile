@@ -16,7 +16,7 @@ PORT ?= 8000
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/model)
 RUN_DIR := $(ARTIFACTS)/run
 
-.PHONY: run test bench compare install-run install-test clean
+.PHONY: run test docker-test bench compare install-run install-test clean
 
 # --- environments (stamp files, so a second `make` installs nothing) -----------------------------
 $(VENV)/.run-installed: pyproject.toml
@@ -62,6 +62,13 @@ run: $(VENV)/.run-installed $(ARTIFACTS)/index/visual/info.json $(ARTIFACTS)/exa
 # threads slow them several-fold (measured: tests/training 210 s with 2 threads, 20 s with 1).
 test: $(VENV)/.test-installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+# The images built and the compose flow run for real (docker/test.sh): starts dockerd if none runs
+# (and stops it after), makes the base images from Debian packages when no registry answers, builds
+# avsearch:cpu and avsearch:train, runs trainer -> indexer -> API -> search -> upsert -> restart, then
+# `down -v`. CI runs it after `make test`.
+docker-test: $(VENV)/.test-installed
+	PYTHON=$(PY) docker/test.sh
 
 # HSC-MAE against its baselines, ablations and the mask-ratio sweep (3 seeds; ~10 min on 2 cores).
 compare: $(VENV)/.test-installed

@@ -2,7 +2,8 @@
 
 No Docker engine is needed: `docker-compose config` checks and resolves the files, and the commands
 the containers would run are run here with the container paths (/models, /indexes, /data, /runs)
-mapped onto temporary directories and the tiny artifacts.
+mapped onto temporary directories and the tiny artifacts. The images themselves are built and run by
+`make docker-test` (tests/docker).
 """
 
 from __future__ import annotations
@@ -43,16 +44,37 @@ def compose_config(*files: str, profile: str | None = None) -> dict:
     return yaml.safe_load(out.stdout)
 
 
-def dockerfile(name: str) -> tuple[str, dict[str, str], list[str]]:
-    """(text, ENV, CMD) of docker/<name>."""
-    text = (REPO / "docker" / name).read_text()
-    joined = text.replace("\\\n", " ")
-    env = {}
+def dockerfile(target: str, args: dict[str, str] | None = None) -> tuple[str, dict[str, str], list[str]]:
+    """(instructions, AVSEARCH_* ENV, CMD) of stage ``target`` of docker/Dockerfile, its parent stages
+    included, with ARG defaults (or ``args``, as a build would pass them) substituted."""
+    joined = (REPO / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, tuple[str, list[str]]] = {}
+    current = None
     for line in joined.splitlines():
-        if line.startswith("ENV "):
-            env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
-    cmd = json.loads(next(line for line in joined.splitlines() if line.startswith("CMD "))[4:])
-    return text, env, cmd
+        line = line.strip()
+        if match := re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)$", line, re.IGNORECASE):
+            current = match.group(2)
+            stages[current] = (match.group(1), [])
+        elif current and line and not line.startswith("#"):
+            stages[current][1].append(line)
+    assert target in stages, f"docker/Dockerfile has no stage {target!r}: {sorted(stages)}"
+    chain, name = [], target
+    while name in stages:
+        chain.insert(0, name)
+        name = stages[name][0]
+    lines = [line for name in chain for line in stages[name][1]]
+    values, env, cmd = {}, {}, None
+    for line in lines:
+        if line.startswith("ARG "):
+            key, _, default = line[4:].partition("=")
+            values[key] = (args or {}).get(key, default)
+        elif line.startswith("ENV "):
+            for key, value in re.findall(r"(\w+)=(\S+)", line):
+                env[key] = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], value)
+        elif line.startswith("CMD "):
+            cmd = json.loads(line[4:])
+    # PATH and PYTHONPATH describe the image's layout (/opt/venv, /app): the settings are what carry over.
+    return "\n".join(lines), {k: v for k, v in env.items() if k.startswith("AVSEARCH_")}, cmd
 
 
 @pytest.fixture
@@ -97,7 +119,7 @@ def test_compose_wires_indexer_api_and_trainer():
     assert mounts["indexer"]["indexes"] == mounts["api"]["indexes"] == "/indexes"
     assert "/models:ro" in " ".join(api["volumes"])  # the API never writes the model
     # trainer writes where the indexer and API read
-    _, train_env, train_cmd = dockerfile("Dockerfile.train")
+    _, train_env, train_cmd = dockerfile("trainer")
     assert "/models/current" in train_cmd[-1] and api["environment"]["AVSEARCH_MODEL_DIR"] == "/models/current"
     assert all(s["build"]["context"] == str(REPO) for s in services.values())
 
@@ -108,8 +130,12 @@ def test_gpu_override_reserves_a_gpu_and_runs_the_cuda_image():
         service = services[name]
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"] and service["image"] == "avsearch:gpu"
-        assert service["build"] == {"context": str(REPO), "dockerfile": "docker/Dockerfile.gpu"}
+        build = service["build"]  # the CPU image's Dockerfile and stages, on a CUDA base
+        assert {k: build[k] for k in ("context", "dockerfile", "target")} == {"context": str(REPO), "dockerfile": "docker/Dockerfile", "target": "api"}
+        assert build["args"]["BASE_IMAGE"].startswith("nvidia/cuda:") and build["args"]["EXTRA"] == "gpu"
         assert service["environment"]["AVSEARCH_DEVICE"] == "cuda"
+        _, gpu_env, _ = dockerfile("api", build["args"])
+        assert gpu_env["AVSEARCH_DEVICE"] == "cuda"
     assert services["api"]["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
 
 
@@ -118,20 +144,26 @@ def run_lines(text: str) -> str:
 
 
 def test_images_install_torch_only_in_the_trainer():
-    cpu, cpu_env, _ = dockerfile("Dockerfile.cpu")
-    gpu, gpu_env, _ = dockerfile("Dockerfile.gpu")
-    train, _, _ = dockerfile("Dockerfile.train")
-    for text, extra in ((cpu, "'.[cpu]'"), (gpu, "'.[gpu]'")):
-        runs = run_lines(text)
-        assert extra in runs and "train" not in runs and "torch" not in runs
-    assert "FROM nvidia/cuda:" in gpu and gpu_env["AVSEARCH_DEVICE"] == "cuda"
-    assert "'.[cpu,train]'" in run_lines(train)
-    assert cpu_env["AVSEARCH_MODEL_DIR"] == gpu_env["AVSEARCH_MODEL_DIR"] == "/models/current"
+    """Static: the API stages install the cpu/gpu extra and copy no training/; the built images are
+    checked for torch and training/ by tests/docker (make docker-test)."""
+    api, api_env, _ = dockerfile("api")
+    train, _, _ = dockerfile("trainer")
+    # each runtime stage takes its venv from its own build stage, and copies only the packages it runs
+    assert "COPY --from=api-build /opt/venv /opt/venv" in api and "COPY --from=trainer-build /opt/venv /opt/venv" in train
+    assert re.findall(r"^COPY (\w+) ", api, re.MULTILINE) == ["avdata", "index", "service"]
+    assert re.findall(r"^COPY (\w+) ", train, re.MULTILINE) == ["avdata", "training"]
+    api_runs, train_runs = run_lines(dockerfile("api-build")[0]), run_lines(dockerfile("trainer-build")[0])
+    assert 'requirements-of "${EXTRA}"' in api_runs and "train" not in api_runs and "torch" not in api_runs
+    assert "requirements-of cpu train" in train_runs
+    assert '--index-url "${TORCH_INDEX}"' in train_runs  # torch from the CPU index, a build argument
+    assert api_env["AVSEARCH_MODEL_DIR"] == "/models/current" and api_env["AVSEARCH_DEVICE"] == "auto"
+    rules = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*" and "!training/" in rules and not any(r.startswith(("!tests", "!data", "!.venv")) for r in rules)  # an allowlist
 
 
 def test_indexer_command_builds_once_then_keeps_the_index(volumes):
     indexer = compose_config("docker-compose.yml")["services"]["indexer"]
-    _, image_env, _ = dockerfile("Dockerfile.cpu")
+    _, image_env, _ = dockerfile("api")
     command = [sys.executable if a == "python" else remap(a, volumes) for a in indexer["command"]]
     env = run_env(volumes, image_env, indexer["environment"])
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -160,7 +192,7 @@ def test_indexer_command_builds_once_then_keeps_the_index(volumes):
 def test_api_command_serves_answers_sighup_and_stops(volumes, tiny):
     subprocess.run([sys.executable, "-m", "index", "build", "--model", str(volumes["/models"] / "current"), "--data", str(tiny.data_dir), "--out", str(volumes["/indexes"] / "current")], cwd=REPO, check=True, capture_output=True, timeout=120)
     api = compose_config("docker-compose.yml")["services"]["api"]
-    _, image_env, image_cmd = dockerfile("Dockerfile.cpu")
+    _, image_env, image_cmd = dockerfile("api")
     assert api["command"] == image_cmd  # compose runs the image's command
     port = free_port()
     command = [sys.executable if a == "python" else ("127.0.0.1" if a == "0.0.0.0" else str(port) if a == "8000" else a) for a in api["command"]]
@@ -210,7 +242,7 @@ def test_make_test_fails_when_docker_compose_cannot_be_installed():
 
 
 def test_trainer_command_writes_the_model_the_indexer_reads(volumes, tmp_path):
-    _, train_env, train_cmd = dockerfile("Dockerfile.train")
+    _, train_env, train_cmd = dockerfile("trainer")
     shutil.rmtree(volumes["/models"] / "current")
     command = [remap(a, volumes) for a in train_cmd]
     env = run_env(volumes, train_env, {"AVSEARCH_TRAIN_CONFIG": "tiny"})
