@@ -12,7 +12,7 @@ comparison is a ratio measured in the same run, beside the absolute times. Data 
   queries are independent random unit vectors;
 * ``clustered``: unit vectors around 1000 random centres, E = 32;
 * ``model``: what the service indexes: visual embeddings (E = 10, the served CCA width) of N clips
-  drawn by ``training.synthetic.generate_chunks`` from the world of the embedded default, through
+  drawn by ``avdata.synthetic.generate_chunks`` from the world of the embedded default, through
   the default preset trained on it and exported (cached in ``--work``); queries are the audio
   embeddings of 1000 of those clips (a sound looking for the clips it belongs to).
 
@@ -149,7 +149,7 @@ def model_embeddings(n: int, n_queries: int, work: Path) -> tuple[np.ndarray, np
     """Visual embeddings of n clips of the embedded default's world, and audio embeddings of the first n_queries (cached)."""
     from index.embedder import Embedder
     from training.config import load_config
-    from training.synthetic import generate_chunks
+    from avdata.synthetic import generate_chunks
 
     embedder = Embedder(trained_default_model(work), device="cpu")
     cache = work / f"collection-{n}-{embedder.manifest_hash[:12]}.npz"
