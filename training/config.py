@@ -28,8 +28,9 @@ class TrainConfig:
     max_steps: int = 3000  # optimiser-step budget; early stopping usually ends sooner
     batch_size: int = 256  # largest batch: paired clips per step
     min_batches_per_epoch: int = 8  # caps the batch at N // 8 on small training splits
-    eval_every: int = 0  # steps between validation evaluations; 0 = one epoch, at most 100 steps
-    patience: int = 800  # stop after this many steps without a better validation mAP; 0 = never
+    eval_every: int = 0  # steps between validation evaluations; 0 = one epoch, kept within 25..100 steps
+    patience: int = 800  # stop after this many steps without progress on validation mAP; 0 = never
+    min_delta: float = 0.002  # progress = validation avg mAP above the last progress point by more than this
     min_steps: int = 0  # never stop early before this step (0 = after the warm-up)
     select_rows: int = 4000  # rows of train (CCA fit) and val (mAP) used for selection; larger splits are sampled
     lr: float = 3e-4  # AdamW peak learning rate (cosine schedule over max_steps)

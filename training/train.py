@@ -107,6 +107,7 @@ class Schedule:
     eval_every: int
     patience: int
     min_steps: int
+    min_delta: float
 
     @property
     def max_epochs(self) -> float:
@@ -114,12 +115,13 @@ class Schedule:
 
 
 def plan_schedule(cfg: TrainConfig, warmup_steps: int, n_train: int) -> Schedule:
-    """Batch capped so an epoch has ≥ ``min_batches_per_epoch`` steps; validation once an epoch, ≤ 100 steps apart."""
+    """Batch capped so an epoch has ≥ ``min_batches_per_epoch`` steps; validation once an epoch, 25 to 100 steps apart."""
     batch_size = max(1, min(cfg.batch_size, n_train // max(cfg.min_batches_per_epoch, 1)))
     steps_per_epoch = max(1, n_train // batch_size)
-    eval_every = cfg.eval_every or min(steps_per_epoch, 100)
+    # Tiny splits have epochs of a few steps; validating each would cost more than training.
+    eval_every = cfg.eval_every or min(max(steps_per_epoch, 25), 100)
     min_steps = cfg.min_steps or warmup_steps  # the weights only start to learn after the warm-up
-    return Schedule(batch_size, steps_per_epoch, cfg.max_steps, eval_every, cfg.patience, min_steps)
+    return Schedule(batch_size, steps_per_epoch, cfg.max_steps, eval_every, cfg.patience, min_steps, cfg.min_delta)
 
 
 class BatchStream:
@@ -217,6 +219,10 @@ def train(
 
     global_step, history = 0, []
     best = {"score": -1.0, "step": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
+    # Selection takes the best score; patience counts from the last step that beat the previous
+    # progress point by min_delta, so the slow creep of a decaying learning rate does not keep a
+    # flat run going to the end of its budget.
+    progress = {"score": -1.0, "step": 0}
     if resume and state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["config"] != config_to_dict(cfg):
@@ -229,7 +235,7 @@ def train(
         generator.set_state(state["generator"])
         stream.load_state_dict(state["batches"])
         _restore_rng_states(state["rng"])
-        global_step, history, best = state["global_step"], state["history"], state["best"]
+        global_step, history, best, progress = state["global_step"], state["history"], state["best"], state["progress"]
         log.info("resumed from %s at step %d", state_path, global_step)
     log.info(
         "%s: N=%d train clips, batch %d, %d steps/epoch, budget %d steps (%.1f epochs), validation every %d steps, patience %d",
@@ -256,7 +262,7 @@ def train(
 
     evaluations = 0
     bar = tqdm(total=schedule.max_steps, initial=global_step, desc=f"train {cfg.train.method}", disable=not show_progress, unit="step")
-    while global_step < schedule.max_steps and not _patience_ran_out(global_step, best["step"], schedule):
+    while global_step < schedule.max_steps and not _patience_ran_out(global_step, progress["step"], schedule):
         if stop_after is not None and evaluations >= stop_after:
             break
         count = min(schedule.eval_every, schedule.max_steps - global_step)
@@ -270,6 +276,8 @@ def train(
         bar.set_postfix(loss=f"{means['loss']:.3f}", val_map=f"{val['avg']:.3f}", best_step=best["step"], refresh=False)
         if val["avg"] > best["score"]:
             best = {"score": val["avg"], "step": global_step, "state": copy.deepcopy(evaluated.state_dict()), "val": val}
+        if val["avg"] > progress["score"] + schedule.min_delta:
+            progress = {"score": val["avg"], "step": global_step}
         if on_evaluation is not None:
             on_evaluation(global_step, val["avg"])
         if state_path is not None:
@@ -284,6 +292,7 @@ def train(
                 "global_step": global_step,
                 "history": history,
                 "best": best,
+                "progress": progress,
                 "config": config_to_dict(cfg),
             }
             _atomic_save(state, Path(state_path))
@@ -295,8 +304,8 @@ def train(
     return TrainResult(evaluated, cca, val, best["step"], history, schedule)
 
 
-def _patience_ran_out(step: int, best_step: int, schedule: Schedule) -> bool:
-    return schedule.patience > 0 and step >= schedule.min_steps and step - best_step >= schedule.patience
+def _patience_ran_out(step: int, progress_step: int, schedule: Schedule) -> bool:
+    return schedule.patience > 0 and step >= schedule.min_steps and step - progress_step >= schedule.patience
 
 
 def _atomic_save(obj, path: Path) -> bytes:

@@ -65,7 +65,7 @@ def _setup(obj: ObjectiveConfig):
 
 
 def test_no_gradient_reaches_the_teacher():
-    obj = ObjectiveConfig(warmup_steps=0, k=3)
+    obj = ObjectiveConfig(warmup_steps=0, k=3, distill=True, learned_weights=True)  # every term, learned weights
     student, teacher, weights = _setup(obj)
     x_a, x_v = _batch()
     teacher_before = copy.deepcopy(teacher.state_dict())
@@ -94,7 +94,7 @@ def test_ema_update_and_momentum_schedule():
 
 
 def test_warm_up_has_no_dcca_ramps_the_cross_term_then_learns_weights():
-    obj = ObjectiveConfig(warmup_steps=4, k=3)
+    obj = ObjectiveConfig(warmup_steps=4, k=3, learned_weights=True)
     student, teacher, weights = _setup(obj)
     x_a, x_v = _batch()
     warm = hscmae_step(student, teacher, weights, obj, x_a, x_v, torch.Generator().manual_seed(0), step=1)

@@ -27,7 +27,7 @@ def test_the_schedule_follows_the_training_split(n_train):
     cfg = TrainConfig(batch_size=256, max_steps=3000, patience=800)
     s = plan_schedule(cfg, warmup_steps=200, n_train=n_train)
     assert s.batch_size == min(256, n_train // 8) and s.steps_per_epoch == n_train // s.batch_size >= 8
-    assert s.eval_every == min(s.steps_per_epoch, 100) and s.max_steps == 3000 and s.min_steps == 200
+    assert s.eval_every == min(max(s.steps_per_epoch, 25), 100) and s.max_steps == 3000 and s.min_steps == 200
     assert s.max_epochs == pytest.approx(3000 / s.steps_per_epoch)
 
 
@@ -50,7 +50,7 @@ def _scripted_validation(monkeypatch, scores):
     answers = iter(scores)
     last = {"avg": scores[-1]}
 
-    def fake(model, cca, data):
+    def fake(model, cca, data, max_queries=0):
         last["avg"] = next(answers, last["avg"])
         return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"]}
 
@@ -66,6 +66,17 @@ def test_training_stops_when_validation_stops_improving(tiny_data, monkeypatch):
     # Best at step 20; a tie (0.60 at 40) is no improvement; 30 steps later the run ends, before 0.70.
     assert [h["step"] for h in result.history] == [10, 20, 30, 40, 50]
     assert result.best_step == 20 and seen == [(h["step"], h["val_avg"]) for h in result.history]
+
+
+def test_creeping_gains_below_min_delta_do_not_extend_the_run(tiny_data, monkeypatch):
+    _scripted_validation(monkeypatch, [0.50, 0.600, 0.601, 0.602, 0.603, 0.604, 0.605, 0.606])
+    cfg = load_config("tiny")
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.patience, cfg.objective.warmup_steps = 400, 10, 30, 0
+    cfg.train.min_delta = 0.005
+    result = train(cfg, tiny_data, show_progress=False)
+    # Progress last at 20 (0.600); 0.601..0.603 creep below min_delta, so the run ends at 50, and
+    # selection still takes the best score seen (0.603 at 50).
+    assert [h["step"] for h in result.history] == [10, 20, 30, 40, 50] and result.best_step == 50
 
 
 def test_early_stopping_waits_for_the_warm_up(tiny_data, monkeypatch):
