@@ -37,6 +37,7 @@ from index.items import ItemTable, ItemTableError
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this share of live items
+FLAT_MAX_TOMBSTONES = 1024  # a flat index keeps removed rows (skipped by search) until this many, then rebuilds once
 TRANSPOSED_MAX_DIM = 12  # a flat index this narrow keeps an (E, N) copy for one-query search (index/exact.py)
 BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
@@ -188,7 +189,9 @@ class VectorIndex:
 
         if not len(labels):
             return
-        if isinstance(self.index, faiss.IndexIDMap2) and self.can_remove:
+        if self._exact_flat():  # removing rows moves the whole array and rebuilds the id map: O(N) a call
+            self.tombstones += len(labels)
+        elif isinstance(self.index, faiss.IndexIDMap2) and self.can_remove:
             self.index.remove_ids(faiss.IDSelectorBatch(labels))
         elif self.can_remove:  # IVF with a hash-table direct map accepts only an ID array
             self.index.remove_ids(faiss.IDSelectorArray(len(labels), faiss.swig_ptr(labels)))
@@ -196,8 +199,14 @@ class VectorIndex:
             self.tombstones += len(labels)
 
     def _after_removals(self) -> None:
-        if self.tombstones > COMPACT_FRACTION * max(len(self), 1):
+        limit = FLAT_MAX_TOMBSTONES if self._exact_flat() else COMPACT_FRACTION * max(len(self), 1)
+        if self.tombstones > limit:
             self.compact()
+
+    def _exact_flat(self) -> bool:
+        import faiss
+
+        return isinstance(self.index, faiss.IndexIDMap2) and isinstance(self._base(self.index), faiss.IndexFlat)
 
     def compact(self) -> None:
         """Rebuild the FAISS index from the live items only, dropping tombstones (same labels)."""
@@ -335,8 +344,13 @@ class VectorIndex:
         search_index = self._search_index()
         flat = self._flat_storage() if search_index is self.index else None
         if flat is not None and wanted is None:
-            scores, rows = top_k_inner_product(flat[0], q, k, transposed=flat[2])
-            return scores, flat[1][rows]
+            # Removed rows are still stored (tombstones): k + tombstones hits hold k live ones.
+            scores, rows = top_k_inner_product(flat[0], q, k + self.tombstones, transposed=flat[2])
+            labels = flat[1][rows]
+            if self.tombstones:
+                first_live = np.argsort(~self.items.alive[labels], axis=1, kind="stable")[:, :k]
+                scores, labels = np.take_along_axis(scores, first_live, 1), np.take_along_axis(labels, first_live, 1)
+            return scores, labels
         if flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
             scores, rows = top_k_inner_product(self.index.reconstruct_batch(wanted), q, k)
             return scores, wanted[rows]

@@ -344,3 +344,30 @@ def test_a_failed_upsert_leaves_the_index_as_it_was():
         index.upsert(vectors[10:12], ["3", "new"], metadata=[{"bad": {1, 2}}, None])  # a set is not JSON
     assert len(index) == 10 and index.get("3").metadata == {"i": 3}
     assert index.search(vectors, 3)[1] == before[1] and index.search(vectors, 3, where={})[1] == before[1]
+
+
+def test_flat_removals_are_tombstones_skipped_exactly_then_compacted(tmp_path, monkeypatch):
+    """A flat removal leaves the row (removing it moves the whole array: O(N) a call); searches skip
+    it exactly, and past FLAT_MAX_TOMBSTONES the index is rebuilt once."""
+    import index.store as store
+
+    monkeypatch.setattr(store, "FLAT_MAX_TOMBSTONES", 50)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"i{j}" for j in range(400)]
+    index = VectorIndex.build(x, ids, "Flat")
+    queries = x[:5] + 0.01  # each query's own item is its best hit
+    index.remove(ids[:5] + ids[10:40])
+    assert index.tombstones == 35 and index.index.ntotal == 400 and len(index) == 365
+    live = np.array([j for j in range(400) if not (j < 5 or 10 <= j < 40)])
+    for batch in (queries[:1], queries, np.repeat(queries, 4, axis=0)):  # one-query and GEMM paths
+        scores, found = index.search(batch, 10)
+        expected = live[np.argsort(-(batch @ x[live].T), axis=1, kind="stable")[:, :10]]
+        assert [[int(i[1:]) for i in row] for row in found] == expected.tolist()
+        np.testing.assert_allclose(scores, np.take_along_axis(batch @ x.T, expected, 1), atol=1e-5)
+    index.save(tmp_path / "f")
+    loaded = VectorIndex.load(tmp_path / "f")
+    assert loaded.tombstones == 35 and loaded.search(queries[:1], 3)[1] == index.search(queries[:1], 3)[1]
+    index.remove(ids[40:60])  # 55 > 50: rebuilt without them
+    assert index.tombstones == 0 and index.index.ntotal == len(index) == 345 and "i5" in index and "i45" not in index
