@@ -30,7 +30,7 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "no-softnce": ("ablation", "HSC-MAE without soft top-k InfoNCE", {"soft_nce": False}),
     "no-recon": ("ablation", "HSC-MAE without reconstruction", {"recon_intra": False, "recon_cross": False}),
     "distill": ("ablation", "HSC-MAE with distillation (spec: optional)", {"distill": True}),
-    "learned-weights": ("ablation", "HSC-MAE with learned (Kendall) task weights", {"learned_weights": True}),
+    "fixed-weights": ("ablation", "HSC-MAE with fixed task weights (all 1)", {"learned_weights": False}),
 }
 # Search spaces for `python -m training tune`, per method: "section.field" -> (kind, low, high),
 # kind "log" (log-uniform float), "float" or "int". Every method tunes its optimiser, dropout and

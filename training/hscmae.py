@@ -36,7 +36,7 @@ class ObjectiveConfig:
     paired_nce: bool = False  # CLIP-style paired InfoNCE (baselines)
     paired_nce_masked: bool = False  # paired InfoNCE on the masked MAE path (CAV-MAE) instead of clean
     distill: bool = False  # MSE of student MAE-path embeddings to the teacher's (spec: optional; off: it hurt on validation, training/README.md)
-    learned_weights: bool = False  # Kendall weights after warm-up; False = every weight 1 (never better on validation, training/README.md)
+    learned_weights: bool = True  # Kendall weights after warm-up; False = every weight 1 (training/README.md: chosen on validation)
     log_var_min: float = -2.0  # clamp of the log-variances s_i (max weight e²)
     log_var_max: float = 4.0
     log_var_lr: float = 1e-3  # learning rate of the s_i
