@@ -110,8 +110,12 @@ def _carry_api_items(indexes: dict, settings, live: Path, staging: Path) -> None
     from index.embedder import Embedder
     from service.carry import API_ITEMS_NAME, carry_over
 
+    from service.carry import CARRIED_NAME, log_end
+
     embedder = Embedder(settings.model_dir, device=settings.device)
+    seen = {m: log_end(live, m) for m in indexes}  # before reading: a change logged meanwhile is caught up at the swap
     carried = carry_over(indexes, embedder, live)
+    (staging / CARRIED_NAME).write_text(json.dumps({"from": str(live), "lsn": seen}))
     for modality, index in indexes.items():
         index.save(staging / modality)
         (staging / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())

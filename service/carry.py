@@ -92,6 +92,14 @@ def api_items_of(index_dir: Path, modality: str, after: int, through: int | None
     return items
 
 
+def log_end(index_dir: Path, modality: str) -> int:
+    """The last change of ``modality`` in a version directory: its snapshot's, or a later logged one."""
+    from service.snapshots import snapshot_lsn
+
+    after = snapshot_lsn(Path(index_dir) / modality)
+    return max([after, *(r.lsn for r in logged_records(Path(index_dir) / WAL_DIR / modality, after))])
+
+
 def carry_over(indexes: dict, embedder, previous_dir: Path) -> dict[str, ApiItems]:
     """Re-embed the API-written items of ``previous_dir`` (a version directory) with ``embedder``
     into ``indexes`` (the new version, built from the base collection) and apply its deletions."""
@@ -129,3 +137,32 @@ def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+CARRIED_NAME = "carried.json"  # in a prepared version: {"from": the live version's directory, "lsn": {modality: last change carried}}
+
+
+def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Record], ApiItems | None, int]] | None:
+    """What the previous version logged after ``prepare`` read it (the writes before the swap), per
+    modality: (records after the carried LSN, or None and the whole API state when a snapshot has
+    folded them away, the previous version's last LSN); None when there is nothing to look at."""
+    from service.snapshots import snapshot_lsn
+
+    path = Path(index_dir) / CARRIED_NAME
+    if not path.is_file():
+        return None
+    card = json.loads(path.read_text())
+    previous = Path(card["from"])
+    if not previous.is_dir() or previous.resolve() == Path(index_dir).resolve():
+        return None
+    out = {}
+    for modality, carried in card["lsn"].items():
+        folded = snapshot_lsn(previous / modality)
+        end = log_end(previous, modality)
+        if end == carried:
+            continue
+        if folded > carried:  # the records were folded into the previous snapshot: carry its whole API state again (idempotent)
+            out[modality] = ([], api_items_of(previous, modality, folded), end)
+        else:
+            out[modality] = (logged_records(previous / WAL_DIR / modality, carried), None, end)
+    return out

@@ -10,6 +10,7 @@ before it is applied and acknowledged; the log is folded into a snapshot in the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -18,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from avdata.atomic import atomic_write
 from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
 from service.backup import hold_index_dir, release_index_dir
+from service.carry import CARRIED_NAME, changes_since_prepare
 from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record
 from service.encoding import dumps
 from service.locks import ReadWriteLock
 from service.persist import load_index
 from service.snapshots import Durability, Snapshotter, snapshot_lsn
-from service.wal import LogCorrupt, WriteAheadLog
+from service.wal import LogCorrupt, Record, WriteAheadLog
 
 log = logging.getLogger(__name__)
 OTHER = {"audio": "visual", "visual": "audio"}
@@ -107,7 +110,39 @@ class Engine:
                 changelog.wal.close()
             release_index_dir(index_dir)
             raise
-        return cls(embedder, indexes, Path(model_dir), index_dir, logs, durability or Durability())
+        engine = cls(embedder, indexes, Path(model_dir), index_dir, logs, durability or Durability())
+        try:
+            engine._catch_up()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _catch_up(self) -> None:
+        """Changes the previous version logged after ``prepare`` read it (writes before the swap),
+        re-embedded and committed here (logged, so durable), then marked as carried."""
+        pending = changes_since_prepare(self.index_dir)
+        if not pending:
+            return
+        card_path = self.index_dir / CARRIED_NAME
+        card = json.loads(card_path.read_text())
+        for modality, (records, whole, end) in pending.items():
+            if whole is not None:
+                records = [Record(0, "delete", [i], "") for i in whole.deleted]
+                ids = list(whole.features)
+                if ids:
+                    records.append(Record(0, "upsert", ids, "", [whole.metadata[i] for i in ids], np.stack([whole.features[i] for i in ids])))
+            for record in records:
+                if record.op == "upsert":
+                    change = Change("upsert", record.ids, record.metadata, record.features, self.embedder.embed(modality, record.features))
+                    self.logs[modality].commit(change)
+                else:
+                    for item_id in record.ids:
+                        if item_id in self.indexes[modality]:
+                            self.logs[modality].commit(Change("delete", [item_id], []))
+            log.info("%s: caught up %d changes logged by the previous version after prepare", modality, len(records))
+            card["lsn"][modality] = end
+        atomic_write(card_path, json.dumps(card).encode())
 
     def close(self) -> None:
         """Stop the background snapshots and close the logs (a swapped-out version; searches in flight still finish)."""

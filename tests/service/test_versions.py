@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastapi.testclient import TestClient
 
 from index.embedder import Embedder
+from service.app import create_app
 from service.carry import API_ITEMS_NAME, ApiItems, collect_versions
+from service.settings import Settings
 from tests.service.conftest import make_client, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +41,7 @@ def test_api_items_are_re_embedded_into_the_next_model_version(tiny, tmp_path, f
         assert c.post("/v1/items/visual", json={"items": [{"id": replaced, "vector": features.visual[4].tolist(), "metadata": {"replaced": True}}]}).status_code == 200
         assert c.delete(f"/v1/items/visual/{deleted}").status_code == 200
         c.app.state.avsearch.engine.snapshots.fold("visual")  # some of it folded into the snapshot's feature file, some still in the log
-        assert c.post("/v1/items/visual", json={"items": [{"id": "api-late", "vector": features.visual[11].tolist()}]}).status_code == 200
+        assert c.post("/v1/items/visual", json={"items": [{"id": "api-late", "vector": (features.visual[11] + 0.3).tolist()}]}).status_code == 200
         assert "api-v" in ApiItems.load(v1_dir / "visual").features and (v1_dir / "visual" / API_ITEMS_NAME).is_file()
 
         # a second model: the tiny preset trained again with another seed, exported
@@ -47,20 +50,28 @@ def test_api_items_are_re_embedded_into_the_next_model_version(tiny, tmp_path, f
         model2 = tmp_path / "model2"
         out = cli("-m", "service", "prepare", "--model", str(model2), "--index", str(link), "--data", str(tiny.data_dir))
         assert "re-embedded" in out.stdout and link.resolve() != v1_dir and v1_dir.is_dir()  # the live one is kept
+        # written to the live version after prepare read it, before the swap: caught up at the swap
+        assert c.post("/v1/items/audio", json={"items": [{"id": "api-between", "vector": (features.audio[12] + 0.3).tolist(), "metadata": {"late": 1}}]}).status_code == 200
+        assert c.delete(f"/v1/items/visual/{features.ids[5]}").status_code == 200
 
         swapped = c.post("/v1/admin/reload", json={"model_dir": str(model2), "index_dir": str(link)})
         assert swapped.status_code == 200, swapped.text
         v2 = swapped.json()["model"]
         embedder2 = Embedder(model2, device="cpu")
-        for modality, item_id, raw, metadata in (("audio", "api-a", raw_audio, {"by": "api"}), ("visual", "api-v", raw_visual, {"n": 2}), ("visual", "api-late", features.visual[11], None)):
+        cases = [("audio", "api-a", raw_audio, {"by": "api"}), ("visual", "api-v", raw_visual, {"n": 2}), ("visual", "api-late", features.visual[11] + 0.3, None), ("audio", "api-between", features.audio[12] + 0.3, {"late": 1})]  # none a clip of the collection: no tie
+        for modality, item_id, raw, metadata in cases:
             item = c.get(f"/v1/items/{modality}/{item_id}").json()
             assert item["metadata"] == metadata
             np.testing.assert_allclose(item["embedding"], embedder2.embed(modality, raw[None].astype(np.float32))[0], atol=1e-5)  # the new model's embedding
             hits = c.post("/v1/search", json={"modality": modality, "target": modality, "vectors": [raw.tolist()], "top_k": 1}).json()
             assert hits["model"] == v2 and hits["results"][0][0]["id"] == item_id  # found by the new model
-        assert c.get(f"/v1/items/visual/{deleted}").status_code == 404  # a deletion follows too
+        assert c.get(f"/v1/items/visual/{deleted}").status_code == 404 and c.get(f"/v1/items/visual/{features.ids[5]}").status_code == 404  # deletions follow too
         assert c.get(f"/v1/items/visual/{replaced}").json()["metadata"] == {"replaced": True}
-        assert c.get("/v1/info").json()["index_sizes"] == {"audio": len(features) + 1, "visual": len(features) + 2 - 1}
+        sizes = {"audio": len(features) + 2, "visual": len(features) + 2 - 2}
+        assert c.get("/v1/info").json()["index_sizes"] == sizes
+    with TestClient(create_app(Settings(model_dir=tmp_path / "model2", index_dir=link))) as c:  # a restart of the new version: nothing caught up twice, nothing lost
+        wait_ready(c)
+        assert c.get("/v1/info").json()["index_sizes"] == sizes and c.get("/v1/items/audio/api-between").json()["metadata"] == {"late": 1}
 
 
 def test_old_versions_are_collected_never_the_live_or_new_one(tmp_path):
