@@ -74,6 +74,9 @@ import() {  # docker import of a root filesystem, with the image config a base i
     echo "make-base-images: $2 ($(docker image inspect -f '{{.Size}}' "$2" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 
+# pip (in the builds' venvs) verifies TLS against the system bundle, the host's CAs, instead of its
+# own certifi copy, which knows no proxy CA.
+printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
 shrink "$rootfs"
 import "$rootfs" "$PLAIN_IMAGE"
 
@@ -88,7 +91,5 @@ chroot "$rootfs" apt-get update -qq >"$work/apt.log" 2>&1 \
     || { tail -n 30 "$work/apt.log" >&2; die "apt-get install python3 python3-venv failed in the new root (log above)"; }
 umount_chroot
 : >"$rootfs/etc/resolv.conf"  # Docker writes its own at run time
-# pip verifies TLS against the system bundle (the host's CAs above) instead of its own certifi copy.
-printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
 shrink "$rootfs"
 import "$rootfs" "$PYTHON_IMAGE"

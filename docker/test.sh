@@ -135,15 +135,22 @@ step "build avsearch:cpu (API)" "$(took "$t")"
 t=$(clock)
 build avsearch-build:trainer trainer-build --build-arg TORCH_INDEX="$TORCH_INDEX" && build avsearch:train trainer --build-arg TORCH_INDEX="$TORCH_INDEX"
 step "build avsearch:train (trainer)" "$(took "$t")"
-# The GPU image is the same stages on a CUDA base, which has no Python and cannot be pulled here: its
-# base stage (Python installed with apt, the user) is built on a stand-in without Python, with the
-# arguments docker/compose.gpu.yml passes. onnxruntime-gpu/faiss-gpu are not installed (GBs, no GPU).
+# The GPU image is the same stages on a CUDA base, which has no Python and cannot be pulled here: the
+# base and build stages (Python installed with apt, the user, the venv) are built on a stand-in
+# without Python, with the PYTHON that docker/compose.gpu.yml passes, and pip resolves the gpu extra
+# there (--dry-run: onnxruntime-gpu and faiss-gpu-cu12 with their CUDA wheels are GBs, and no GPU).
 t=$(clock)
-build avsearch-gpu-base-check base --build-arg BASE_IMAGE="$PLAIN_BASE_IMAGE" --build-arg PYTHON=python3.11
-docker run --rm avsearch-gpu-base-check sh -c 'python3.11 -c "import venv, sys; print(sys.version)" && id avsearch' >"$work/gpu-check.log" \
-    || die "the GPU base stage has no working python3.11 or no avsearch user"
-docker image rm avsearch-gpu-base-check >/dev/null
-step "GPU stages: base on $PLAIN_BASE_IMAGE" "$(took "$t")"
+gpu_python=$(sed -n 's/.*PYTHON: \([a-z0-9.]*\).*/\1/p' docker/compose.gpu.yml)
+[[ -n $gpu_python ]] || die "found no PYTHON build argument in docker/compose.gpu.yml"
+build avsearch-build:gpu-check build --build-arg BASE_IMAGE="$PLAIN_BASE_IMAGE" --build-arg PYTHON="$gpu_python"
+docker run --rm --network host avsearch-build:gpu-check sh -c "id avsearch && /opt/venv/bin/python --version \
+    && /opt/venv/bin/python /usr/local/bin/requirements-of gpu >/tmp/requirements.txt \
+    && /opt/venv/bin/python -m pip install --disable-pip-version-check --dry-run --quiet --report /tmp/report.json -r /tmp/requirements.txt \
+    && /opt/venv/bin/python -c 'import json; names = {i[\"metadata\"][\"name\"].lower() for i in json.load(open(\"/tmp/report.json\"))[\"install\"]}; \
+missing = {\"onnxruntime-gpu\", \"faiss-gpu-cu12\"} - names; assert not missing, missing; print(\"gpu extra resolves:\", len(names), \"packages\")'" \
+    >"$work/gpu-check.log" 2>&1 || { tail -n 20 "$work/gpu-check.log" >&2; die "the GPU image's stages fail on a base without Python (log above)"; }
+log "GPU stages: $(tr '\n' ' ' <"$work/gpu-check.log")"
+step "GPU stages: base + build on $PLAIN_BASE_IMAGE, gpu extra resolved" "$(took "$t")"
 docker image prune -f --filter label=org.opencontainers.image.vendor=avsearch >/dev/null  # earlier builds' images, now untagged
 log "image sizes: $(docker image inspect -f '{{index .RepoTags 0}} {{.Size}}' avsearch:cpu avsearch:train | awk '{printf "%s %.0f MB  ", $1, $2/1e6}')"
 
