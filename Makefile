@@ -98,6 +98,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/index_bench.py --data model --skip-embedding
 	$(PY) bench/scale_bench.py
 	$(PY) bench/http_bench.py
+	$(PY) bench/write_bench.py
 
 clean:
 	rm -rf $(ARTIFACTS) data/synthetic

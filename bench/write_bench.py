@@ -96,7 +96,7 @@ async def run_requests(port: int, requests: list[bytes], clients: int, duration:
     elapsed = time.perf_counter() - started
     for _, writer in connections:
         writer.close()
-    lat = np.array(latencies) * 1000
+    lat = np.array(latencies or [np.nan]) * 1000
     return {
         "clients": clients,
         "requests": len(latencies),
@@ -108,11 +108,11 @@ async def run_requests(port: int, requests: list[bytes], clients: int, duration:
     }
 
 
-def serve(model: Path, index: Path, args) -> tuple[subprocess.Popen, int]:
+def serve(model: Path, index: Path, args, snapshot_seconds: float | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         "OMP_NUM_THREADS": "1",
-        "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(args.snapshot_seconds),
+        "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(snapshot_seconds or args.snapshot_seconds),
         "AVSEARCH_MAX_VECTORS": "1000",
         "AVSEARCH_ACCESS_LOG": "false",
     }
@@ -134,8 +134,8 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
         many = asyncio.run(run_requests(port, upserts[one["requests"] :], 16, args.duration))
         written = ids[: one["requests"] + many["requests"]]
         deletes = [delete_request(i) for i in written]
-        del_many = asyncio.run(run_requests(port, deletes, 16, args.duration))
-        del_one = asyncio.run(run_requests(port, deletes[del_many["requests"] :], 1, args.duration))
+        del_one = asyncio.run(run_requests(port, deletes[: len(deletes) // 4], 1, args.duration))
+        del_many = asyncio.run(run_requests(port, deletes[del_one["requests"] :], 16, args.duration))
         row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one})
     finally:
         stop(proc)
@@ -148,7 +148,7 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
 def bulk(model: Path, work: Path, total: int, args) -> dict:
     index = work / "index-bulk"
     build_index(model, index, 1, "Flat")
-    proc, port = serve(model, index, args)
+    proc, port = serve(model, index, args, snapshot_seconds=300)  # the default: folds by size, in proportion to the snapshot
     try:
         rng = np.random.default_rng(1)
         tenth = total // 10
@@ -173,7 +173,7 @@ def write_results(out: dict) -> None:
         "# Write benchmark (`bench/write_bench.py`)",
         "",
         f"{out['machine']}; model: {out['model']}; each write is in the write-ahead log (fsynced, group commit) before its answer; "
-        f"snapshots folded every {out['snapshot_seconds']} s during the runs. Single-item upserts of 128-d audio features (JSON), then deletes of those items.",
+        f"snapshots folded every {out['snapshot_seconds']} s during the runs (10^7: see the notes). Single-item upserts of 128-d audio features (JSON), then deletes of those items.",
         "",
         "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | load avg |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -186,7 +186,7 @@ def write_results(out: dict) -> None:
         )
     if out.get("bulk"):
         b = out["bulk"]
-        lines += ["", f"Bulk load: {b['items']:,} items in batches of {b['batch']} by {b['clients']} clients into an empty Flat index; items/s per tenth "
+        lines += ["", f"Bulk load: {b['items']:,} items in batches of {b['batch']} by {b['clients']} clients into an empty Flat index, default fold thresholds; items/s per tenth "
                   f"(linear in N = a flat rate; last tenth / first: {b['last_over_first_tenth_rate']}):", "",
                   "| loaded | items/s | p50 / p99 ms per batch |", "|---|---|---|"]
         lines += [f"| {t['loaded_after']:,} | {t['items_per_s']} | {t['p50_ms']} / {t['p99_ms']} |" for t in b["tenths"]]
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
+    parser.add_argument("--append", action="store_true", help="add to the points (and keep the bulk figures) of the existing results")
+    parser.add_argument("--sizes-none", dest="no_points", action="store_true", help="only the bulk load")
     args = parser.parse_args()
     model = tiny_model(args.work)
     out = {
@@ -213,12 +215,19 @@ def main() -> None:
         "points": [],
         "notes": args.note,
     }
-    for n in args.sizes:
+    if args.append and (RESULTS / "write_bench.json").is_file():
+        previous = json.loads((RESULTS / "write_bench.json").read_text())
+        out["points"], out["notes"] = previous["points"], previous.get("notes", []) + args.note
+        out["bulk"] = previous.get("bulk")
+    for n in [] if args.no_points else args.sizes:
         for factory in args.factories:
-            out["points"].append(point(model, args.work, int(n), factory, args))
+            row = point(model, args.work, int(n), factory, args)
+            out["points"] = [r for r in out["points"] if (r["items"], r["factory"]) != (row["items"], row["factory"])] + [row]  # a re-run replaces its point
+            out["points"].sort(key=lambda r: (r["items"], r["factory"]))
             write_results(out)
     if args.bulk:
         out["bulk"] = bulk(model, args.work, int(args.bulk), args)
+    print(f"results: {RESULTS / 'write_bench.md'}")
     write_results(out)
 
 

@@ -126,7 +126,7 @@ def restore(file: Path, index_dir: Path, manifest_hash: str | None) -> dict:
             card = json.load(tar.extractfile(CARD_NAME))
             if manifest_hash is not None and card.get("model_sha256") != manifest_hash:
                 raise SnapshotError(f"{file}: taken with model {str(card.get('model_sha256'))[:12]}, not the configured model {manifest_hash[:12]}; restore it with that model")
-            with held_elsewhere_check(target):
+            with RestoreLock(target):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 staging = target.parent / f".{target.name}.restore"
                 shutil.rmtree(staging, ignore_errors=True)
@@ -178,7 +178,7 @@ def release_index_dir(directory: Path) -> None:
             del _held[directory]
 
 
-class held_elsewhere_check:
+class RestoreLock:
     """An exclusive lock on ``directory`` for a restore: refused while a server holds it."""
 
     def __init__(self, directory: Path):

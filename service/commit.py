@@ -139,6 +139,7 @@ class ChangeLog:
                 self._cond.notify_all()
 
     def _commit_group(self, group: list[Change]) -> None:
+        applied: set[int] = set()
         try:
             accepted = self._check(group)
             if accepted:
@@ -148,6 +149,13 @@ class ChangeLog:
                         apply_record(self.index, _merged(run))
                         for change in run:
                             change.count = len(self.index)
+                            applied.add(id(change))
+        except BaseException as err:  # applying failed (out of memory): never answer 200 for a change not served
+            log.critical("applying %s changes failed (%s); they are in the log and a restart applies them", self.modality, err)
+            for change in group:
+                if change.error is None and id(change) not in applied:
+                    change.error = err
+            raise
         finally:
             for change in group:
                 change.done = True

@@ -84,7 +84,7 @@ class Engine:
         self.lock = ReadWriteLock()
         self.logs = logs
         for changelog in logs.values():
-            changelog.lock = self.lock
+            changelog.lock = self.lock  # one lock over both indexes: a search may read either
         self.snapshots = Snapshotter(logs, self.index_dir, durability)
         self.snapshots.start()
         self._closed = False

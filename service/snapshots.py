@@ -1,7 +1,9 @@
 """Folding the write-ahead log into a snapshot, in the background, without stopping searches.
 
-A modality's log is folded when it passes ``wal_snapshot_bytes`` or its oldest change not in a
-snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's commits only while it
+A modality's log is folded when it passes ``wal_snapshot_bytes`` and ``wal_snapshot_growth`` times
+the last snapshot's size (a fold rewrites the whole index, so folding only once the log has grown
+in proportion keeps the cost per change constant: a bulk load stays linear in N), or when its
+oldest change not in a snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's commits only while it
 copies the index into memory (:meth:`VectorIndex.frozen`, tens of ms at 10^6 items) and starts a
 new log segment; searches never wait for it (the copy reads the index, and only commits write it).
 The copy is then saved with the whole-directory swap of :mod:`service.persist`, beside
@@ -31,6 +33,7 @@ class Durability:
     fsync: bool = True  # fsync the log before each answer (group commit); False: after writing it (a kill loses nothing, a power cut may)
     snapshot_bytes: int = 64 * 1024 * 1024  # fold the log into a snapshot past this size...
     snapshot_seconds: float = 300.0  # ...or when its oldest change not in a snapshot is this old
+    snapshot_growth: float = 1.0  # ...and only once the log holds this fraction of the last snapshot's bytes (a fold rewrites it all: amortised O(1) a change)
 
 
 def snapshot_lsn(directory: Path) -> int:
@@ -50,6 +53,7 @@ class Snapshotter:
         self._thread: threading.Thread | None = None
         for changelog in logs.values():
             changelog.on_commit = self._nudge
+        self.snapshot_size = {m: _directory_bytes(self.index_dir / m) for m in logs}
 
     def start(self) -> None:
         if self._thread is None:
@@ -77,7 +81,7 @@ class Snapshotter:
     def _due(self, modality: str) -> bool:
         changelog = self.logs[modality]
         oldest = changelog.oldest_unsnapshotted
-        if changelog.wal.bytes_since_rotation >= self.durability.snapshot_bytes:
+        if changelog.wal.bytes_since_rotation >= max(self.durability.snapshot_bytes, self.durability.snapshot_growth * self.snapshot_size[modality]):
             return True
         return oldest is not None and time.monotonic() - oldest >= self.durability.snapshot_seconds
 
@@ -115,6 +119,14 @@ class Snapshotter:
                 changelog.oldest_unsnapshotted = pending_since
                 raise
             changelog.snapshot_lsn = lsn
+            self.snapshot_size[modality] = _directory_bytes(self.index_dir / modality)
             changelog.wal.drop_before_current()
             log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
             return lsn
+
+
+def _directory_bytes(directory: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+    except OSError:
+        return 0

@@ -38,6 +38,7 @@ class Server:
             "OMP_NUM_THREADS": "1",
             "AVSEARCH_WAL_SNAPSHOT_BYTES": "3000",  # fold after nearly every visual commit and every few audio ones
             "AVSEARCH_WAL_SNAPSHOT_SECONDS": "0.2",
+            "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0",  # fold by the byte threshold alone, however large the snapshot
             "AVSEARCH_MAX_VECTORS": "2048",
         }
         cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(self.port)]

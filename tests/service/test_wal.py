@@ -97,7 +97,7 @@ def test_start_up_is_the_snapshot_plus_the_log_and_a_fold_truncates_it(tiny, tmp
 
 def test_the_log_is_folded_in_the_background_past_its_size_threshold(tiny, tmp_path, features):
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=20_000))
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=20_000, snapshot_growth=0))
     for i in range(8):  # ~4.3 kB a visual record
         engine.upsert("visual", features.visual[i : i + 1], [f"x{i}"], [None])
     deadline = time.monotonic() + 20
@@ -167,3 +167,22 @@ def test_a_group_applies_in_log_order_whatever_it_merges(tiny, tmp_path, feature
         assert index.get("x").metadata == {"v": 2} and index.get("z").metadata == {"v": 3} and "y" in index
         assert features.ids[1] not in index and features.ids[2] not in index and len(index) == len(features) + 1
         np.testing.assert_allclose(index.get("x").vector, engine.embedder.embed("visual", features.visual[1:2])[0], atol=1e-6)
+
+
+def test_a_fold_waits_for_the_log_to_grow_in_proportion_to_the_snapshot(tiny, tmp_path, features):
+    """A fold rewrites the whole index: folding only once the log holds ``snapshot_growth`` times the
+    snapshot's bytes keeps the cost per change constant (a bulk load stays linear in N)."""
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=1, snapshot_growth=0.5))
+    engine.snapshots.stop()
+    size = engine.snapshots.snapshot_size["visual"]
+    assert size == sum(p.stat().st_size for p in (index_dir / "visual").iterdir() if p.is_file()) > 0
+    n = 0
+    while engine.logs["visual"].wal.bytes_since_rotation < 0.5 * size:
+        assert not engine.snapshots._due("visual")
+        engine.upsert("visual", features.visual[n % 50 : n % 50 + 1], [f"g{n}"], [None])
+        n += 1
+    assert engine.snapshots._due("visual") and n > 1
+    engine.snapshots.fold("visual")
+    assert not engine.snapshots._due("visual") and engine.snapshots.snapshot_size["visual"] > size
+    engine.close()
