@@ -136,7 +136,7 @@ def test_acknowledged_changes_survive_random_kills(tiny, tmp_path):
         writers = [Writer(server, w, round_, state, random.Random(rng.random())) for w in range(WRITERS)]
         for w in writers:
             w.start()
-        time.sleep(rng.uniform(0.15, 0.9))
+        time.sleep(rng.uniform(0.1, 0.6))
         server.kill()
         for w in writers:
             w.join(30)
