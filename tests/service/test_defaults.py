@@ -123,3 +123,13 @@ def test_an_over_limit_body_sent_whole_before_reading_gets_its_413(small_limit_s
     answer = _send_all_then_read(small_limit_server, head, chunks)  # a reset raises ConnectionResetError here
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"AVSEARCH_MAX_BODY_BYTES" in answer
+
+
+def test_a_client_waiting_for_100_continue_gets_its_413_at_once(small_limit_server):
+    """curl and friends send the headers and wait: nothing to drain, the 413 comes before any body."""
+    host, port = small_limit_server.removeprefix("http://").split(":")
+    head = b"POST /v1/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % BIG
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        answer = sock.recv(65536)  # a timeout here means the server waited for a body it was not sent
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer, answer[:200]
