@@ -166,6 +166,11 @@ def hold_index_dir(directory: Path) -> None:
         _held[directory] = [fd, 1]
 
 
+def held_here(directory: Path) -> bool:
+    with _held_lock:
+        return Path(directory).resolve() in _held
+
+
 def release_index_dir(directory: Path) -> None:
     directory = Path(directory).resolve()
     with _held_lock:

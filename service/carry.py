@@ -123,14 +123,15 @@ def carry_over(indexes: dict, embedder, previous_dir: Path) -> dict[str, ApiItem
 
 def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
     """Delete version directories ``<link>-<12 hex>`` beyond the ``keep`` newest; never those in
-    ``protect`` (the live one and the one just prepared). Returns what was deleted."""
+    ``protect`` (the live one and the one just prepared), nor one a running server holds (an older
+    version still served when two prepares ran before a reload). Returns what was deleted."""
     pattern = re.compile(re.escape(link.name) + r"-[0-9a-f]{12}$")
     protected = {p.resolve() for p in protect}
     versions = sorted((p for p in link.parent.iterdir() if p.is_dir() and not p.is_symlink() and pattern.match(p.name)), key=lambda p: p.stat().st_mtime, reverse=True)
     kept = 0
     deleted = []
     for path in versions:
-        if path.resolve() in protected:
+        if path.resolve() in protected or _served(path):
             continue
         kept += 1
         if kept > max(keep - len(protected), 0):
@@ -166,3 +167,18 @@ def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Record], ApiI
         else:
             out[modality] = (logged_records(previous / WAL_DIR / modality, carried), None, end)
     return out
+
+
+def _served(directory: Path) -> bool:
+    """Whether a server process holds ``directory`` (its shared lock on the serving lock file)."""
+    from service.backup import LOCK_NAME, RestoreLock, SnapshotError, held_here
+
+    if held_here(directory):  # POSIX locks never conflict within a process (and closing one would drop ours)
+        return True
+    if not (directory / LOCK_NAME).exists():
+        return False
+    try:
+        with RestoreLock(directory):
+            return False
+    except SnapshotError:
+        return True

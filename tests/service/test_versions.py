@@ -16,7 +16,7 @@ from index.embedder import Embedder
 from service.app import create_app
 from service.carry import API_ITEMS_NAME, ApiItems, collect_versions
 from service.settings import Settings
-from tests.service.conftest import make_client, wait_ready
+from tests.service.conftest import copy_index, make_client, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,3 +88,21 @@ def test_old_versions_are_collected_never_the_live_or_new_one(tmp_path):
     assert sorted(p.name for p in deleted) == [v.name for v in versions[1:4]]
     assert versions[0].is_dir() and versions[4].is_dir() and (tmp_path / "current-previous-123").is_dir()
     assert collect_versions(link, keep=3, protect=[versions[4]]) == [] and versions[0].is_dir()
+
+
+def test_a_version_a_server_still_holds_is_never_collected(tiny, tmp_path):
+    from service.engine import Engine
+
+    link = tmp_path / "current"
+    old = copy_index(tiny, tmp_path / "current-00000000000a")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    new = copy_index(tiny, tmp_path / "current-00000000000b")
+    link.symlink_to(new.name)
+    engine = Engine.load(tiny.model_dir, old, device="cpu")  # an older version, still served
+    collect = f"from pathlib import Path; from service.carry import collect_versions; print(collect_versions(Path({str(link)!r}), 1, [Path({str(new)!r})]))"
+    try:
+        assert collect_versions(link, keep=1, protect=[new]) == [] and old.is_dir()  # from the serving process
+        assert cli("-c", collect).stdout.strip() == "[]" and old.is_dir()  # from another one (prepare's case)
+    finally:
+        engine.close()
+    assert collect_versions(link, keep=1, protect=[new]) == [old] and not old.exists()
