@@ -107,7 +107,13 @@ if [[ -z ${TORCH_INDEX:-} ]]; then
         # A one-project index (<root>/torch/<wheel>) on the host's loopback; the builds use the host's
         # network, so pip inside reaches it as it would reach download.pytorch.org.
         mkdir -p "$work/torch-index/torch" && ln -s "$(realpath "$wheel")" "$work/torch-index/torch/"
-        port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        # A fixed port: TORCH_INDEX is a build argument, so its URL is part of the build cache key (a
+        # random port would rebuild the trainer's venv every run); a free one only when it is taken.
+        port=${TORCH_INDEX_PORT:-38471}
+        if ! "$PY" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+            port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+            log "port ${TORCH_INDEX_PORT:-38471} is taken: the local torch index on $port (the trainer's venv is rebuilt)"
+        fi
         "$PY" -m http.server --bind 127.0.0.1 --directory "$work/torch-index" "$port" >"$work/torch-index.log" 2>&1 &
         index_server=$!
         TORCH_INDEX=http://127.0.0.1:$port/
@@ -163,10 +169,9 @@ AVSEARCH_DOCKER_TEST=1 AVSEARCH_DOCKER_COMPOSE="${compose[*]}" AVSEARCH_DOCKER_P
     "$PY" -m pytest -q -p no:cacheprovider tests/docker
 step "pytest tests/docker (images + compose flow)" "$(took "$t")"
 
-# --- 6. nothing of ours left ----------------------------------------------------------------------------------
+# --- 6. nothing of ours left (every container, the trainer's `run --rm` ones included, carries the label) ------
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT"; docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")
 [[ -z $left ]] || die "left behind by project $PROJECT: $left"
-[[ -z $(docker ps -aq --filter ancestor=avsearch:cpu --filter ancestor=avsearch:train) ]] || die "containers of avsearch:cpu/train are left"
 if [[ ${KEEP_IMAGES:-1} == 0 ]]; then docker image rm avsearch:cpu avsearch:train >/dev/null; fi
 
 echo
