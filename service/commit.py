@@ -64,7 +64,7 @@ def apply_record(index: VectorIndex, record: Record | Change) -> None:
         index.remove([i for i in record.ids if i in index])
 
 
-def _runs(changes: list[Change]) -> Iterator[list[Change]]:
+def mergeable_runs(changes: list) -> Iterator[list]:
     """Consecutive changes of one kind that one index call can apply: a Flat or IVF removal moves
     the whole array once per call, so 16 deletes in one call cost what one costs. Upserts merge
     while their ids stay distinct (an id written twice keeps its order by starting a new run)."""
@@ -80,7 +80,7 @@ def _runs(changes: list[Change]) -> Iterator[list[Change]]:
         yield run
 
 
-def _merged(run: list[Change]) -> Change:
+def merge_run(run: list) -> Change:
     if len(run) == 1:
         return run[0]
     ids = [i for c in run for i in c.ids]
@@ -145,8 +145,8 @@ class ChangeLog:
             if accepted:
                 self._log(accepted)
                 with self.lock.write():
-                    for run in _runs(accepted):
-                        apply_record(self.index, _merged(run))
+                    for run in mergeable_runs(accepted):
+                        apply_record(self.index, merge_run(run))
                         for change in run:
                             change.count = len(self.index)
                             applied.add(id(change))

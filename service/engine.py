@@ -24,7 +24,7 @@ from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
 from service.backup import hold_index_dir, release_index_dir
 from service.carry import CARRIED_NAME, changes_since_prepare
-from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record
+from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record, merge_run, mergeable_runs
 from service.encoding import dumps
 from service.locks import ReadWriteLock
 from service.persist import load_index
@@ -261,7 +261,8 @@ def _replay(modality: str, index: VectorIndex, index_dir: Path, embedder: Embedd
     for record in records:
         if record.op == "upsert" and record.model != embedder.manifest_hash:
             record.embeddings = embedder.embed(modality, record.features)
-        apply_record(index, record)
+    for run in mergeable_runs(records):  # consecutive records in one index call each, as the commit did
+        apply_record(index, merge_run(run))
     if records:
         log.info("%s: replayed %d logged changes after snapshot change %d", modality, len(records), after)
     changelog = ChangeLog(modality, index, wal, ReadWriteLock(), embedder.manifest_hash, max([after, *(r.lsn for r in records)]) + 1, durability.fsync)
