@@ -138,8 +138,10 @@ def compare(
         log.info("%s seed %d: test avg %.4f (val %.4f) in %.0f s", name, seed, record["test"]["avg"], record["val"]["avg"], record["seconds"])
     if not records:
         raise ValueError(f"{out / 'runs'}: no finished run matches this configuration, data and code; run compare without --report-only")
-    for name in METHODS:  # the sweep point at the preset's ρ is the full model
-        if _is_default_rho(cfg, name) and name not in methods and "hscmae" in methods:
+    full_cfg = (method_configs or {}).get("hscmae", cfg)  # a tuned full model has its own ρ
+    sweeping = any(METHODS[m][0] == "sweep" for m in methods)
+    for name in METHODS:  # the sweep point at the full model's ρ is the full model's runs
+        if sweeping and _is_default_rho(full_cfg, name) and name not in methods and "hscmae" in methods:
             records += [{**r, "method": name} for r in records if r["method"] == "hscmae"]
     meta = {
         "config": config_to_dict(cfg),
