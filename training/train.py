@@ -185,8 +185,8 @@ def train(
     """Train the objective ``cfg.objective``, select the step on validation mAP, fit test-time CCA.
 
     The budget is ``cfg.train.max_steps`` optimiser steps; validation runs every
-    ``Schedule.eval_every`` steps and training stops early after ``patience`` steps without a better
-    validation mAP. Labels are read for validation only. With ``state_path`` the full training
+    ``Schedule.eval_every`` steps and training stops early after ``patience`` steps without a gain of
+    ``min_delta`` in validation mAP; the best validation point is selected. Labels are read for validation only. With ``state_path`` the full training
     state is written there after every evaluation; ``resume`` continues from it. ``stop_after``
     ends this call after that many evaluations (a later ``resume`` finishes the run).
     ``on_evaluation(step, val_avg)`` is called after each evaluation (tuning prunes through it).
