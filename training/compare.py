@@ -5,7 +5,7 @@ finishes, with its configuration, the data's fingerprint and the training code's
 rerun reuses a stored run only when all three match (so runs of another preset, data set or code
 never mix into one table), and an interrupted comparison resumes. Seeds
 are taken in the outer loop, so a partial comparison already covers every method. Selection is on
-validation; the test figures of the selected epoch are recorded once. The synthetic data (or the
+validation; the test figures of the selected step are recorded once. The synthetic data (or the
 given features) are the same for every seed; the seed changes initialisation, batch order and masks.
 """
 
