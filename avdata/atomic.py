@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "atomic_write", "current_umask"]
+__all__ = ["atomic_file", "atomic_write", "current_umask", "fsync_dir"]
 
 
 def current_umask() -> int:
@@ -52,6 +52,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``directory`` survive a power cut (the entry lives in the directory)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, blob: bytes | str) -> None:

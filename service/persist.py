@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from avdata.atomic import atomic_write
+from avdata.atomic import atomic_write, fsync_dir
 from index.store import FrozenIndex, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,6 @@ def _staging(directory: Path) -> Path:
 
 def _previous(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.old"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_into_place(staged: Path, directory: Path) -> None:
@@ -53,7 +45,7 @@ def swap_into_place(staged: Path, directory: Path) -> None:
         recover(directory)  # now, not at the next load: the next save would delete .old as debris
         raise
     try:
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except OSError as err:  # the new index is in place (and served): only its durability is in doubt
         log.error("%s: saved, but the directory could not be synced (%s); a power cut may lose the last change", directory, err)
     shutil.rmtree(previous, ignore_errors=True)
@@ -69,7 +61,7 @@ def save_atomically(index: VectorIndex | FrozenIndex, directory: Path, extra: di
         index.save(staging)  # every file fsynced
         for name, blob in (extra or {}).items():
             atomic_write(staging / name, blob)
-        _fsync_dir(staging)
+        fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a partial copy on a full disk keeps it full
         raise

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avdata.atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 FRAME = struct.Struct("<II")  # payload length, crc32
 HEADER_LENGTH = struct.Struct("<I")
@@ -93,14 +95,6 @@ def read_segment(path: Path) -> tuple[list[Record], int, bool]:
     return records, offset, False
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class WriteAheadLog:
     """Segments in ``directory``; one writer at a time (the modality's commit leader)."""
 
@@ -151,7 +145,7 @@ class WriteAheadLog:
         """Start a new segment for LSNs from ``first_lsn`` on (the caller holds off appends)."""
         path = self.directory / f"{first_lsn:020d}{SUFFIX}"
         self._open(path)
-        _fsync_dir(self.directory)  # the new file's name must survive a power cut too
+        fsync_dir(self.directory)  # the new file's name must survive a power cut too
         self.bytes_since_rotation = 0
 
     def end(self) -> int:
