@@ -78,11 +78,15 @@ def _tune_each(cfg, data, methods: list[str], args) -> dict:
     """Every trainable method gets the same trial budget on validation before its seeds run."""
     from training.tune import tune
 
+    from training.compare import data_fingerprint
+
+    # A shared database holds studies of every data set: the data's fingerprint keeps them apart.
+    suffix = f"-{data_fingerprint(data)[:12]}" if args.storage else ""
     tuned = {}
     for name in methods:
         if name == "linear-cca":
             continue
-        result = tune(cfg, data, name, args.tune, Path(args.out) / "tune" / name, storage=args.storage, study_name=name, show_progress=not args.quiet)
+        result = tune(cfg, data, name, args.tune, Path(args.out) / "tune" / name, storage=args.storage, study_name=name + suffix, show_progress=not args.quiet)
         print(f"tuned {name}: validation avg {result.val_avg:.4f} after {result.trials} trials ({result.seconds:.0f} s)")
         tuned[name] = result.config
     return tuned

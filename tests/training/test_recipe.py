@@ -187,3 +187,19 @@ def test_the_mae_baseline_retrieves_with_h_not_an_untrained_head(tiny_data, tmp_
     save_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, cfg, tiny_data, result)
     manifest = export_run(tmp_path / "run", tmp_path / "model", data=tiny_data)
     assert manifest["embedding_dim"] == cfg.cca.n_components
+
+
+def test_compare_tune_with_a_shared_database_keeps_data_sets_apart(tmp_path, capsys):
+    import optuna
+
+    from training.compare import data_fingerprint
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = ["compare", "--config", "tiny", "--data", "synthetic", "--seeds", "1", "--methods", "clip", "--tune", "2", "--storage", storage, "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "report")]) == 0
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert names == [f"clip-{data_fingerprint(generate(load_config('tiny').synthetic))[:12]}"]
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    tuned = yaml.safe_load((tmp_path / "report" / "tune" / "clip" / "best.yaml").read_text())
+    run = results["methods"]["clip"]["runs"][0]
+    assert run["key"]["config"]["train"]["lr"] == tuned["train"]["lr"]  # the seeds ran the tuned preset
