@@ -91,6 +91,13 @@ class Column:
         self._data[self.size : need] = values
         self.size = need
 
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more values without a reallocation (a new array, as when it grows)."""
+        if self.size + extra > len(self._data):
+            grown = np.empty(self.size + extra, self._data.dtype)
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+
     @property
     def values(self) -> np.ndarray:
         return self._data[: self.size]
@@ -204,6 +211,20 @@ class ItemTable:
             runs[-2:] = [_merge(runs[-2], runs[-1], self.alive)]
         self._runs = runs  # one assignment: a reader sees the old list or the new one
         return labels
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more rows (ids and metadata as long as the average so far, at least
+        16 and 32 bytes) without a reallocation: a table just loaded has none, so its first append
+        would copy every column. A write."""
+        def average(column: Column, floor: int) -> int:
+            return max(floor, -(-column.size // max(self.rows, 1)))
+
+        self._id_offsets.reserve(extra)
+        self._id_bytes.reserve(extra * average(self._id_bytes, 16))
+        self._alive.reserve(extra)
+        if self._meta_offsets is not None:
+            self._meta_offsets.reserve(extra)
+            self._meta_bytes.reserve(extra * average(self._meta_bytes, 32))
 
     def consolidate(self) -> None:
         """Merge the lookup runs into one (fastest lookups; e.g. once a bulk load is done). A write."""

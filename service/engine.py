@@ -37,6 +37,9 @@ OTHER = {"audio": "visual", "visual": "audio"}
 
 __all__ = ["ChangeNotSaved", "Engine", "EmbedJob", "ItemNotFound", "SearchJob"]
 WAL_DIR = "wal"  # <index>/wal/<modality>/: the log segments after each modality's snapshot
+# Room made at load for this fraction more items (at least MIN_HEADROOM), so the first writes after
+# a start do not copy the whole index (VectorIndex.reserve); less than the doubling they would cause.
+WRITE_HEADROOM, MIN_HEADROOM = 0.25, 4096
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Engine:
                     raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
                 indexes[modality] = index
                 logs[modality] = _replay(modality, index, index_dir, embedder, durability or Durability())
+                index.reserve(max(MIN_HEADROOM, int(WRITE_HEADROOM * index.items.rows)))
         except BaseException:
             for changelog in logs.values():
                 changelog.wal.close()

@@ -371,3 +371,48 @@ def test_flat_removals_are_tombstones_skipped_exactly_then_compacted(tmp_path, m
     assert loaded.tombstones == 35 and loaded.search(queries[:1], 3)[1] == index.search(queries[:1], 3)[1]
     index.remove(ids[40:60])  # 55 > 50: rebuilt without them
     assert index.tombstones == 0 and index.index.ntotal == len(index) == 345 and "i5" in index and "i45" not in index
+
+
+def array_addresses(index: VectorIndex) -> dict[str, int]:
+    """Where FAISS's growing arrays and the item table's columns live now."""
+    import faiss
+
+    base = index._base(index.index)
+    arrays = {"id_map": index.index.id_map}
+    if isinstance(base, faiss.IndexHNSW):
+        arrays.update(neighbors=base.hnsw.neighbors, levels=base.hnsw.levels, offsets=base.hnsw.offsets)
+        base = faiss.downcast_index(base.storage)
+    arrays["codes"] = base.codes
+    columns = {name: getattr(index.items, name) for name in ("_id_bytes", "_id_offsets", "_alive", "_meta_bytes", "_meta_offsets")}
+    return {name: int(a.data()) for name, a in arrays.items()} | {name: c._data.ctypes.data for name, c in columns.items() if c is not None}
+
+
+def moved_arrays(before: dict[str, int], index: VectorIndex) -> list[str]:
+    after = array_addresses(index)
+    return [name for name, address in before.items() if after[name] != address]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_reserve_makes_writes_after_a_load_copy_nothing_and_changes_no_result(tmp_path, factory):
+    rng = np.random.default_rng(0)
+    gallery, added, queries = _unit(rng, 3000, 8), _unit(rng, 50, 8), _unit(rng, 20, 8)
+    built = VectorIndex.build(gallery, [f"item-{i}" for i in range(3000)], factory=factory, metadata=[{"n": i} for i in range(3000)])
+    built.save(tmp_path / "built")
+    plain, reserved = VectorIndex.load(tmp_path / "built"), VectorIndex.load(tmp_path / "built")
+    reserved.reserve(100)
+
+    moved = {}
+    for name, index in (("plain", plain), ("reserved", reserved)):
+        before = array_addresses(index)
+        for i, vector in enumerate(added):  # one at a time, as the API writes
+            index.upsert(vector[None], [f"new-{i}"], [{"new": i}])
+        moved[name] = moved_arrays(before, index)
+    assert len(moved["plain"]) >= 5  # without room, the first write reallocates (what reserve avoids)
+    assert moved["reserved"] == []
+
+    (plain_scores, plain_ids), (reserved_scores, reserved_ids) = plain.search(queries, 10), reserved.search(queries, 10)
+    assert reserved_ids == plain_ids and np.array_equal(reserved_scores, plain_scores)
+    assert reserved.get("new-7").metadata == {"new": 7} and len(reserved) == 3050
+    plain.save(tmp_path / "plain"), reserved.save(tmp_path / "reserved")  # spare room is not saved
+    for name in ("index.faiss", "items.bin"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "reserved" / name).read_bytes()
