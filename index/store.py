@@ -21,7 +21,6 @@ the item table (an ``items.json`` id map) still load.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -414,14 +413,16 @@ class VectorIndex:
         return _write_files(directory, lambda write: faiss.write_index(self.index, faiss.PyCallbackIOWriter(write)), self.items.save, self.info)
 
     def frozen(self) -> "FrozenIndex":
-        """What :meth:`save` would write, copied into memory (one serialisation: tens of ms at 10^6
-        items) so that the caller can release its lock and write the copy to disk while changes go on.
-        Costs one more copy of the index in memory while it lives."""
+        """What :meth:`save` would write, copied into memory so that the caller can release its
+        lock and write the copy to disk while changes go on. Kept as the chunks FAISS writes: one
+        copy of each byte (``faiss.serialize_index`` grows one buffer, then copies it out: 0.50 s
+        against 0.13 s at 10^6 HNSW32 items). Costs one more copy of the index in memory while it lives."""
         import faiss
 
-        items = io.BytesIO()
+        index, items = _Chunks(), _Chunks()
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(index.write))
         self.items.save(items)
-        return FrozenIndex(faiss.serialize_index(self.index), items.getvalue(), json.loads(json.dumps(self.info)))
+        return FrozenIndex(index, items, json.loads(json.dumps(self.info)))
 
     @classmethod
     def load(cls, directory: str | Path, expected_manifest_hash: str | None = None) -> "VectorIndex":
@@ -468,15 +469,28 @@ class VectorIndex:
 class FrozenIndex:
     """A copy of an index as :meth:`VectorIndex.save` writes it; saved to the same bytes."""
 
-    index_bytes: np.ndarray  # faiss.serialize_index
-    items_bytes: bytes  # ItemTable.save
+    index_chunks: list[bytes]  # faiss.write_index
+    items_chunks: list[bytes]  # ItemTable.save
     info: dict
 
     def save(self, directory: str | Path) -> Path:
-        return _write_files(directory, lambda write: write(self.index_bytes.tobytes()), lambda f: f.write(self.items_bytes), self.info)
+        return _write_files(directory, lambda write: _write_all(write, self.index_chunks), lambda f: _write_all(f.write, self.items_chunks), self.info)
 
     def __len__(self) -> int:
         return int(self.info.get("count", 0))
+
+
+class _Chunks(list):
+    """A write-only file in memory: a list of what was written, never one buffer regrown and copied."""
+
+    def write(self, blob) -> int:
+        self.append(bytes(blob))
+        return len(blob)
+
+
+def _write_all(write, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        write(chunk)
 
 
 def _write_files(directory: str | Path, write_index, write_items, info: dict) -> Path:

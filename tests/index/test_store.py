@@ -416,3 +416,15 @@ def test_reserve_makes_writes_after_a_load_copy_nothing_and_changes_no_result(tm
     plain.save(tmp_path / "plain"), reserved.save(tmp_path / "reserved")  # spare room is not saved
     for name in ("index.faiss", "items.bin"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "reserved" / name).read_bytes()
+
+
+def test_a_frozen_copy_saves_the_same_bytes_and_later_changes_do_not_reach_it(tmp_path):
+    rng = np.random.default_rng(0)
+    index = VectorIndex.build(_unit(rng, 2000, 8), [f"item-{i}" for i in range(2000)], factory="HNSW16", metadata=[{"n": i} for i in range(2000)])
+    frozen = index.frozen()
+    index.save(tmp_path / "direct")
+    index.upsert(_unit(rng, 5, 8), [f"later-{i}" for i in range(5)])
+    frozen.save(tmp_path / "frozen")
+    for name in ("index.faiss", "items.bin", "info.json"):
+        assert (tmp_path / "frozen" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    assert len(VectorIndex.load(tmp_path / "frozen")) == 2000
