@@ -13,8 +13,10 @@ Exact search is a scan: every query reads all N×E stored floats. Two shapes, tw
   and only scores above each query's running k-th best leave the block (a comparison and a sparse
   ``nonzero``), merged into the running top-k.
 
-Both return exactly the top k (ties broken arbitrarily), sorted best first. They are checked
-against a full ``argsort`` and against faiss in ``tests/index/test_exact.py``.
+Both return exactly the top k (ties broken arbitrarily), sorted best first. Rows to leave out
+(an index's removed rows, kept until it is compacted) are given as sorted row numbers: their scores
+are set to -inf in each block before anything is selected, so the result is exact whatever their
+number. Checked against a full ``argsort`` and against faiss in ``tests/index/test_exact.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ SAMPLE_ROWS = 4096  # rows whose k-th best score seeds the selection threshold
 BLOCK_SCORES = 2**26  # scores per GEMM block (256 MB float32): big blocks keep BLAS efficient
 
 
+def _skip(scores: np.ndarray, skip_rows: np.ndarray | None, start: int, stop: int) -> np.ndarray:
+    """Scores of rows start..stop (last axis) with the skipped ones among them set to -inf."""
+    if skip_rows is not None:
+        lo, hi = np.searchsorted(skip_rows, (start, stop))
+        scores[..., skip_rows[lo:hi] - start] = -np.inf
+    return scores
+
+
 def _sorted_top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-first (k,) of one query's candidate (scores, rows)."""
     if len(scores) > k:
@@ -36,13 +46,15 @@ def _sorted_top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
     return scores[order], rows[order]
 
 
-def _one_query(database: np.ndarray, query: np.ndarray, k: int, block_rows: int = MATVEC_BLOCK_ROWS, transposed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _one_query(
+    database: np.ndarray, query: np.ndarray, k: int, block_rows: int = MATVEC_BLOCK_ROWS, transposed: np.ndarray | None = None, skip_rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     n = len(database)
 
     def block_scores(start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         if transposed is not None:  # (E, N): a strided column block is still one BLAS call, no copy
-            return np.matmul(query, transposed[:, start:stop], out=out)
-        return np.matmul(database[start:stop], query, out=out)
+            return _skip(np.matmul(query, transposed[:, start:stop], out=out), skip_rows, start, stop)
+        return _skip(np.matmul(database[start:stop], query, out=out), skip_rows, start, stop)
 
     head = block_scores(0, min(n, max(SAMPLE_ROWS, k)))
     # k-th best of a subset ≤ k-th best of all, so every true top-k row passes this bound.
@@ -82,11 +94,11 @@ def _merge_block(top_s: np.ndarray, top_i: np.ndarray, block: np.ndarray, mask: 
     top_s[touched], top_i[touched] = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
-def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None, skip_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     n = len(database)
     block_rows = block_rows or int(np.clip(BLOCK_SCORES // len(queries), 4096, 1 << 20))
     first = min(n, max(SAMPLE_ROWS, k))  # a small first block: a full argpartition is the costly step
-    scores = queries @ database[:first].T  # (Q, first)
+    scores = _skip(queries @ database[:first].T, skip_rows, 0, first)  # (Q, first)
     keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_s = np.take_along_axis(scores, keep, 1)
     order = np.argsort(-top_s, axis=1, kind="stable")
@@ -97,17 +109,24 @@ def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows:
     for start in range(first, n, block_rows):
         rows = database[start : start + block_rows]
         block, mask = scores_buf[:, : len(rows)], mask_buf[:, : len(rows)]
-        np.matmul(queries, rows.T, out=block)
+        _skip(np.matmul(queries, rows.T, out=block), skip_rows, start, start + len(rows))
         _merge_block(top_s, top_i, block, mask, start, k)
     return top_s, top_i
 
 
 def top_k_inner_product(
-    database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None = None, transposed: np.ndarray | None = None
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    block_rows: int | None = None,
+    transposed: np.ndarray | None = None,
+    skip_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, E) database, (Q, E) queries -> scores (Q, k') and row numbers (Q, k'), best first; k' = min(k, N).
 
     ``transposed``: the same database as a C-contiguous (E, N) array, used by the few-queries path.
+    ``skip_rows``: sorted, unique row numbers never returned; the caller keeps k at most the rows
+    left (past them, -inf scores fill the rows).
     """
     database = np.ascontiguousarray(database, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -119,6 +138,6 @@ def top_k_inner_product(
     if len(queries) <= MATVEC_MAX_QUERIES:
         if transposed is not None and transposed.shape != database.shape[::-1]:
             raise ValueError(f"transposed database {transposed.shape} is not the transpose of {database.shape}")
-        pairs = [_one_query(database, q, k, block_rows or MATVEC_BLOCK_ROWS, transposed) for q in queries]
+        pairs = [_one_query(database, q, k, block_rows or MATVEC_BLOCK_ROWS, transposed, skip_rows) for q in queries]
         return np.stack([s for s, _ in pairs]).astype(np.float32), np.stack([r for _, r in pairs]).astype(np.int64)
-    return _many_queries(database, queries, k, block_rows)
+    return _many_queries(database, queries, k, block_rows, skip_rows)

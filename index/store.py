@@ -5,8 +5,10 @@ table (:mod:`index.items`, columnar: 10^8 items fit) maps them to ids and metada
 ``remove`` and ``get`` work); every other factory is wrapped in an ``IDMap2``. HNSW graphs cannot
 delete in FAISS, so a removed HNSW item becomes a *tombstone*: its label is excluded at search time
 by an ID selector over the table's live rows (exact, no over-fetch needed), and the graph is rebuilt from the live vectors once
-tombstones pass ``COMPACT_FRACTION`` of the items. Exact ``Flat`` search without a filter runs the
-numpy path of :mod:`index.exact` on FAISS's own storage (no copy); FAISS is used everywhere else.
+tombstones pass ``COMPACT_FRACTION`` of the items. A flat index keeps removed rows as tombstones
+too (FAISS's removal moves the whole array and rebuilds the id map, O(N) a call), rebuilt at the same
+share, so a removal costs O(1) amortised. Exact ``Flat`` search without a filter runs the numpy path
+of :mod:`index.exact` on FAISS's own storage (no copy), skipping tombstone rows exactly; FAISS is used everywhere else.
 When faiss has GPUs (faiss-gpu), searches run on a GPU copy; otherwise on the CPU, as
 ``info["search_device"]`` says.
 
@@ -35,8 +37,7 @@ from index.items import ItemTable, ItemTableError
 
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
-COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once tombstones exceed this share of live items
-FLAT_MAX_TOMBSTONES = 1024  # a flat index keeps removed rows (skipped by search) until this many, then rebuilds once
+COMPACT_FRACTION = 0.25  # rebuild an HNSW graph or a flat index once tombstones exceed this share of live items
 TRANSPOSED_MAX_DIM = 12  # a flat index this narrow keeps an (E, N) copy for one-query search (index/exact.py)
 BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
@@ -198,8 +199,7 @@ class VectorIndex:
             self.tombstones += len(labels)
 
     def _after_removals(self) -> None:
-        limit = FLAT_MAX_TOMBSTONES if self._exact_flat() else COMPACT_FRACTION * max(len(self), 1)
-        if self.tombstones > limit:
+        if self.tombstones > COMPACT_FRACTION * max(len(self), 1):
             self.compact()
 
     def _exact_flat(self) -> bool:
@@ -323,6 +323,14 @@ class VectorIndex:
             self._cache["flat"] = (vectors, faiss.vector_to_array(self.index.id_map), transposed)
         return self._cache["flat"]
 
+    def _tombstone_rows(self, labels: np.ndarray) -> np.ndarray | None:
+        """Sorted rows of the flat storage whose items were removed (skipped exactly by the search)."""
+        if not self.tombstones:
+            return None
+        if "tombstone_rows" not in self._cache:
+            self._cache["tombstone_rows"] = np.flatnonzero(~self.items.alive[labels])
+        return self._cache["tombstone_rows"]
+
     def _allowed_labels(self, allowed_ids: set[str] | None, where: dict | None) -> np.ndarray | None:
         """Sorted live labels a filtered search may return; None when it is not filtered."""
         wanted = None
@@ -367,13 +375,8 @@ class VectorIndex:
         search_index = self._search_index()
         flat = self._flat_storage() if search_index is self.index else None
         if flat is not None and wanted is None:
-            # Removed rows are still stored (tombstones): k + tombstones hits hold k live ones.
-            scores, rows = top_k_inner_product(flat[0], q, k + self.tombstones, transposed=flat[2])
-            labels = flat[1][rows]
-            if self.tombstones:
-                first_live = np.argsort(~self.items.alive[labels], axis=1, kind="stable")[:, :k]
-                scores, labels = np.take_along_axis(scores, first_live, 1), np.take_along_axis(labels, first_live, 1)
-            return scores, labels
+            scores, rows = top_k_inner_product(flat[0], q, k, transposed=flat[2], skip_rows=self._tombstone_rows(flat[1]))
+            return scores, flat[1][rows]
         if flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
             scores, rows = top_k_inner_product(self.index.reconstruct_batch(wanted), q, k)
             return scores, wanted[rows]

@@ -33,6 +33,27 @@ def test_equals_full_argsort_and_faiss(n_queries, block_rows, transposed):
     np.testing.assert_allclose(scores, faiss_scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_queries", [1, 9])
+@pytest.mark.parametrize("skipped", ["few", "most", "the first block"])
+def test_skipped_rows_are_never_returned_and_the_rest_is_exact(n_queries, skipped):
+    rng = np.random.default_rng(7)
+    database, queries = _unit(rng, 20011, 8), _unit(rng, n_queries, 8)
+    best = np.argsort(-(queries @ database.T), axis=1)[:, :10].ravel()
+    skip = {
+        "few": np.unique(np.concatenate([best, rng.choice(20011, 50, replace=False)])),  # the true best rows among them
+        "most": np.setdiff1d(np.arange(20011), rng.choice(20011, 30, replace=False)),
+        "the first block": np.arange(6000),  # more than the sample that seeds the selection bound
+    }[skipped]
+    kept = np.setdiff1d(np.arange(20011), skip)
+    exact = queries.astype(np.float64) @ database[kept].T.astype(np.float64)
+    want_rows = kept[np.argsort(-exact, axis=1)[:, :10]]
+    for columns in (None, np.ascontiguousarray(database.T)):
+        for block_rows in (None, 1000):
+            scores, rows = top_k_inner_product(database, queries, 10, block_rows=block_rows, transposed=columns, skip_rows=skip)
+            np.testing.assert_array_equal(rows, want_rows)
+            np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
 def test_small_database_duplicates_and_k_larger_than_n():
     rng = np.random.default_rng(0)
     database = np.repeat(_unit(rng, 3, 4), 2, axis=0)  # every vector twice: ties

@@ -348,10 +348,10 @@ def test_a_failed_upsert_leaves_the_index_as_it_was():
 
 def test_flat_removals_are_tombstones_skipped_exactly_then_compacted(tmp_path, monkeypatch):
     """A flat removal leaves the row (removing it moves the whole array: O(N) a call); searches skip
-    it exactly, and past FLAT_MAX_TOMBSTONES the index is rebuilt once."""
+    it exactly, and past COMPACT_FRACTION of the items the index is rebuilt once."""
     import index.store as store
 
-    monkeypatch.setattr(store, "FLAT_MAX_TOMBSTONES", 50)
+    monkeypatch.setattr(store, "COMPACT_FRACTION", 50 / 345)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((400, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -369,7 +369,7 @@ def test_flat_removals_are_tombstones_skipped_exactly_then_compacted(tmp_path, m
     index.save(tmp_path / "f")
     loaded = VectorIndex.load(tmp_path / "f")
     assert loaded.tombstones == 35 and loaded.search(queries[:1], 3)[1] == index.search(queries[:1], 3)[1]
-    index.remove(ids[40:60])  # 55 > 50: rebuilt without them
+    index.remove(ids[40:60])  # 55 > 50 / 345 of the 345 left: rebuilt without them
     assert index.tombstones == 0 and index.index.ntotal == len(index) == 345 and "i5" in index and "i45" not in index
 
 
