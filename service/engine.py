@@ -37,9 +37,7 @@ OTHER = {"audio": "visual", "visual": "audio"}
 
 __all__ = ["ChangeNotSaved", "Engine", "EmbedJob", "ItemNotFound", "SearchJob"]
 WAL_DIR = "wal"  # <index>/wal/<modality>/: the log segments after each modality's snapshot
-# Room made at load for this fraction more items (at least MIN_HEADROOM), so the first writes after
-# a start do not copy the whole index (VectorIndex.reserve); less than the doubling they would cause.
-WRITE_HEADROOM, MIN_HEADROOM = 0.25, 4096
+MIN_HEADROOM = 4096  # items of room made at load (with Durability.write_headroom > 0) however small the index
 
 
 @dataclass
@@ -95,6 +93,7 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, durability: Durability | None = None) -> "Engine":
         """The snapshot of each modality plus its log; raises ModelError / IndexLoadError (an index built from another model included)."""
+        durability = durability or Durability()
         embedder = Embedder(model_dir, device=device, intra_op_threads=intra_op_threads)
         # Resolved: when the configured path is a symlink that moves to a new version, this one keeps logging here.
         index_dir = Path(index_dir).resolve()
@@ -107,14 +106,15 @@ class Engine:
                 if index.dim != embedder.embedding_dim:
                     raise IndexLoadError(f"{index_dir}/{modality}: width {index.dim} differs from the model's {embedder.embedding_dim}")
                 indexes[modality] = index
-                logs[modality] = _replay(modality, index, index_dir, embedder, durability or Durability())
-                index.reserve(max(MIN_HEADROOM, int(WRITE_HEADROOM * index.items.rows)))
+                logs[modality] = _replay(modality, index, index_dir, embedder, durability)
+                if durability.write_headroom > 0:  # FAISS's arrays grow by doubling: without room, the first write copies them all
+                    index.reserve(max(MIN_HEADROOM, int(durability.write_headroom * index.items.rows)))
         except BaseException:
             for changelog in logs.values():
                 changelog.wal.close()
             release_index_dir(index_dir)
             raise
-        engine = cls(embedder, indexes, Path(model_dir), index_dir, logs, durability or Durability())
+        engine = cls(embedder, indexes, Path(model_dir), index_dir, logs, durability)
         try:
             engine._catch_up()
         except BaseException:

@@ -34,6 +34,7 @@ class Durability:
     snapshot_bytes: int = 64 * 1024 * 1024  # fold the log into a snapshot past this size...
     snapshot_seconds: float = 300.0  # ...or when its oldest change not in a snapshot is this old
     snapshot_growth: float = 1.0  # ...and only once the log holds this fraction of the last snapshot's bytes (a fold rewrites it all: amortised O(1) a change)
+    write_headroom: float = 0.25  # room made at load for this fraction more items, so the first writes after a start copy no index (VectorIndex.reserve)
 
 
 def snapshot_lsn(directory: Path) -> int:
