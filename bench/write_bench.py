@@ -134,7 +134,7 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
     index, build_s = build_index(model, work, n, factory)
     load_started = time.perf_counter()
     proc, port = serve(model, index, args)
-    row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1)}
+    row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1), "snapshot_seconds": args.snapshot_seconds}
     try:
         rng = np.random.default_rng(n)
         ids = [f"new-{i}" for i in range(args.max_requests)]
@@ -181,16 +181,17 @@ def write_results(out: dict) -> None:
         "# Write benchmark (`bench/write_bench.py`)",
         "",
         f"{out['machine']}; model: {out['model']}; each write is in the write-ahead log (fsynced, group commit) before its answer; "
-        f"snapshots folded every {out['snapshot_seconds']} s during the runs (10^7: see the notes). Single-item upserts of 128-d audio features (JSON), then deletes of those items.",
+        "snapshots folded every `fold s` during the runs. Single-item upserts of 128-d audio features (JSON), then deletes of those items, "
+        f"each phase {out['duration']} s. `start s`: from launching `serve` to its first answer (loading the index and making room for writes).",
         "",
-        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | fold s | start s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["points"]:
         u1, u16, d16, d1 = r["upsert_1"], r["upsert_16"], r["delete_16"], r["delete_1"]
         lines.append(
             f"| {r['items']:.0e} | {r['factory']} | {u1['p50_ms']} / {u1['p99_ms']} | {u16['per_s']} | {u16['p50_ms']} / {u16['p99_ms']} | "
-            f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {r['load_average_1min']} |"
+            f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {r.get('snapshot_seconds', '')} | {r['start_s']} | {r['load_average_1min']} |"
         )
     if out.get("bulk"):
         b = out["bulk"]
@@ -219,7 +220,7 @@ def main() -> None:
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "model": "tiny preset (embedding width 8)",
-        "snapshot_seconds": args.snapshot_seconds,
+        "duration": args.duration,
         "points": [],
         "notes": args.note,
     }

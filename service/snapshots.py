@@ -4,7 +4,7 @@ A modality's log is folded when it passes ``wal_snapshot_bytes`` and ``wal_snaps
 the last snapshot's size (a fold rewrites the whole index, so folding only once the log has grown
 in proportion keeps the cost per change constant: a bulk load stays linear in N), or when its
 oldest change not in a snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's commits only while it
-copies the index into memory (:meth:`VectorIndex.frozen`, tens of ms at 10^6 items) and starts a
+copies the index into memory (:meth:`VectorIndex.frozen`, 0.13-0.25 s at 10^6 HNSW32 items, 5 s at 10^7) and starts a
 new log segment; searches never wait for it (the copy reads the index, and only commits write it).
 The copy is then saved with the whole-directory swap of :mod:`service.persist`, beside
 ``snapshot.json`` holding the last log sequence number it contains and ``api_items.npz`` (the raw
