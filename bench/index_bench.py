@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from bench.trained import trained_default_model  # noqa: E402
 from bench.timing import best_time  # noqa: E402
 from index.exact import top_k_inner_product  # noqa: E402
-from index.store import ITEMS_NAME, TRANSPOSED_MAX_DIM, VectorIndex  # noqa: E402
+from index.flat import TRANSPOSED_MAX_DIM  # noqa: E402
+from index.store import ITEMS_NAME, VectorIndex  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 K = 10

@@ -32,13 +32,13 @@ import numpy as np
 
 from avdata.atomic import atomic_file, atomic_write  # the one temp-file + fsync + rename helper (mode from the umask)
 from index.exact import top_k_inner_product
+from index.flat import FlatViews
 from index.items import FORMAT as ITEMS_FORMAT
 from index.items import ItemTable, ItemTableError
 
 log = logging.getLogger(__name__)
 SMALL_FILTER = 4096  # an approximate index searches a filter this small exactly over the allowed vectors
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph or a flat index once tombstones exceed this share of live items
-TRANSPOSED_MAX_DIM = 12  # a flat index this narrow keeps an (E, N) copy for one-query search (index/exact.py)
 BUILD_PARAMS = {"efConstruction"}  # build-time knobs a factory string cannot say (HNSW graph quality)
 _said = {"no_gpu": False}  # log the CPU fallback once per process, not once per search
 INFO_NAME, ITEMS_NAME, INDEX_NAME = "info.json", "items.bin", "index.faiss"
@@ -77,7 +77,8 @@ class VectorIndex:
         self.tombstones = int(info.get("tombstones", 0))  # removed rows still inside an HNSW graph
         self.info.setdefault("search_params", {})
         self._apply_search_params(self.info["search_params"])
-        self._cache: dict = {}  # derived views (numpy storage view, GPU copy, tombstone bitmap); cleared on every change
+        self._cache: dict = {}  # derived views (GPU copy, tombstone bitmap); cleared on every change
+        self._flat: FlatViews | None = None  # the numpy search's views of an exact flat index, updated by each change
         self.info["search_device"] = "cpu"
 
     @staticmethod
@@ -191,6 +192,8 @@ class VectorIndex:
             return
         if self._exact_flat():  # removing rows moves the whole array and rebuilds the id map: O(N) a call
             self.tombstones += len(labels)
+            if self._flat is not None and self._flat.index is self.index:
+                self._flat.removed(np.sort(labels))
         elif isinstance(self.index, faiss.IndexIDMap2) and self.can_remove:
             self.index.remove_ids(faiss.IDSelectorBatch(labels))
         elif self.can_remove:  # IVF with a hash-table direct map accepts only an ID array
@@ -308,28 +311,18 @@ class VectorIndex:
                     self.info["search_device"] = "cpu"
         return self._cache["search"]
 
-    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """(N, E) view of an exact flat index's vectors, (N,) their labels and, for narrow embeddings,
-        an (E, N) copy (rebuilt lazily after a change); None for other indexes."""
+    def _flat_storage(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        """For an exact flat index: (N, E) view of its vectors, (N,) their labels, for narrow
+        embeddings an (E, N) copy, and the sorted tombstone rows (or None); None for other indexes."""
         import faiss
 
-        base = self._base(self.index)
-        if not isinstance(base, faiss.IndexFlat) or base.metric_type != faiss.METRIC_INNER_PRODUCT:
+        if not self._exact_flat() or self._base(self.index).metric_type != faiss.METRIC_INNER_PRODUCT:
             return None
-        if "flat" not in self._cache:
-            n, d = base.ntotal, base.d
-            vectors = faiss.rev_swig_ptr(base.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
-            transposed = np.ascontiguousarray(vectors.T) if d <= TRANSPOSED_MAX_DIM else None
-            self._cache["flat"] = (vectors, faiss.vector_to_array(self.index.id_map), transposed)
-        return self._cache["flat"]
-
-    def _tombstone_rows(self, labels: np.ndarray) -> np.ndarray | None:
-        """Sorted rows of the flat storage whose items were removed (skipped exactly by the search)."""
-        if not self.tombstones:
-            return None
-        if "tombstone_rows" not in self._cache:
-            self._cache["tombstone_rows"] = np.flatnonzero(~self.items.alive[labels])
-        return self._cache["tombstone_rows"]
+        flat = self._flat
+        if flat is None or flat.index is not self.index:  # a rebuild made a new index
+            flat = self._flat = FlatViews(self.index)
+        vectors, labels = flat.storage()
+        return vectors, labels, flat.transposed(vectors), flat.dead_rows(self.items.alive) if self.tombstones else None
 
     def _allowed_labels(self, allowed_ids: set[str] | None, where: dict | None) -> np.ndarray | None:
         """Sorted live labels a filtered search may return; None when it is not filtered."""
@@ -375,8 +368,9 @@ class VectorIndex:
         search_index = self._search_index()
         flat = self._flat_storage() if search_index is self.index else None
         if flat is not None and wanted is None:
-            scores, rows = top_k_inner_product(flat[0], q, k, transposed=flat[2], skip_rows=self._tombstone_rows(flat[1]))
-            return scores, flat[1][rows]
+            vectors, labels, transposed, tombstone_rows = flat
+            scores, rows = top_k_inner_product(vectors, q, k, transposed=transposed, skip_rows=tombstone_rows)
+            return scores, labels[rows]
         if flat is None and wanted is not None and len(wanted) <= SMALL_FILTER:
             scores, rows = top_k_inner_product(self.index.reconstruct_batch(wanted), q, k)
             return scores, wanted[rows]

@@ -428,3 +428,48 @@ def test_a_frozen_copy_saves_the_same_bytes_and_later_changes_do_not_reach_it(tm
     for name in ("index.faiss", "items.bin", "info.json"):
         assert (tmp_path / "frozen" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
     assert len(VectorIndex.load(tmp_path / "frozen")) == 2000
+
+
+def test_flat_searches_between_writes_equal_exact_numpy_and_extend_the_views(monkeypatch):
+    """The numpy path's transposed copy and tombstone rows follow each write (not rebuilt: O(N) a
+    search after a write); every search still equals exact numpy over the live items."""
+    import index.store as store
+
+    rng = np.random.default_rng(5)
+    vectors = {f"item-{i}": v for i, v in enumerate(_unit(rng, 3000, 8))}
+    index = VectorIndex.build(np.stack(list(vectors.values())), list(vectors))
+    queries = _unit(rng, 9, 8)
+
+    def check() -> None:
+        ids = list(vectors)
+        exact = queries @ np.stack([vectors[i] for i in ids]).T
+        for batch in (slice(0, 1), slice(0, 9)):  # one-query (transposed) and GEMM paths
+            scores, found = index.search(queries[batch], 10)
+            want = np.argsort(-exact[batch], axis=1, kind="stable")[:, :10]
+            assert found == [[ids[j] for j in row] for row in want]
+            np.testing.assert_allclose(scores, np.take_along_axis(exact[batch], want, 1), atol=1e-5)
+
+    check()
+    views, columns = index._flat, index._flat._transposed
+    for step in range(40):
+        if step % 3 == 0:
+            new = {f"new-{step}-{j}": v for j, v in enumerate(_unit(rng, 2, 8))}
+            index.upsert(np.stack(list(new.values())), list(new))
+            vectors.update(new)
+        elif step % 3 == 1:  # replace a best hit: its old row becomes a tombstone the search must skip
+            item = index.search(queries[step % 9 : step % 9 + 1], 1)[1][0][0]
+            vectors[item] = _unit(rng, 1, 8)[0]
+            index.upsert(vectors[item][None], [item])
+        else:  # remove best hits
+            gone = list(dict.fromkeys(row[0] for row in index.search(queries[[0, step % 9]], 1)[1]))
+            index.remove(gone)
+            for item in gone:
+                vectors.pop(item)
+        check()
+    assert index.tombstones > 20 and index._flat is views and index._flat._transposed is columns
+    monkeypatch.setattr(store, "COMPACT_FRACTION", 0.001)
+    index.remove(["item-0"])
+    vectors.pop("item-0")
+    assert index.tombstones == 0 and index._flat is views  # rebuilt: the next search makes new views
+    check()
+    assert index._flat is not views
