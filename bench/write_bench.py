@@ -78,6 +78,12 @@ def upsert_request(item_ids: list[str], rng: np.random.Generator) -> bytes:
     return f"POST /v1/items/audio HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
+def search_request(rng: np.random.Generator) -> bytes:
+    """Audio features against the audio index: the one the writes change."""
+    body = json.dumps({"modality": "audio", "target": "audio", "top_k": 10, "vectors": [rng.standard_normal(AUDIO_DIM).round(4).tolist()]}).encode()
+    return f"POST /v1/search HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
 def delete_request(item_id: str) -> bytes:
     return f"DELETE /v1/items/audio/{item_id} HTTP/1.1\r\nHost: b\r\n\r\n".encode()
 
@@ -106,16 +112,35 @@ async def run_requests(port: int, requests: list[bytes], clients: int, duration:
     elapsed = time.perf_counter() - started
     for _, writer in connections:
         writer.close()
+    return {"clients": clients, "seconds": round(elapsed, 3), **latency_summary(latencies, len(latencies) - statuses.get(200, 0), elapsed)}
+
+
+def latency_summary(latencies: list[float], errors: int, elapsed: float) -> dict:
     lat = np.array(latencies or [np.nan]) * 1000
     return {
-        "clients": clients,
         "requests": len(latencies),
-        "errors": len(latencies) - statuses.get(200, 0),
+        "errors": errors,
         "per_s": round(len(latencies) / elapsed, 1),
-        "seconds": round(elapsed, 3),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
+
+
+async def run_alternating(port: int, writes: list[bytes], searches: list[bytes], duration: float) -> dict:
+    """One client: a write, then a search, and so on; the searches' latencies (each follows a write)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    latencies, errors, started = [], 0, time.perf_counter()
+    for write, search in zip(writes, searches):
+        if time.perf_counter() - started >= duration:
+            break
+        writer.write(write)
+        errors += (await read_response(reader))[0] != 200
+        t = time.perf_counter()
+        writer.write(search)
+        errors += (await read_response(reader))[0] != 200
+        latencies.append(time.perf_counter() - t)
+    writer.close()
+    return latency_summary(latencies, errors, time.perf_counter() - started)
 
 
 def serve(model: Path, index: Path, args, snapshot_seconds: float | None = None) -> tuple[subprocess.Popen, int]:
@@ -145,7 +170,11 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
         deletes = [delete_request(i) for i in written]
         del_one = asyncio.run(run_requests(port, deletes[: len(deletes) // 4], 1, args.duration))
         del_many = asyncio.run(run_requests(port, deletes[del_one["requests"] :], 16, args.duration))
-        row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one})
+        searches = [search_request(rng) for _ in range(args.max_requests // 4)]
+        alone = asyncio.run(run_requests(port, searches, 1, args.duration))
+        mixed_ids = [f"mixed-{i}" for i in range(len(searches))]
+        after_write = asyncio.run(run_alternating(port, [upsert_request([i], rng) for i in mixed_ids], searches, args.duration))
+        row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one, "search_1": alone, "search_after_write": after_write})
     finally:
         stop(proc)
         shutil.rmtree(index, ignore_errors=True)
@@ -184,14 +213,16 @@ def write_results(out: dict) -> None:
         "snapshots folded every `fold s` during the runs. Single-item upserts of 128-d audio features (JSON), then deletes of those items, "
         f"each phase {out['duration']} s. `start s`: from launching `serve` to its first answer (loading the index and making room for writes).",
         "",
-        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | fold s | start s | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | search p50 / p99 ms | search after a write p50 / p99 ms | fold s | start s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["points"]:
         u1, u16, d16, d1 = r["upsert_1"], r["upsert_16"], r["delete_16"], r["delete_1"]
+        s1, sw = r.get("search_1", {}), r.get("search_after_write", {})
         lines.append(
             f"| {r['items']:.0e} | {r['factory']} | {u1['p50_ms']} / {u1['p99_ms']} | {u16['per_s']} | {u16['p50_ms']} / {u16['p99_ms']} | "
-            f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {r.get('snapshot_seconds', '')} | {r['start_s']} | {r['load_average_1min']} |"
+            f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {s1.get('p50_ms', '')} / {s1.get('p99_ms', '')} | "
+            f"{sw.get('p50_ms', '')} / {sw.get('p99_ms', '')} | {r.get('snapshot_seconds', '')} | {r['start_s']} | {r['load_average_1min']} |"
         )
     if out.get("bulk"):
         b = out["bulk"]
