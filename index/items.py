@@ -147,6 +147,7 @@ class ItemTable:
         self._meta_bytes = Column(np.zeros(0, np.uint8))
         self._meta_offsets: Column | None = None  # created with the first metadata
         self._alive = Column(np.zeros(0, bool))
+        self._alive_bits = Column(np.zeros(0, np.uint8))  # the same, packed 8 rows a byte (FAISS's ID selector bitmap)
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted uint64 keys, int64 rows); replaced, never edited
         self.live = 0
 
@@ -166,6 +167,26 @@ class ItemTable:
 
     def live_labels(self) -> np.ndarray:
         return np.flatnonzero(self.alive)
+
+    def alive_bitmap(self) -> np.ndarray:
+        """(ceil(rows / 8),) uint8 view: bit r % 8 (little-endian) of byte r // 8 is set when row r is
+        live, as ``faiss.IDSelectorBitmap`` reads it. Kept by every write, so a search after a
+        write does not pack N bits again."""
+        return self._alive_bits.values
+
+    def _pack_bits(self, first_byte: int, bytes_: np.ndarray | None = None) -> None:
+        """Re-pack the bitmap bytes from ``first_byte`` on (after an append), or the bytes ``bytes_``."""
+        alive = self.alive
+        if bytes_ is None:
+            packed = np.packbits(alive[first_byte * 8 :], bitorder="little")
+            self._alive_bits.size = first_byte
+            self._alive_bits.extend(packed)
+            return
+        rows = (bytes_[:, None] * 8 + np.arange(8)).ravel()
+        bits = np.zeros(len(rows), bool)
+        inside = rows < len(alive)
+        bits[inside] = alive[rows[inside]]
+        self._alive_bits.values[bytes_] = np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little").ravel()
 
     # --- writes --------------------------------------------------------------------------------
     def upsert(self, ids: list[str], metadata: list[dict | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +224,7 @@ class ItemTable:
             self._meta_offsets.extend(len(self._meta_bytes.values) + np.cumsum(_lengths(blobs)))
             self._meta_bytes.extend(b"".join(blobs))
         self._alive.extend(np.ones(len(encoded), bool))
+        self._pack_bits(first // 8)
         self.live += len(encoded)
         labels = np.arange(first, first + len(encoded), dtype=np.int64)
         order = np.argsort(keys, kind="stable")
@@ -222,6 +244,7 @@ class ItemTable:
         self._id_offsets.reserve(extra)
         self._id_bytes.reserve(extra * average(self._id_bytes, 16))
         self._alive.reserve(extra)
+        self._alive_bits.reserve(extra // 8 + 1)
         if self._meta_offsets is not None:
             self._meta_offsets.reserve(extra)
             self._meta_bytes.reserve(extra * average(self._meta_bytes, 32))
@@ -239,6 +262,7 @@ class ItemTable:
         if len(labels) and (labels[0] < 0 or labels[-1] >= self.rows or not self.alive[labels].all()):
             raise KeyError("kill() of a label that is not a live row")
         self.alive[labels] = False
+        self._pack_bits(0, np.unique(labels // 8))
         self.live -= len(labels)
 
     # --- reads ---------------------------------------------------------------------------------
@@ -327,6 +351,7 @@ class ItemTable:
             raise err if isinstance(err, ItemTableError) else ItemTableError(f"item table unreadable ({err})") from None
         table = cls()
         table._id_bytes, table._id_offsets, table._alive, table._runs = Column(id_bytes), Column(id_offsets), Column(alive), runs
+        table._pack_bits(0)
         if len(meta_offsets):
             table._meta_bytes, table._meta_offsets = Column(meta_bytes), Column(meta_offsets)
         table.live = int(table.alive.sum())

@@ -77,7 +77,7 @@ class VectorIndex:
         self.tombstones = int(info.get("tombstones", 0))  # removed rows still inside an HNSW graph
         self.info.setdefault("search_params", {})
         self._apply_search_params(self.info["search_params"])
-        self._cache: dict = {}  # derived views (GPU copy, tombstone bitmap); cleared on every change
+        self._cache: dict = {}  # the GPU copy; cleared on every change
         self._flat: FlatViews | None = None  # the numpy search's views of an exact flat index, updated by each change
         self.info["search_device"] = "cpu"
 
@@ -340,9 +340,7 @@ class VectorIndex:
         """FAISS selector of the live labels (a bitmap over the rows; HNSW tombstones fail it)."""
         import faiss
 
-        if "alive_bits" not in self._cache:
-            self._cache["alive_bits"] = np.packbits(self.items.alive, bitorder="little")  # the selector points into it
-        bits = self._cache["alive_bits"]
+        bits = self.items.alive_bitmap()  # the selector points into it: valid until the next write
         return faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
 
     def search_labels(

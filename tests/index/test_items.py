@@ -177,3 +177,28 @@ def test_an_upsert_after_a_failed_save_still_works():
     table.upsert(["after"], [{"ok": True}])
     assert table.ids_of(table.labels_of(["after", "r0"])) == ["after", "r0"]
     assert _roundtrip(table).metadata_of(table.labels_of(["after"])) == [{"ok": True}]
+
+
+def test_the_alive_bitmap_follows_every_write_and_a_load():
+    """Kept by each append and kill (a search after a write packs no N bits): always equal to
+    packing the alive column from scratch, across byte boundaries, reservations and a reload."""
+    rng = np.random.default_rng(4)
+    table = ItemTable()
+    live: list[str] = []
+    for step in range(300):
+        if live and rng.random() < 0.4:
+            gone = list(rng.choice(live, size=min(len(live), int(rng.integers(1, 4))), replace=False))
+            table.kill(table.labels_of(gone))
+            live = [i for i in live if i not in gone]
+        else:
+            new = [f"s{step}-{j}" for j in range(int(rng.integers(1, 12)))]
+            table.upsert(new)
+            live += new
+        if step == 150:
+            table.reserve(100)
+        np.testing.assert_array_equal(table.alive_bitmap(), np.packbits(table.alive, bitorder="little"))
+    buffer = io.BytesIO()
+    table.save(buffer)
+    buffer.seek(0)
+    loaded = ItemTable.load(buffer)
+    np.testing.assert_array_equal(loaded.alive_bitmap(), np.packbits(table.alive, bitorder="little"))
