@@ -33,6 +33,11 @@ def _previous(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.old"
 
 
+def forked_directory(directory: Path) -> Path:
+    """Where a forked snapshot writer (:mod:`service.forked`) writes before the swap."""
+    return directory.parent / f".{directory.name}.forked"
+
+
 def swap_into_place(staged: Path, directory: Path) -> None:
     """Replace ``directory`` by the complete directory ``staged`` (same filesystem)."""
     previous = _previous(directory)
@@ -77,6 +82,7 @@ def recover(directory: Path) -> None:
         os.rename(previous, directory)
     shutil.rmtree(previous, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)  # an unfinished or orphaned new copy
+    shutil.rmtree(forked_directory(directory), ignore_errors=True)  # a snapshot writer killed with its server
 
 
 def load_index(directory: Path, expected_manifest_hash: str | None = None) -> VectorIndex:

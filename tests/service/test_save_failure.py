@@ -15,8 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from index.store import FrozenIndex
+from index.store import FrozenIndex, VectorIndex
 from service.engine import ChangeNotSaved, Engine
+from service.snapshots import Durability
 from service.wal import WriteAheadLog
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
@@ -141,24 +142,26 @@ def test_changes_grouped_into_one_failed_append_are_all_refused(tiny, tmp_path, 
     assert "fresh" in persisted(tiny, index_dir, "visual") and features.ids[1] in persisted(tiny, index_dir, "visual")
 
 
-def test_a_failed_snapshot_loses_nothing(tiny, tmp_path, features, monkeypatch):
+@pytest.mark.parametrize("fork", [True, False], ids=["forked-writer", "copy-in-memory"])
+def test_a_failed_snapshot_loses_nothing(tiny, tmp_path, features, monkeypatch, fork):
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(fork=fork))
     engine.snapshots.stop()  # folds by hand here
     engine.upsert("visual", features.visual[:2], ["a", "b"], [{"k": 1}, {"k": 2}])
-    real_save = FrozenIndex.save
+    saver = VectorIndex if fork else FrozenIndex  # the forked child saves the index itself
+    real_save = saver.save
 
-    def full_disk(frozen, directory):
+    def full_disk(index, directory):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "index.faiss").write_bytes(b"the first bytes")
         raise OSError(errno.ENOSPC, DISK_FULL)
 
-    monkeypatch.setattr(FrozenIndex, "save", full_disk)
+    monkeypatch.setattr(saver, "save", full_disk)
     with pytest.raises(OSError, match=DISK_FULL):
         engine.snapshots.fold("visual")
     assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]  # the partial copy was removed
     engine.delete("visual", "a")  # the log goes on in its new segment
-    monkeypatch.setattr(FrozenIndex, "save", real_save)
+    monkeypatch.setattr(saver, "save", real_save)
     engine.close()
     restarted = persisted(tiny, index_dir, "visual")
     assert "a" not in restarted and restarted.get("b").metadata == {"k": 2}

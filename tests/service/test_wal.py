@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from index.store import FrozenIndex
+from index.store import FrozenIndex, VectorIndex
 from service.engine import Engine
 from service.snapshots import Durability, snapshot_lsn
 from service.wal import LogCorrupt, Record, WriteAheadLog, read_segment
@@ -109,23 +109,31 @@ def test_the_log_is_folded_in_the_background_past_its_size_threshold(tiny, tmp_p
     assert all(f"x{i}" in persisted(tiny, index_dir, "visual") for i in range(8))
 
 
-def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, features, monkeypatch):
-    real_save, writing = FrozenIndex.save, threading.Event()
+@pytest.mark.parametrize("fork", [True, False], ids=["forked-writer", "copy-in-memory"])
+def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, features, monkeypatch, fork):
+    marker = tmp_path / "writing"  # a file: a forked writer cannot set the test's events
 
-    def slow_save(frozen, directory):
-        writing.set()
-        time.sleep(2.0)  # a large index on a slow disk
-        return real_save(frozen, directory)
+    def slowly(save):
+        def slow_save(index, directory):
+            marker.touch()
+            time.sleep(2.0)  # a large index on a slow disk
+            return save(index, directory)
 
-    monkeypatch.setattr(FrozenIndex, "save", slow_save)
+        return slow_save
+
+    saver = VectorIndex if fork else FrozenIndex  # the forked child saves the index itself
+    monkeypatch.setattr(saver, "save", slowly(saver.save))
     index_dir = copy_index(tiny, tmp_path / "index")
-    with make_client(tiny, index_dir) as c:
+    with make_client(tiny, index_dir, wal_fold_fork=fork) as c:
         wait_ready(c)
         engine = c.app.state.avsearch.engine
         assert c.post("/v1/items/visual", json={"items": [{"id": "before", "vector": features.visual[0].tolist()}]}).status_code == 200
         folding = threading.Thread(target=engine.snapshots.fold, args=("visual",))
         folding.start()
-        assert writing.wait(10)
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the snapshot was not written"
+            time.sleep(0.01)
         times = []
         for i in range(5):
             start = time.perf_counter()
@@ -136,6 +144,7 @@ def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, f
         folding.join()
     restarted = persisted(tiny, index_dir, "visual")
     assert snapshot_lsn(index_dir / "visual") == 1 and all(f"during-{i}" in restarted for i in range(5)) and "before" in restarted
+    assert "during-0" not in VectorIndex.load(index_dir / "visual")  # the snapshot is the index as it was at the fold
 
 
 def test_a_group_applies_in_log_order_whatever_it_merges(tiny, tmp_path, features):
