@@ -123,6 +123,7 @@ def latency_summary(latencies: list[float], errors: int, elapsed: float) -> dict
         "per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "max_ms": round(float(np.max(lat)), 2),
     }
 
 
@@ -155,11 +156,16 @@ def serve(model: Path, index: Path, args, snapshot_seconds: float | None = None)
     return start(cmd, port, env, timeout=1800), port
 
 
+def fold_mode() -> str:
+    """How the server copies the index for a fold (AVSEARCH_WAL_FOLD_FORK, passed on to it)."""
+    return "copy" if os.environ.get("AVSEARCH_WAL_FOLD_FORK", "true").strip().lower() in ("false", "0", "no", "off") else "fork"
+
+
 def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
     index, build_s = build_index(model, work, n, factory)
     load_started = time.perf_counter()
     proc, port = serve(model, index, args)
-    row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1), "snapshot_seconds": args.snapshot_seconds}
+    row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1), "snapshot_seconds": args.snapshot_seconds, "fold": fold_mode()}
     try:
         rng = np.random.default_rng(n)
         ids = [f"new-{i}" for i in range(args.max_requests)]
@@ -203,6 +209,10 @@ def bulk(model: Path, work: Path, total: int, args) -> dict:
     return {"items": total, "batch": 1000, "clients": 4, "tenths": per_tenth, "last_over_first_tenth_rate": round(rates[-1] / rates[0], 2)}
 
 
+def point_key(row: dict) -> tuple:
+    return row["items"], row["factory"], row.get("snapshot_seconds", 0), row.get("fold", "fork")
+
+
 def write_results(out: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "write_bench.json").write_text(json.dumps(out, indent=2))
@@ -210,19 +220,19 @@ def write_results(out: dict) -> None:
         "# Write benchmark (`bench/write_bench.py`)",
         "",
         f"{out['machine']}; model: {out['model']}; each write is in the write-ahead log (fsynced, group commit) before its answer; "
-        "snapshots folded every `fold s` during the runs. Single-item upserts of 128-d audio features (JSON), then deletes of those items, "
+        "snapshots folded every `fold every s` during the runs, the index copied for a fold by a forked writer (`fork`) or in memory (`copy`, AVSEARCH_WAL_FOLD_FORK=false). Single-item upserts of 128-d audio features (JSON), then deletes of those items, "
         f"each phase {out['duration']} s. `start s`: from launching `serve` to its first answer (loading the index and making room for writes).",
         "",
-        "| items | index | upsert 1 client p50 / p99 ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | search p50 / p99 ms | search after a write p50 / p99 ms | fold s | start s | load avg |",
+        "| items | index | upsert 1 client p50 / p99 / max ms | upserts/s 16 clients | p50 / p99 ms | deletes/s 16 clients | p50 / p99 ms | delete 1 client p50 / p99 ms | search p50 / p99 ms | search after a write p50 / p99 ms | fold every s (how) | start s | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["points"]:
         u1, u16, d16, d1 = r["upsert_1"], r["upsert_16"], r["delete_16"], r["delete_1"]
         s1, sw = r.get("search_1", {}), r.get("search_after_write", {})
         lines.append(
-            f"| {r['items']:.0e} | {r['factory']} | {u1['p50_ms']} / {u1['p99_ms']} | {u16['per_s']} | {u16['p50_ms']} / {u16['p99_ms']} | "
+            f"| {r['items']:.0e} | {r['factory']} | {u1['p50_ms']} / {u1['p99_ms']} / {u1.get('max_ms', '')} | {u16['per_s']} | {u16['p50_ms']} / {u16['p99_ms']} | "
             f"{d16['per_s']} | {d16['p50_ms']} / {d16['p99_ms']} | {d1['p50_ms']} / {d1['p99_ms']} | {s1.get('p50_ms', '')} / {s1.get('p99_ms', '')} | "
-            f"{sw.get('p50_ms', '')} / {sw.get('p99_ms', '')} | {r.get('snapshot_seconds', '')} | {r['start_s']} | {r['load_average_1min']} |"
+            f"{sw.get('p50_ms', '')} / {sw.get('p99_ms', '')} | {r.get('snapshot_seconds', '')} ({r.get('fold', 'fork')}) | {r['start_s']} | {r['load_average_1min']} |"
         )
     if out.get("bulk"):
         b = out["bulk"]
@@ -262,8 +272,8 @@ def main() -> None:
     for n in [] if args.no_points else args.sizes:
         for factory in args.factories:
             row = point(model, args.work, int(n), factory, args)
-            out["points"] = [r for r in out["points"] if (r["items"], r["factory"]) != (row["items"], row["factory"])] + [row]  # a re-run replaces its point
-            out["points"].sort(key=lambda r: (r["items"], r["factory"]))
+            out["points"] = [r for r in out["points"] if point_key(r) != point_key(row)] + [row]  # a re-run replaces its point
+            out["points"].sort(key=point_key)
             write_results(out)
     if args.bulk:
         out["bulk"] = bulk(model, args.work, int(args.bulk), args)
