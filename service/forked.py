@@ -40,7 +40,12 @@ class ForkedCopy:
         shutil.rmtree(self.directory, ignore_errors=True)
         errors_read, errors_write = os.pipe()
         parent = os.getpid()
-        self.pid = os.fork()  # OSError (ENOMEM): the caller copies in memory instead
+        try:
+            self.pid = os.fork()  # OSError (ENOMEM): the caller copies in memory instead
+        except OSError:
+            os.close(errors_read)
+            os.close(errors_write)
+            raise
         if self.pid == 0:
             os.close(errors_read)
             _write_and_exit(index, self.directory, errors_write, parent)

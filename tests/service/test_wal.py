@@ -3,6 +3,7 @@ the background fold truncates the log, and searches and writes go on during a sn
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -214,3 +215,24 @@ def test_a_loaded_engine_has_room_for_writes_so_they_copy_no_index(tiny, tmp_pat
         assert all(moved.values()) if headroom == 0 else moved == {"audio": [], "visual": []}
     finally:
         engine.close()
+
+
+def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_path, features, monkeypatch, caplog):
+    import service.forked
+
+    def no_memory():
+        raise OSError(12, "Cannot allocate memory")
+
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    try:
+        engine.snapshots.stop()
+        engine.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
+        monkeypatch.setattr(service.forked.os, "fork", no_memory)
+        open_fds = len(os.listdir("/proc/self/fd"))
+        assert engine.snapshots.fold("visual") == 1
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # the writer's pipe closed again
+    finally:
+        engine.close()
+    assert "could not fork a snapshot writer for visual" in caplog.text and "copying the index in memory" in caplog.text
+    assert VectorIndex.load(index_dir / "visual").get("a").metadata == {"n": 1}
