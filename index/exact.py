@@ -37,6 +37,16 @@ def _skip(scores: np.ndarray, skip_rows: np.ndarray | None, start: int, stop: in
     return scores
 
 
+def _head_rows(n: int, k: int, skip_rows: np.ndarray | None) -> int:
+    """How many leading rows hold max(SAMPLE_ROWS, k) rows that are not skipped (or all n): the
+    sample that seeds the selection bound must not be all tombstones, or every row would pass it."""
+    want = min(n, max(SAMPLE_ROWS, k))
+    rows = want
+    while skip_rows is not None and rows < n and rows - np.searchsorted(skip_rows, rows) < want:
+        rows = min(n, want + int(np.searchsorted(skip_rows, rows)))
+    return rows
+
+
 def _sorted_top(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-first (k,) of one query's candidate (scores, rows)."""
     if len(scores) > k:
@@ -56,7 +66,7 @@ def _one_query(
             return _skip(np.matmul(query, transposed[:, start:stop], out=out), skip_rows, start, stop)
         return _skip(np.matmul(database[start:stop], query, out=out), skip_rows, start, stop)
 
-    head = block_scores(0, min(n, max(SAMPLE_ROWS, k)))
+    head = block_scores(0, _head_rows(n, k, skip_rows))
     # k-th best of a subset ≤ k-th best of all, so every true top-k row passes this bound.
     bound = np.partition(head, len(head) - k)[len(head) - k]
     buffer = np.empty(min(block_rows, n), dtype=np.float32)
@@ -97,7 +107,7 @@ def _merge_block(top_s: np.ndarray, top_i: np.ndarray, block: np.ndarray, mask: 
 def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int | None, skip_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     n = len(database)
     block_rows = block_rows or int(np.clip(BLOCK_SCORES // len(queries), 4096, 1 << 20))
-    first = min(n, max(SAMPLE_ROWS, k))  # a small first block: a full argpartition is the costly step
+    first = _head_rows(n, k, skip_rows)  # a small first block: a full argpartition is the costly step
     scores = _skip(queries @ database[:first].T, skip_rows, 0, first)  # (Q, first)
     keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_s = np.take_along_axis(scores, keep, 1)

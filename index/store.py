@@ -226,8 +226,10 @@ class VectorIndex:
     def reserve(self, extra: int) -> None:
         """Room for ``extra`` more items in FAISS's arrays and the item table, so that the writes
         after a load do not copy the whole index: both grow by doubling, and an index just read has
-        no spare room, so its first write would copy every array (3 s at 10^7 HNSW32 items on a
-        2-core machine, while holding the write lock). A write: nothing may search meanwhile."""
+        no spare room, so its first write would copy every array (9.7 s at 10^7 HNSW32 items on a
+        2-core machine, while holding the write lock). The room is zero-filled (resident); libstdc++
+        makes each array's capacity at least twice its size (address space only). A write: nothing
+        may search meanwhile."""
         import faiss
 
         self.items.reserve(extra)

@@ -17,6 +17,7 @@ fails (no memory for the page tables), the fold copies in memory.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import shutil
@@ -55,9 +56,11 @@ class ForkedCopy:
     def save(self, directory: Path) -> Path:
         """Wait for the child; then its complete directory becomes ``directory`` (which must not exist)."""
         try:
-            with os.fdopen(self._errors, "rb") as errors:
+            errors, self._errors = os.fdopen(self._errors, "rb"), None  # closed below: never again by discard()
+            with errors:
                 message = errors.read().decode(errors="replace")  # until the child exits
             _, status = os.waitpid(self.pid, 0)
+            self.pid = None  # reaped: the number may belong to another process from now on
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 reason = message or (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
@@ -69,15 +72,13 @@ class ForkedCopy:
 
     def discard(self) -> None:
         """Stop the child (when :meth:`save` will not be called) and delete what it wrote."""
-        try:
+        if self.pid is not None:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):  # already reaped by save()
-            pass
-        try:
+            self.pid = None
+        if self._errors is not None:
             os.close(self._errors)
-        except OSError:
-            pass
+            self._errors = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __len__(self) -> int:
@@ -87,6 +88,9 @@ class ForkedCopy:
 def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: int) -> None:
     code = 1
     try:
+        gc.disable()  # a collection could close an inherited file object whose descriptor number is reused below
+        for number in (signal.SIGTERM, signal.SIGINT):  # the server's handlers only set a flag nobody reads here
+            signal.signal(number, signal.SIG_DFL)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the server died before the line above
             os._exit(1)

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
+import index.exact as exact_module
 from index.exact import top_k_inner_product
 
 
@@ -35,7 +36,7 @@ def test_equals_full_argsort_and_faiss(n_queries, block_rows, transposed):
 
 @pytest.mark.parametrize("n_queries", [1, 9])
 @pytest.mark.parametrize("skipped", ["few", "most", "the first block"])
-def test_skipped_rows_are_never_returned_and_the_rest_is_exact(n_queries, skipped):
+def test_skipped_rows_are_never_returned_and_the_rest_is_exact(n_queries, skipped, monkeypatch):
     rng = np.random.default_rng(7)
     database, queries = _unit(rng, 20011, 8), _unit(rng, n_queries, 8)
     best = np.argsort(-(queries @ database.T), axis=1)[:, :10].ravel()
@@ -47,11 +48,15 @@ def test_skipped_rows_are_never_returned_and_the_rest_is_exact(n_queries, skippe
     kept = np.setdiff1d(np.arange(20011), skip)
     exact = queries.astype(np.float64) @ database[kept].T.astype(np.float64)
     want_rows = kept[np.argsort(-exact, axis=1)[:, :10]]
+    candidates = []
+    real_sorted_top = exact_module._sorted_top
+    monkeypatch.setattr(exact_module, "_sorted_top", lambda s, r, k: candidates.append(len(s)) or real_sorted_top(s, r, k))
     for columns in (None, np.ascontiguousarray(database.T)):
         for block_rows in (None, 1000):
             scores, rows = top_k_inner_product(database, queries, 10, block_rows=block_rows, transposed=columns, skip_rows=skip)
             np.testing.assert_array_equal(rows, want_rows)
             np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :10], atol=1e-5)
+    assert max(candidates, default=0) < 2000  # the selection bound is seeded from rows that are not skipped
 
 
 def test_small_database_duplicates_and_k_larger_than_n():
