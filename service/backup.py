@@ -31,7 +31,7 @@ from index.embedder import MODALITIES
 from index.store import IndexLoadError, VectorIndex
 from service.carry import API_ITEMS_NAME, api_items_of
 from service.persist import swap_into_place
-from service.snapshots import SNAPSHOT_NAME
+from service.snapshots import SNAPSHOT_NAME, discard
 
 CARD_NAME = "avsearch-snapshot.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -68,22 +68,26 @@ def create_snapshot(engine, directory: Path) -> dict:
     """Write ``<directory>/<name>.tar`` holding both modalities as of now; returns its description."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as held:
-        for modality in MODALITIES:  # a fixed order (fold lock, then commits): two requests cannot hold one each
-            held.enter_context(engine.snapshots.folding(modality))
-        with ExitStack() as paused:
-            for modality in MODALITIES:
-                paused.enter_context(engine.logs[modality].paused())
-            frozen = {m: engine.indexes[m].frozen() for m in MODALITIES}
-            lsns = {m: engine.logs[m].last_lsn for m in MODALITIES}
-        carried = {m: api_items_of(engine.index_dir, m, engine.logs[m].snapshot_lsn, lsns[m]) for m in MODALITIES}
-    created = time.time()
-    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{engine.version}"
-    card = {"model": engine.version, "model_sha256": engine.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(f) for m, f in frozen.items()}}
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as staging:
-        root = Path(staging)
-        for modality, index in frozen.items():
-            index.save(root / modality)
+    copies = {}
+    staging = tempfile.TemporaryDirectory(dir=directory, prefix=".build-")
+    root = Path(staging.name)
+    try:
+        with ExitStack() as held:
+            for modality in MODALITIES:  # a fixed order (fold lock, then commits): two requests cannot hold one each
+                held.enter_context(engine.snapshots.folding(modality))
+            with ExitStack() as paused:
+                for modality in MODALITIES:
+                    paused.enter_context(engine.logs[modality].paused())
+                for modality in MODALITIES:  # forked writers (or copies in memory), as for a fold
+                    copies[modality] = engine.snapshots.copy(modality)
+                lsns = {m: engine.logs[m].last_lsn for m in MODALITIES}
+            carried = {m: api_items_of(engine.index_dir, m, engine.logs[m].snapshot_lsn, lsns[m]) for m in MODALITIES}
+            for modality, index in copies.items():  # a forked writer writes beside the live index: keep folds off until it is moved out
+                index.save(root / modality)
+        created = time.time()
+        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{engine.version}"
+        card = {"model": engine.version, "model_sha256": engine.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
+        for modality in MODALITIES:
             (root / modality / SNAPSHOT_NAME).write_text(json.dumps({"lsn": lsns[modality]}))
             (root / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
         (root / CARD_NAME).write_text(json.dumps(card, indent=2))
@@ -96,6 +100,10 @@ def create_snapshot(engine, directory: Path) -> dict:
             os.fsync(f.fileno())
         os.chmod(partial, 0o666 & ~current_umask())
         os.replace(partial, directory / f"{name}.tar")
+    finally:
+        for copy in copies.values():
+            discard(copy)
+        staging.cleanup()
     return describe(directory / f"{name}.tar")
 
 

@@ -65,7 +65,7 @@ class ForkedCopy:
             if code != 0:
                 reason = message or (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
                 raise OSError(f"the snapshot writer (process {self.pid}) failed: {reason}")
-            os.rename(self.directory, directory)
+            shutil.move(self.directory, directory)  # a rename; a copy when ``directory`` is on another filesystem
             return Path(directory)
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)

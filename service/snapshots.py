@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.carry import API_ITEMS_NAME, api_items_of
-from index.store import FrozenIndex, VectorIndex
+from index.store import FrozenIndex
 from service.commit import ChangeLog
 from service.forked import CAN_FORK, ForkedCopy
 from service.persist import forked_directory, save_atomically
@@ -111,11 +111,11 @@ class Snapshotter:
                 lsn, pending_since = changelog.last_lsn, changelog.oldest_unsnapshotted
                 if lsn == changelog.snapshot_lsn:
                     return lsn
-                frozen = self._copy(modality, changelog.index)
+                frozen = self.copy(modality)
                 try:
                     changelog.wal.rotate(lsn + 1)
                 except BaseException:
-                    _discard(frozen)
+                    discard(frozen)
                     raise
                 changelog.oldest_unsnapshotted = None
             try:
@@ -125,7 +125,7 @@ class Snapshotter:
                 extra = {SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode(), API_ITEMS_NAME: carried.to_bytes()}
                 save_atomically(frozen, self.index_dir / modality, extra=extra)
             except BaseException:
-                _discard(frozen)
+                discard(frozen)
                 changelog.oldest_unsnapshotted = pending_since
                 raise
             changelog.snapshot_lsn = lsn
@@ -134,8 +134,10 @@ class Snapshotter:
             log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
             return lsn
 
-    def _copy(self, modality: str, index: VectorIndex) -> FrozenIndex | ForkedCopy:
-        """The index as it is now, to be saved while commits go on (called with commits paused)."""
+    def copy(self, modality: str) -> FrozenIndex | ForkedCopy:
+        """The index as it is now, to be saved while commits go on (call it with the modality's
+        commits paused and its fold lock held; :func:`discard` it if it will not be saved)."""
+        index = self.logs[modality].index
         if self.durability.fork and CAN_FORK:
             try:
                 return ForkedCopy(index, forked_directory(self.index_dir / modality))
@@ -144,7 +146,8 @@ class Snapshotter:
         return index.frozen()
 
 
-def _discard(copy: FrozenIndex | ForkedCopy) -> None:
+def discard(copy: FrozenIndex | ForkedCopy) -> None:
+    """Stop a forked writer whose copy will not be saved (a no-op after its save, or for a copy in memory)."""
     if isinstance(copy, ForkedCopy):
         copy.discard()
 

@@ -150,3 +150,25 @@ def test_restore_refuses_damaged_foreign_and_other_model_files(tiny, tmp_path, f
     (other / "manifest.json").write_text(json.dumps(manifest))
     assert "not the configured model" in one_error_line(restore_cli(tiny, tmp_path / "snapshots" / f"{name}.tar", tmp_path / "r4", other))
     assert not any((tmp_path / d).exists() for d in ("r1", "r2", "r3", "r4"))
+
+
+def test_a_snapshot_whose_forked_writer_fails_answers_503_and_leaves_nothing(tiny, tmp_path, features, monkeypatch):
+    """Backups copy the index with the folds' forked writer; a writer that fails (here: a full disk
+    in the child) is a 503 naming it, with no partial file, no writer directory, and service going on."""
+    import errno
+
+    from index.store import VectorIndex
+
+    def full_disk(index, directory):
+        raise OSError(errno.ENOSPC, "No space left on device (test)")
+
+    index_dir = copy_index(tiny, tmp_path / "index")
+    with make_client(tiny, index_dir, snapshot_dir=tmp_path / "snaps") as c:
+        wait_ready(c)
+        monkeypatch.setattr(VectorIndex, "save", full_disk)  # runs in the forked child
+        r = c.post("/v1/admin/snapshots")
+        assert r.status_code == 503 and "snapshot writer" in r.json()["detail"] and "No space left" in r.json()["detail"], r.text
+        monkeypatch.undo()
+        assert [p.name for p in (tmp_path / "snaps").iterdir()] == [] and not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]
+        assert c.post("/v1/items/visual", json={"items": [{"id": "after", "vector": features.visual[0].tolist()}]}).status_code == 200
+        assert c.post("/v1/admin/snapshots").status_code == 201
