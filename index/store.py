@@ -249,6 +249,11 @@ class VectorIndex:
                 array.resize(size + room)
                 array.resize(size)  # a std::vector keeps its capacity when it shrinks
 
+    def warm_up(self) -> None:
+        """Build now what the first search would build (the flat search's transposed copy and
+        tombstone rows: 1.8 s at 10^7 items), so that no request waits for it."""
+        self._flat_storage()
+
     def get(self, item_id: str) -> Item:
         """The stored item; KeyError for an unknown id."""
         label = int(self.items.labels_of([item_id])[0])

@@ -109,6 +109,7 @@ class Engine:
                 logs[modality] = _replay(modality, index, index_dir, embedder, durability)
                 if durability.write_headroom > 0:  # FAISS's arrays grow by doubling: without room, the first write copies them all
                     index.reserve(max(MIN_HEADROOM, int(durability.write_headroom * index.items.rows)))
+                index.warm_up()
         except BaseException:
             for changelog in logs.values():
                 changelog.wal.close()

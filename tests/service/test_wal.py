@@ -213,6 +213,8 @@ def test_a_loaded_engine_has_room_for_writes_so_they_copy_no_index(tiny, tmp_pat
                 engine.upsert(modality, getattr(features, modality)[i : i + 1], [f"new-{i}"], [None])
         moved = {m: moved_arrays(before[m], engine.indexes[m]) for m in before}
         assert all(moved.values()) if headroom == 0 else moved == {"audio": [], "visual": []}
+        views = engine.indexes["audio"]._flat  # built at load (index.warm_up): no first search waits for it
+        assert views is not None and views._filled == len(engine.indexes["audio"]) - 20
     finally:
         engine.close()
 
