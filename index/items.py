@@ -78,8 +78,8 @@ def holds(metadata: dict | None, conditions: dict) -> bool:
 class Column:
     """A 1-D numpy array with amortised O(1) appends: the capacity doubles when it runs out."""
 
-    def __init__(self, values: np.ndarray):
-        self._data, self.size = values, len(values)
+    def __init__(self, values: np.ndarray, size: int | None = None):
+        self._data, self.size = values, len(values) if size is None else size  # values[size:]: room
 
     def extend(self, values: np.ndarray | bytes) -> None:
         values = np.frombuffer(values, np.uint8) if isinstance(values, bytes) else values
@@ -217,8 +217,9 @@ class ItemTable:
         first = self.rows
         self._id_offsets.extend(len(self._id_bytes.values) + np.cumsum(_lengths(encoded)))
         self._id_bytes.extend(b"".join(encoded))
-        if blobs is not None and self._meta_offsets is None:
-            self._meta_offsets = Column(np.zeros(first + 1, np.int64))
+        if blobs is not None and self._meta_offsets is None:  # the first metadata: every earlier row has none
+            room = max(len(encoded), (first + 1) // 4)  # np.zeros maps untouched zero pages: room costs no time
+            self._meta_offsets = Column(np.zeros(first + 1 + room, np.int64), first + 1)
         if self._meta_offsets is not None:
             blobs = blobs or [b""] * len(encoded)
             self._meta_offsets.extend(len(self._meta_bytes.values) + np.cumsum(_lengths(blobs)))
