@@ -59,12 +59,11 @@ class ForkedCopy:
             errors, self._errors = os.fdopen(self._errors, "rb"), None  # closed below: never again by discard()
             with errors:
                 message = errors.read().decode(errors="replace")  # until the child exits
-            _, status = os.waitpid(self.pid, 0)
-            self.pid = None  # reaped: the number may belong to another process from now on
-            code = os.waitstatus_to_exitcode(status)
+            pid, self.pid = self.pid, None  # reaped below: the number may belong to another process after
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             if code != 0:
                 reason = message or (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
-                raise OSError(f"the snapshot writer (process {self.pid}) failed: {reason}")
+                raise OSError(f"the snapshot writer (process {pid}) failed: {reason}")
             shutil.move(self.directory, directory)  # a rename; a copy when ``directory`` is on another filesystem
             return Path(directory)
         finally:
