@@ -20,9 +20,11 @@ import ctypes
 import gc
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 from index.store import VectorIndex
@@ -36,8 +38,8 @@ class ForkedCopy:
     """What ``index.save`` writes, written by a child into ``directory``; :meth:`save` waits for it
     and moves the directory where the caller wants it. Make it while the index cannot change."""
 
-    def __init__(self, index: VectorIndex, directory: Path):
-        self.directory, self.count = Path(directory), len(index)
+    def __init__(self, index: VectorIndex, directory: Path, timeout: float = 3600.0):
+        self.directory, self.count, self.timeout = Path(directory), len(index), timeout
         shutil.rmtree(self.directory, ignore_errors=True)
         errors_read, errors_write = os.pipe()
         parent = os.getpid()
@@ -56,9 +58,7 @@ class ForkedCopy:
     def save(self, directory: Path) -> Path:
         """Wait for the child; then its complete directory becomes ``directory`` (which must not exist)."""
         try:
-            errors, self._errors = os.fdopen(self._errors, "rb"), None  # closed below: never again by discard()
-            with errors:
-                message = errors.read().decode(errors="replace")  # until the child exits
+            message = self._read_errors()  # until the child exits (or hangs past the timeout: stopped, OSError)
             pid, self.pid = self.pid, None  # reaped below: the number may belong to another process after
             code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             if code != 0:
@@ -68,6 +68,22 @@ class ForkedCopy:
             return Path(directory)
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _read_errors(self) -> str:
+        """What the child reported, read until it closes the pipe by exiting."""
+        deadline, chunks = time.monotonic() + self.timeout, []
+        with os.fdopen(self._errors, "rb", buffering=0) as errors:
+            self._errors = None  # closed by this block: never again by discard()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([errors], [], [], remaining)[0]:
+                    pid = self.pid
+                    self.discard()
+                    raise OSError(f"the snapshot writer (process {pid}) did not finish within {self.timeout:g} s; it was stopped")
+                chunk = errors.read(4096)
+                if not chunk:
+                    return b"".join(chunks).decode(errors="replace")
+                chunks.append(chunk)
 
     def discard(self) -> None:
         """Stop the child (when :meth:`save` will not be called) and delete what it wrote."""

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     wal_snapshot_seconds: float = Field(300.0, gt=0, description="...or once its oldest change not in a snapshot is this old")
     wal_snapshot_growth: float = Field(1.0, ge=0, description="...and the log holds this fraction of the last snapshot's bytes (a fold rewrites the whole index: amortised O(1) a change)")
     wal_fold_fork: bool = Field(True, description="a fold writes the snapshot from a forked child's copy-on-write image (commits wait ~0.1 s for the fork) instead of a copy in memory (commits wait for the copy: 5 s at 10^7 HNSW32 items); Linux only")
+    wal_fold_timeout: float = Field(3600.0, gt=0, description="a forked snapshot writer still writing after this many seconds is stopped: the fold (or backup) fails, the log keeps every change, and the next fold retries")
     write_headroom: float = Field(0.25, ge=0, description="room made at load for this fraction more items, so the first write after a start does not copy the whole index (10 s at 10^7 HNSW32 items); 0: none (a read-only service saves the memory and the load time)")
 
     keep_versions: int = Field(3, ge=1, description="python -m service prepare keeps this many <index>-<version> directories (the live one and the new one always)")
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     def durability(self):
         from service.snapshots import Durability  # settings stay importable without the engine
 
-        return Durability(fsync=self.wal_fsync == "always", snapshot_bytes=self.wal_snapshot_bytes, snapshot_seconds=self.wal_snapshot_seconds, snapshot_growth=self.wal_snapshot_growth, fork=self.wal_fold_fork, write_headroom=self.write_headroom)
+        return Durability(fsync=self.wal_fsync == "always", snapshot_bytes=self.wal_snapshot_bytes, snapshot_seconds=self.wal_snapshot_seconds, snapshot_growth=self.wal_snapshot_growth, fork=self.wal_fold_fork, fold_timeout=self.wal_fold_timeout, write_headroom=self.write_headroom)
 
     def reload_root_paths(self) -> list[Path]:
         """Resolved directories a reload may name; symlinks resolved so none can point out of them."""

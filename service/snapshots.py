@@ -37,6 +37,7 @@ class Durability:
     snapshot_bytes: int = 64 * 1024 * 1024  # fold the log into a snapshot past this size...
     snapshot_seconds: float = 300.0  # ...or when its oldest change not in a snapshot is this old
     snapshot_growth: float = 1.0  # ...and only once the log holds this fraction of the last snapshot's bytes (a fold rewrites it all: amortised O(1) a change)
+    fold_timeout: float = 3600.0  # a forked writer still writing after this many seconds is stopped (the fold fails; the log keeps every change)
     fork: bool = True  # a fold's copy of the index is a forked child's (commits wait ~0.1 s), not one in memory (5 s at 10^7 HNSW32); Linux only
     write_headroom: float = 0.25  # room made at load for this fraction more items, so the first writes after a start copy no index (VectorIndex.reserve)
 
@@ -140,7 +141,7 @@ class Snapshotter:
         index = self.logs[modality].index
         if self.durability.fork and CAN_FORK:
             try:
-                return ForkedCopy(index, forked_directory(self.index_dir / modality))
+                return ForkedCopy(index, forked_directory(self.index_dir / modality), self.durability.fold_timeout)
             except OSError as err:  # ENOMEM, EAGAIN: the copy in memory still works
                 log.warning("could not fork a snapshot writer for %s (%s); copying the index in memory (commits wait meanwhile)", modality, err)
         return index.frozen()

@@ -238,3 +238,27 @@ def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_
         engine.close()
     assert "could not fork a snapshot writer for visual" in caplog.text and "copying the index in memory" in caplog.text
     assert VectorIndex.load(index_dir / "visual").get("a").metadata == {"n": 1}
+
+
+def test_a_forked_writer_past_its_timeout_is_stopped_and_the_log_keeps_every_change(tiny, tmp_path, features, monkeypatch):
+    def hung(index, directory):
+        time.sleep(60)  # a writer stuck on a dead disk
+
+    index_dir = copy_index(tiny, tmp_path / "index")
+    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(fork=True, fold_timeout=1.0))
+    try:
+        engine.snapshots.stop()
+        engine.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
+        monkeypatch.setattr(VectorIndex, "save", hung)  # runs in the forked child
+        started = time.monotonic()
+        with pytest.raises(OSError, match=r"did not finish within 1 s; it was stopped"):
+            engine.snapshots.fold("visual")
+        assert time.monotonic() - started < 10
+        monkeypatch.undo()
+        assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]
+        engine.upsert("visual", features.visual[1:2], ["b"], [{"n": 2}])
+        assert engine.snapshots.fold("visual") == 2  # the next fold works
+    finally:
+        engine.close()
+    restarted = persisted(tiny, index_dir, "visual")
+    assert restarted.get("a").metadata == {"n": 1} and restarted.get("b").metadata == {"n": 2}
