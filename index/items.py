@@ -85,18 +85,19 @@ class Column:
         values = np.frombuffer(values, np.uint8) if isinstance(values, bytes) else values
         need = self.size + len(values)
         if need > len(self._data):
-            grown = np.empty(max(need, 2 * len(self._data), 16), self._data.dtype)
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
+            self._grow(max(need, 2 * len(self._data), 16))
         self._data[self.size : need] = values
         self.size = need
 
     def reserve(self, extra: int) -> None:
-        """Room for ``extra`` more values without a reallocation (a new array, as when it grows)."""
+        """Room for ``extra`` more values without a reallocation."""
         if self.size + extra > len(self._data):
-            grown = np.empty(self.size + extra, self._data.dtype)
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
+            self._grow(self.size + extra)
+
+    def _grow(self, capacity: int) -> None:
+        grown = np.empty(capacity, self._data.dtype)  # a new array: views handed out keep the old one
+        grown[: self.size] = self._data[: self.size]
+        self._data = grown
 
     @property
     def values(self) -> np.ndarray:
@@ -174,19 +175,11 @@ class ItemTable:
         write does not pack N bits again."""
         return self._alive_bits.values
 
-    def _pack_bits(self, first_byte: int, bytes_: np.ndarray | None = None) -> None:
-        """Re-pack the bitmap bytes from ``first_byte`` on (after an append), or the bytes ``bytes_``."""
-        alive = self.alive
-        if bytes_ is None:
-            packed = np.packbits(alive[first_byte * 8 :], bitorder="little")
-            self._alive_bits.size = first_byte
-            self._alive_bits.extend(packed)
-            return
-        rows = (bytes_[:, None] * 8 + np.arange(8)).ravel()
-        bits = np.zeros(len(rows), bool)
-        inside = rows < len(alive)
-        bits[inside] = alive[rows[inside]]
-        self._alive_bits.values[bytes_] = np.packbits(bits.reshape(-1, 8), axis=1, bitorder="little").ravel()
+    def _pack_bits_from(self, row: int) -> None:
+        """Re-pack the bitmap from the byte holding ``row`` to the end (after rows were appended)."""
+        first_byte = row // 8
+        self._alive_bits.size = first_byte
+        self._alive_bits.extend(np.packbits(self.alive[first_byte * 8 :], bitorder="little"))
 
     # --- writes --------------------------------------------------------------------------------
     def upsert(self, ids: list[str], metadata: list[dict | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +218,7 @@ class ItemTable:
             self._meta_offsets.extend(len(self._meta_bytes.values) + np.cumsum(_lengths(blobs)))
             self._meta_bytes.extend(b"".join(blobs))
         self._alive.extend(np.ones(len(encoded), bool))
-        self._pack_bits(first // 8)
+        self._pack_bits_from(first)
         self.live += len(encoded)
         labels = np.arange(first, first + len(encoded), dtype=np.int64)
         order = np.argsort(keys, kind="stable")
@@ -263,7 +256,7 @@ class ItemTable:
         if len(labels) and (labels[0] < 0 or labels[-1] >= self.rows or not self.alive[labels].all()):
             raise KeyError("kill() of a label that is not a live row")
         self.alive[labels] = False
-        self._pack_bits(0, np.unique(labels // 8))
+        np.bitwise_and.at(self._alive_bits.values, labels // 8, ~np.left_shift(1, labels % 8).astype(np.uint8))
         self.live -= len(labels)
 
     # --- reads ---------------------------------------------------------------------------------
@@ -352,7 +345,7 @@ class ItemTable:
             raise err if isinstance(err, ItemTableError) else ItemTableError(f"item table unreadable ({err})") from None
         table = cls()
         table._id_bytes, table._id_offsets, table._alive, table._runs = Column(id_bytes), Column(id_offsets), Column(alive), runs
-        table._pack_bits(0)
+        table._pack_bits_from(0)
         if len(meta_offsets):
             table._meta_bytes, table._meta_offsets = Column(meta_bytes), Column(meta_offsets)
         table.live = int(table.alive.sum())
