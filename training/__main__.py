@@ -13,7 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-STATE_NAME = "train_state.pt"  # full training state after each evaluation, for --resume
+STATE_NAME = "train_state.pt"
+SELECT_HELP = (
+    "validation signal that selects the step, stops training and scores tuning trials: pairs (each clip's own partner, "
+    "instance-level MRR; needs no labels), labels (class-level mAP) or auto (the preset's train.select; auto = pairs, "
+    "see training/README.md)"
+)  # full training state after each evaluation, for --resume
 
 
 def _cmd_make_data(args) -> None:
@@ -40,11 +45,12 @@ def _cmd_train(args) -> None:
     from training.baselines import method_config
     from training.config import load_config
     from training.data import atomic_write
+    from training.metrics import SELECTION_METRICS
     from training.train import CHECKPOINT_NAME, evaluate_model, save_checkpoint, train
 
     if args.method == "linear-cca":
         raise ValueError("linear-cca has no encoder to train or export; it is reported by `compare`")
-    cfg = load_config(args.config)
+    cfg = _with_select(load_config(args.config), args)
     cfg = method_config(cfg, args.method or cfg.train.method)  # a tuned preset names its own method
     if args.seed is not None:
         cfg.train.seed = args.seed
@@ -55,9 +61,15 @@ def _cmd_train(args) -> None:
     # The selected checkpoint's test figure, reported once; selection never saw it.
     test = evaluate_model(result.model, result.cca, data.subset("test"))
     last_step = result.history[-1]["step"] if result.history else 0
-    summary = {"val": result.val_metrics, "test": test, "best_step": result.best_step, "last_step": last_step, "schedule": dataclasses.asdict(result.schedule)}
+    summary = {
+        "val": result.val_metrics, "test": test, "best_step": result.best_step, "last_step": last_step, "schedule": dataclasses.asdict(result.schedule),
+        "selected_by": {"rule": cfg.train.select, "signal": result.select, "metric": SELECTION_METRICS[result.select]},
+    }
     atomic_write(run / "metrics.json", json.dumps(summary, indent=2))
-    print(f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best step {result.best_step} of {last_step} run, budget {result.schedule.max_steps})")
+    print(
+        f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best step {result.best_step} of {last_step} run, "
+        f"budget {result.schedule.max_steps}, selected by validation {result.select}: {SELECTION_METRICS[result.select]} {result.val_metrics[SELECTION_METRICS[result.select]]:.4f})"
+    )
     _print_table(test)
 
 
@@ -65,7 +77,7 @@ def _cmd_compare(args) -> None:
     from training.compare import compare, default_methods
     from training.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = _with_select(load_config(args.config), args)
     data = _load_data(args.data, cfg)
     methods = args.methods.split(",") if args.methods else None
     tuned = _tune_each(cfg, data, methods or default_methods(cfg), args) if args.tune else None
@@ -87,7 +99,7 @@ def _tune_each(cfg, data, methods: list[str], args) -> dict:
         if name == "linear-cca":
             continue
         result = tune(cfg, data, name, args.tune, Path(args.out) / "tune" / name, storage=args.storage, study_name=name + suffix, show_progress=not args.quiet)
-        print(f"tuned {name}: validation avg {result.val_avg:.4f} after {result.trials} trials ({result.seconds:.0f} s)")
+        print(f"tuned {name}: validation {result.select} score {result.val_score:.4f} after {result.trials} trials ({result.seconds:.0f} s)")
         tuned[name] = result.config
     return tuned
 
@@ -96,21 +108,36 @@ def _cmd_tune(args) -> None:
     from training.config import load_config
     from training.tune import BEST_PRESET, tune
 
-    cfg = load_config(args.config)
+    cfg = _with_select(load_config(args.config), args)
     if args.seed is not None:
         cfg.train.seed = args.seed
     data = _load_data(args.data, cfg)
     result = tune(cfg, data, args.method, args.trials, Path(args.out), storage=args.storage, study_name=args.study, show_progress=not args.quiet)
-    print(f"best validation avg mAP {result.val_avg:.4f} over {result.trials} trials ({result.seconds:.0f} s this run)")
+    print(f"best validation score {result.val_score:.4f} (selected by {result.select}) over {result.trials} trials ({result.seconds:.0f} s this run)")
     print(f"wrote {Path(args.out) / BEST_PRESET}; train with: python -m training train --config {Path(args.out) / BEST_PRESET} --data {args.data} --out RUN")
 
 
-def _print_table(m: dict) -> None:
-    print("test mAP (fraction; full ranked list, spec §6)")
-    print(f"  {'':10s} {'A→V':>7s} {'V→A':>7s} {'avg':>7s}")
-    if "avg_no_cca" in m:
-        print(f"  {'no CCA':10s} {m['a2v_no_cca']:7.4f} {m['v2a_no_cca']:7.4f} {m['avg_no_cca']:7.4f}")
-    print(f"  {'with CCA' if 'avg_no_cca' in m else 'cosine':10s} {m['a2v']:7.4f} {m['v2a']:7.4f} {m['avg']:7.4f}")
+def _with_select(cfg, args):
+    """The preset with ``--select`` applied (a tuned preset keeps its own rule unless one is given)."""
+    if args.select is not None:
+        cfg.train.select = args.select
+    return cfg
+
+
+def _print_table(m: dict, split: str = "test") -> None:
+    projected = "with CCA" if "avg_no_cca" in m else "cosine"
+    if "avg" in m:
+        print(f"{split} class-level mAP (fraction; an item is relevant when it shares the query's class; full ranked list, spec §6)")
+        print(f"  {'':10s} {'A→V':>7s} {'V→A':>7s} {'avg':>7s}")
+        if "avg_no_cca" in m:
+            print(f"  {'no CCA':10s} {m['a2v_no_cca']:7.4f} {m['v2a_no_cca']:7.4f} {m['avg_no_cca']:7.4f}")
+        print(f"  {projected:10s} {m['a2v']:7.4f} {m['v2a']:7.4f} {m['avg']:7.4f}")
+    else:
+        print(f"{split}: no labels, so no class-level mAP; instance-level figures only")
+    print(f"{split} instance-level retrieval (each clip's own partner is its one relevant item; {projected})")
+    print(f"  {'':6s} {'R@1':>7s} {'R@5':>7s} {'R@10':>7s} {'MRR':>7s} {'med. rank':>10s}")
+    for name in ("a2v", "v2a"):
+        print(f"  {name.replace('2', '→').upper():6s} " + " ".join(f"{m[f'pair_{name}_{k}']:7.4f}" for k in ("r@1", "r@5", "r@10", "mrr")) + f" {m[f'pair_{name}_median_rank']:10.1f}")
 
 
 def _cmd_eval(args) -> None:
@@ -118,9 +145,10 @@ def _cmd_eval(args) -> None:
 
     cfg, model, cca, _, _ = load_checkpoint(Path(args.run))
     data = _load_data(args.data, cfg)
-    m = evaluate_model(model, cca, data.labelled().subset(args.split))
-    _print_table(m)
-    print(json.dumps({"a2v": m["a2v"], "v2a": m["v2a"], "avg": m["avg"]}))
+    m = evaluate_model(model, cca, data.subset(args.split))
+    _print_table(m, args.split)
+    keys = ("a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10", "pair_median_rank")
+    print(json.dumps({k: m[k] for k in keys if k in m}))
 
 
 def _cmd_export(args) -> None:
@@ -146,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--method", default=None, help="hscmae, a baseline (dcca, mae, clip, cavmae), an ablation (no-dcca, ...) or rho=R (default: the preset's, hscmae)")
+    p.add_argument("--select", default=None, choices=["auto", "pairs", "labels"], help=SELECT_HELP)
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{STATE_NAME}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -156,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", required=True, help="report directory (runs/ inside makes it resumable)")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--select", default=None, choices=["auto", "pairs", "labels"], help=SELECT_HELP)
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs in OUT/runs")
     p.add_argument("--tune", type=int, default=0, metavar="N", help="first tune every method with N trials on validation (OUT/tune/<method>)")
     p.add_argument("--storage", default=None, help="Optuna storage URL shared by the tuning studies (default: SQLite per method)")
@@ -169,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold (a rerun resumes)")
     p.add_argument("--out", required=True, help="study folder: study.db, best.yaml, tuning.json, tuning_history.png")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/study.db); workers sharing it work one study")
+    p.add_argument("--select", default=None, choices=["auto", "pairs", "labels"], help=SELECT_HELP)
     p.add_argument("--study", default=None, help="study name (default: the method)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("eval", help="evaluate a run; ends with one JSON line")
+    p = sub.add_parser("eval", help="evaluate a run (class-level mAP when the data has labels, instance-level always); ends with one JSON line")
     p.add_argument("--run", required=True)
     p.add_argument("--data", default="synthetic")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -14,7 +14,7 @@ import numpy as np
 from training.cca import fit_linear_cca
 from training.config import Config
 from training.data import PairedFeatures
-from training.metrics import cross_modal_metrics
+from training.metrics import retrieval_metrics
 
 _NO_HSC = {"dcca": False, "soft_nce": False, "distill": False, "recon_intra": False, "recon_cross": False}
 
@@ -95,5 +95,5 @@ def linear_cca_on_raw(data: PairedFeatures, cfg: Config) -> dict:
     out = {}
     for name in ("val", "test"):
         split = data.subset(name)
-        out[name] = cross_modal_metrics(cca.transform(scaled(split, "audio"), "a"), cca.transform(scaled(split, "visual"), "b"), split.labels)
+        out[name] = retrieval_metrics(cca.transform(scaled(split, "audio"), "a"), cca.transform(scaled(split, "visual"), "b"), split.labels)
     return out

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from training.baselines import METHODS, linear_cca_on_raw, method_config
 from training.config import Config, config_to_dict
 from training.data import PairedFeatures, atomic_write
+from training.train import selection_signal
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ def run_key(cfg: Config, name: str, seed: int, data_digest: str) -> dict:
 
 
 def run_one(cfg: Config, data: PairedFeatures, name: str, seed: int) -> dict:
-    """Train (or fit) one method with one seed; returns its record (no model)."""
+    """Train (or fit) one method with one seed; returns its record (no model).
+
+    With labels, the run is also selected by the other signal (``also_select``): ``by_signal``
+    holds the step, validation and test figures each rule picks from the same training run.
+    """
     from training.train import evaluate_model, train
 
     started = time.perf_counter()
@@ -75,10 +80,14 @@ def run_one(cfg: Config, data: PairedFeatures, name: str, seed: int) -> dict:
     else:
         run_cfg = method_config(cfg, name)
         run_cfg.train.seed = seed
-        result = train(run_cfg, data, show_progress=False)
-        test = evaluate_model(result.model, result.cca, data.subset("test"))
+        result = train(run_cfg, data, show_progress=False, also_select=("labels", "pairs") if data.labels is not None else ())
+        test_split = data.subset("test")
         last = result.history[-1]["step"] if result.history else 0
-        record = {"val": result.val_metrics, "test": test, "best_step": result.best_step, "last_step": last, "max_steps": result.schedule.max_steps, "history": result.history}
+        record = {"select": result.select, "best_step": result.best_step, "last_step": last, "max_steps": result.schedule.max_steps, "history": result.history}
+        for selected in (result, *result.others.values()):
+            figures = {"val": selected.val_metrics, "test": evaluate_model(selected.model, selected.cca, test_split), "best_step": selected.best_step}
+            record.setdefault("by_signal", {})[selected.select] = figures
+        record.update(val=record["by_signal"][result.select]["val"], test=record["by_signal"][result.select]["test"])
     record.update({"method": name, "seed": seed, "seconds": time.perf_counter() - started})
     return record
 
@@ -135,7 +144,8 @@ def compare(
         record = {**run_one(run_cfg, data, name, seed), "key": key}
         _write_json(path, record)
         records.append(record)
-        log.info("%s seed %d: test avg %.4f (val %.4f) in %.0f s", name, seed, record["test"]["avg"], record["val"]["avg"], record["seconds"])
+        headline = "avg" if data.labels is not None else "pair_mrr"
+        log.info("%s seed %d: test %s %.4f (val %.4f) in %.0f s", name, seed, headline, record["test"][headline], record["val"][headline], record["seconds"])
     if not records:
         raise ValueError(f"{out / 'runs'}: no finished run matches this configuration, data and code; run compare without --report-only")
     full_cfg = (method_configs or {}).get("hscmae", cfg)  # a tuned full model has its own ρ
@@ -146,6 +156,8 @@ def compare(
     meta = {
         "config": config_to_dict(cfg),
         "data_source": data.source,
+        "labels": data.labels is not None,
+        "select": selection_signal(cfg.train.select, data),
         "seeds": seeds,
         "data_fingerprint": digest,
         "complete": complete,

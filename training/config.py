@@ -32,6 +32,7 @@ class TrainConfig:
     patience: int = 800  # stop after this many steps without progress on validation mAP; 0 = never
     min_delta: float = 0.002  # progress = validation avg mAP above the last progress point by more than this
     min_steps: int = 0  # never stop early before this step (0 = after the warm-up)
+    select: str = "auto"  # the validation signal that selects the step and stops training: pairs, labels or auto (training.train.selection_signal)
     select_rows: int = 4000  # rows of train (CCA fit) and val (mAP) used for selection; larger splits are sampled
     lr: float = 3e-4  # AdamW peak learning rate (cosine schedule over max_steps)
     weight_decay: float = 1e-4  # AdamW weight decay

@@ -100,3 +100,52 @@ def cross_modal_metrics(audio_emb, visual_emb, labels, max_queries: int = 0, see
     for name, metrics in (("a2v", a2v), ("v2a", v2a)):
         out.update({f"{name}_{k}": v for k, v in metrics.items() if k != "map"})
     return out
+
+
+def partner_ranks(queries: np.ndarray, gallery: np.ndarray, partners: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """(Q,) 1-based rank of each query's own partner ``gallery[partners[q]]`` by cosine similarity.
+
+    Items that tie with the partner rank ahead of it (the end of its tie group), as in
+    :func:`direction_metrics`. Cost O(Q·G), no sort: cheap enough for every validation.
+    """
+    q, g = _normalise(queries), _normalise(gallery)
+    ranks = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), chunk):
+        scores = q[start : start + chunk] @ g.T
+        own = scores[np.arange(len(scores)), partners[start : start + chunk]]
+        ranks[start : start + chunk] = (scores >= own[:, None]).sum(axis=1)
+    return ranks
+
+
+def pair_metrics(audio_emb, visual_emb, max_queries: int = 0, seed: int = 0, ks=(1, 5, 10)) -> dict[str, float]:
+    """Instance-level cross-modal retrieval: each clip's one relevant item is its own partner.
+
+    Needs no labels. Per direction (``pair_a2v_*``, ``pair_v2a_*``): R@k, median rank and mean
+    reciprocal rank; ``pair_mrr``, ``pair_r@k``, ``pair_median_rank`` average the two directions.
+    With ``max_queries``, a seeded sample of rows queries the whole gallery, as in
+    :func:`cross_modal_metrics`.
+    """
+    rows = np.arange(len(audio_emb))
+    if 0 < max_queries < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_queries, replace=False))
+    out: dict[str, float] = {}
+    for name, queries, gallery in (("a2v", audio_emb, visual_emb), ("v2a", visual_emb, audio_emb)):
+        ranks = partner_ranks(queries[rows], gallery, rows)
+        out.update({f"pair_{name}_r@{k}": float(np.mean(ranks <= k)) for k in ks})
+        out[f"pair_{name}_median_rank"] = float(np.median(ranks))
+        out[f"pair_{name}_mrr"] = float(np.mean(1.0 / ranks))
+    for metric in ("mrr", "median_rank", *(f"r@{k}" for k in ks)):
+        out[f"pair_{metric}"] = (out[f"pair_a2v_{metric}"] + out[f"pair_v2a_{metric}"]) / 2
+    return out
+
+
+def retrieval_metrics(audio_emb, visual_emb, labels=None, max_queries: int = 0, seed: int = 0) -> dict[str, float]:
+    """Instance-level figures always; class-level mAP and R@k too when ``labels`` are given."""
+    out = pair_metrics(audio_emb, visual_emb, max_queries, seed)
+    if labels is not None:
+        out.update(cross_modal_metrics(audio_emb, visual_emb, labels, max_queries, seed))
+    return out
+
+
+# What each selection rule reads from the validation figures (``--select``).
+SELECTION_METRICS = {"labels": "avg", "pairs": "pair_mrr"}

@@ -22,7 +22,7 @@ from training.cca import LinearCCA, fit_linear_cca
 from training.config import Config, TrainConfig, config_from_dict, config_to_dict
 from training.data import PairedFeatures, atomic_write
 from training.hscmae import TaskWeights, active_terms, ema_update, hscmae_step, momentum_at
-from training.metrics import cross_modal_metrics
+from training.metrics import SELECTION_METRICS, retrieval_metrics
 from training.model import AVModel
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,64 @@ EVAL_MAX_QUERIES = 10_000  # larger splits are scored with a seeded query sample
 
 
 def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures, max_queries: int = EVAL_MAX_QUERIES) -> dict[str, float]:
-    """Cross-modal metrics of ``data`` with the CCA projection (when given) and without it."""
+    """Retrieval metrics of ``data`` with the CCA projection (when given) and without it.
+
+    Instance-level (``pair_*``: each clip's partner) always; class-level mAP when ``data`` has labels.
+    """
     z_a, z_v = embed_all(model, "audio", data.audio), embed_all(model, "visual", data.visual)
-    plain = cross_modal_metrics(z_a, z_v, data.labels, max_queries)
+    plain = retrieval_metrics(z_a, z_v, data.labels, max_queries)
     if cca is None:
         return plain
-    out = cross_modal_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels, max_queries)
-    out.update({f"{k}_no_cca": v for k, v in plain.items() if k in ("a2v", "v2a", "avg")})
+    out = retrieval_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels, max_queries)
+    out.update({f"{k}_no_cca": v for k, v in plain.items() if k in ("a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10")})
     return out
+
+
+def selection_signal(select: str, data: PairedFeatures) -> str:
+    """``labels`` or ``pairs``: what ``--select`` (``auto``, ``pairs``, ``labels``) means on ``data``."""
+    if select not in ("auto", *SELECTION_METRICS):
+        raise ValueError(f"unknown selection rule {select!r}; expected auto, pairs or labels")
+    if select == "labels" and data.labels is None:
+        raise ValueError(f"{data.source}: has no labels (labels.npy), so it cannot select by labels; use --select pairs (or auto)")
+    if select == "auto":
+        return "labels" if AUTO_SELECTION == "labels" and data.labels is not None else "pairs"
+    return select
+
+
+# What ``--select auto`` uses when labels are there (see training/README.md for the measurement).
+AUTO_SELECTION = "pairs"
+
+
+class Selection:
+    """The best validation point under one signal, and its early-stopping state.
+
+    Selection takes the best score; patience counts from the last step that beat the previous
+    progress point by min_delta, so the slow creep of a decaying learning rate does not keep a flat
+    run going to the end of its budget. Once patience runs out the selection is final: later
+    evaluations (made for another signal) do not change it, so a run tracking several signals
+    selects for each exactly what a run tracking that one alone would.
+    """
+
+    def __init__(self, signal: str, state: dict | None = None):
+        self.signal, self.key = signal, SELECTION_METRICS[signal]
+        self.best = {"score": -1.0, "step": 0, "state": None, "val": None}
+        self.progress = {"score": -1.0, "step": 0}
+        self.stopped = False
+        if state is not None:
+            self.best, self.progress, self.stopped = state["best"], state["progress"], state["stopped"]
+
+    def update(self, step: int, val: dict, model: AVModel, schedule: "Schedule") -> None:
+        if self.stopped:
+            return
+        score = val[self.key]
+        if score > self.best["score"]:
+            self.best = {"score": score, "step": step, "state": copy.deepcopy(model.state_dict()), "val": val}
+        if score > self.progress["score"] + schedule.min_delta:
+            self.progress = {"score": score, "step": step}
+        self.stopped = _patience_ran_out(step, self.progress["step"], schedule)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "progress": self.progress, "stopped": self.stopped}
 
 
 @dataclass
@@ -68,9 +118,11 @@ class TrainResult:
     model: AVModel  # the evaluated model: the EMA teacher (or the student when there is none)
     cca: LinearCCA | None  # test-time CCA fitted on that model's clean training embeddings
     val_metrics: dict  # of the selected model on the whole validation split
-    best_step: int  # the optimiser step whose model was selected on validation mAP
-    history: list[dict]  # one dict per evaluation: step, epoch, mean loss terms and weights, validation mAP
+    best_step: int  # the optimiser step whose model was selected on validation
+    history: list[dict]  # one dict per evaluation: step, epoch, mean loss terms and weights, validation figures
     schedule: "Schedule"  # what the recipe derived from the data's size
+    select: str = "pairs"  # the signal that chose best_step: "pairs" (instance-level) or "labels" (class mAP)
+    others: dict[str, "TrainResult"] = dataclasses.field(default_factory=dict)  # the same run selected by ``also_select``
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -180,16 +232,21 @@ def _restore_rng_states(states) -> None:
 
 def train(
     cfg: Config, data: PairedFeatures, show_progress: bool = True, state_path: Path | None = None, resume: bool = False,
-    stop_after: int | None = None, on_evaluation=None,
+    stop_after: int | None = None, on_evaluation=None, also_select: tuple[str, ...] = (),
 ) -> TrainResult:
-    """Train the objective ``cfg.objective``, select the step on validation mAP, fit test-time CCA.
+    """Train the objective ``cfg.objective``, select the step on validation, fit test-time CCA.
 
     The budget is ``cfg.train.max_steps`` optimiser steps; validation runs every
-    ``Schedule.eval_every`` steps and training stops early after ``patience`` steps without a gain of
-    ``min_delta`` in validation mAP; the best validation point is selected. Labels are read for validation only. With ``state_path`` the full training
-    state is written there after every evaluation; ``resume`` continues from it. ``stop_after``
-    ends this call after that many evaluations (a later ``resume`` finishes the run).
-    ``on_evaluation(step, val_avg)`` is called after each evaluation (tuning prunes through it).
+    ``Schedule.eval_every`` steps. ``cfg.train.select`` names the signal read there
+    (:func:`selection_signal`): ``pairs`` (each clip's own partner; no labels) or ``labels``
+    (class-level mAP). Training stops early after ``patience`` steps without a gain of
+    ``min_delta`` in it, and its best validation point is selected. ``also_select`` names other
+    signals to select by in the same run (compare measures what a rule costs this way); training
+    then goes on until every signal has stopped, and ``TrainResult.others`` holds their selections.
+    With ``state_path`` the full training state is written there after every evaluation; ``resume``
+    continues from it. ``stop_after`` ends this call after that many evaluations (a later ``resume``
+    finishes the run). ``on_evaluation(step, score)`` is called after each evaluation with the
+    selection signal's score (tuning prunes through it).
     """
     if cfg.train.threads > 0:  # process-wide: small models on shared cores lose most time to thread sync
         torch.set_num_threads(cfg.train.threads)
@@ -197,7 +254,9 @@ def train(
     device = pick_device(cfg.train.device)
     obj = cfg.objective
     names = active_terms(obj)
-    train_split, val_split = data.subset("train"), data.labelled().subset("val")
+    signals = list(dict.fromkeys(selection_signal(rule, data) for rule in (cfg.train.select, *also_select)))
+    signal = signals[0]
+    train_split, val_split = data.subset("train"), data.subset("val")
     cca_fit_split = _selection_rows(train_split, cfg.train.select_rows, cfg.train.seed)
     val_sample = _selection_rows(val_split, cfg.train.select_rows, cfg.train.seed + 1)
     schedule = plan_schedule(cfg.train, obj.warmup_steps, len(train_split))
@@ -218,15 +277,11 @@ def train(
     evaluated = teacher if teacher is not None else student
 
     global_step, history = 0, []
-    best = {"score": -1.0, "step": 0, "state": copy.deepcopy(evaluated.state_dict()), "val": None}
-    # Selection takes the best score; patience counts from the last step that beat the previous
-    # progress point by min_delta, so the slow creep of a decaying learning rate does not keep a
-    # flat run going to the end of its budget.
-    progress = {"score": -1.0, "step": 0}
+    selections = {name: Selection(name) for name in signals}
     if resume and state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["config"] != config_to_dict(cfg):
-            raise ValueError(f"{state_path}: written by a different configuration; resume with the same --config/--method/--seed or use a new --out")
+        if state["config"] != config_to_dict(cfg) or list(state.get("selections", {})) != signals:
+            raise ValueError(f"{state_path}: written by a different configuration; resume with the same --config/--method/--seed/--select or use a new --out")
         student.load_state_dict(state["student"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
@@ -235,11 +290,13 @@ def train(
         generator.set_state(state["generator"])
         stream.load_state_dict(state["batches"])
         _restore_rng_states(state["rng"])
-        global_step, history, best, progress = state["global_step"], state["history"], state["best"], state["progress"]
+        global_step, history = state["global_step"], state["history"]
+        selections = {name: Selection(name, saved) for name, saved in state["selections"].items()}
         log.info("resumed from %s at step %d", state_path, global_step)
     log.info(
-        "%s: N=%d train clips, batch %d, %d steps/epoch, budget %d steps (%.1f epochs), validation every %d steps, patience %d",
+        "%s: N=%d train clips, batch %d, %d steps/epoch, budget %d steps (%.1f epochs), validation every %d steps, patience %d, selection by %s",
         cfg.train.method, len(train_split), schedule.batch_size, schedule.steps_per_epoch, schedule.max_steps, schedule.max_epochs, schedule.eval_every, schedule.patience,
+        ", ".join(f"validation {name} ({SELECTION_METRICS[name]})" for name in signals),
     )
 
     def step_fn(rows):
@@ -261,8 +318,9 @@ def train(
         global_step += 1
 
     evaluations = 0
+    primary = selections[signal]
     bar = tqdm(total=schedule.max_steps, initial=global_step, desc=f"train {cfg.train.method}", disable=not show_progress, unit="step")
-    while global_step < schedule.max_steps and not _patience_ran_out(global_step, progress["step"], schedule):
+    while global_step < schedule.max_steps and not all(s.stopped for s in selections.values()):
         if stop_after is not None and evaluations >= stop_after:
             break
         count = min(schedule.eval_every, schedule.max_steps - global_step)
@@ -270,16 +328,15 @@ def train(
         bar.update(count)
         cca = fit_test_time_cca(evaluated, cca_fit_split, cfg) if cfg.cca.enabled else None
         val = evaluate_model(evaluated, cca, val_sample)
-        means.update({"step": global_step, "epoch": global_step / schedule.steps_per_epoch, "val_avg": val["avg"], "val_avg_no_cca": val.get("avg_no_cca", val["avg"])})
+        means.update({"step": global_step, "epoch": global_step / schedule.steps_per_epoch})
+        means.update({f"val_{key}": value for key, value in val.items() if key in HISTORY_METRICS})
         history.append(means)
         evaluations += 1
-        bar.set_postfix(loss=f"{means['loss']:.3f}", val_map=f"{val['avg']:.3f}", best_step=best["step"], refresh=False)
-        if val["avg"] > best["score"]:
-            best = {"score": val["avg"], "step": global_step, "state": copy.deepcopy(evaluated.state_dict()), "val": val}
-        if val["avg"] > progress["score"] + schedule.min_delta:
-            progress = {"score": val["avg"], "step": global_step}
+        for selection in selections.values():
+            selection.update(global_step, val, evaluated, schedule)
+        bar.set_postfix(loss=f"{means['loss']:.3f}", val=f"{val[primary.key]:.3f}", best_step=primary.best["step"], refresh=False)
         if on_evaluation is not None:
-            on_evaluation(global_step, val["avg"])
+            on_evaluation(global_step, val[primary.key])
         if state_path is not None:
             state = {
                 "student": student.state_dict(),
@@ -291,17 +348,29 @@ def train(
                 "rng": _rng_states(),
                 "global_step": global_step,
                 "history": history,
-                "best": best,
-                "progress": progress,
+                "selections": {name: s.state_dict() for name, s in selections.items()},
                 "config": config_to_dict(cfg),
             }
             _atomic_save(state, Path(state_path))
     bar.close()
-    evaluated.load_state_dict(best["state"])
+    final_state = copy.deepcopy(evaluated.state_dict())
     evaluated = evaluated.cpu().eval()
-    cca = fit_test_time_cca(evaluated, train_split, cfg) if cfg.cca.enabled else None
-    val = evaluate_model(evaluated, cca, val_split, max_queries=cfg.train.select_rows)  # CCA refitted on the whole train split
-    return TrainResult(evaluated, cca, val, best["step"], history, schedule)
+
+    def selected(selection: Selection) -> TrainResult:  # test-time CCA refitted on the whole train split
+        model = copy.deepcopy(evaluated)
+        model.load_state_dict(selection.best["state"] or final_state)
+        cca = fit_test_time_cca(model, train_split, cfg) if cfg.cca.enabled else None
+        val = evaluate_model(model, cca, val_split, max_queries=cfg.train.select_rows)
+        return TrainResult(model, cca, val, selection.best["step"], history, schedule, selection.signal)
+
+    result = selected(primary)
+    result.others = {name: selected(s) for name, s in selections.items() if s is not primary}
+    log.info("%s: selected step %d by validation %s (%s %.4f)", cfg.train.method, result.best_step, signal, primary.key, result.val_metrics[primary.key])
+    return result
+
+
+# Validation figures kept in the history of every evaluation (plots, and measuring selection rules).
+HISTORY_METRICS = ("avg", "avg_no_cca", "pair_mrr", "pair_mrr_no_cca", "pair_r@1", "pair_r@10", "pair_median_rank")
 
 
 def _patience_ran_out(step: int, progress_step: int, schedule: Schedule) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from training.baselines import method_config, search_space
+from training.metrics import SELECTION_METRICS
 from training.config import Config, config_from_dict, config_to_dict
 from training.data import PairedFeatures, atomic_write
 
@@ -30,7 +31,8 @@ BEST_PRESET = "best.yaml"
 @dataclass
 class TuneResult:
     config: Config  # the best trial's full configuration (the method's switches applied)
-    val_avg: float  # its validation avg mAP
+    val_score: float  # its validation score under the selection signal
+    select: str  # that signal: "pairs" (instance-level MRR) or "labels" (class-level avg mAP)
     trials: int  # finished trials in the study (complete, pruned or failed)
     seconds: float  # wall time of this invocation
 
@@ -61,11 +63,13 @@ def tune(
     """Run the study until it holds ``n_trials`` finished trials; write ``best.yaml`` and a summary."""
     import optuna
 
-    from training.train import train
+    from training.train import selection_signal, train
 
     if n_trials < 1:
         raise ValueError("--trials must be at least 1")
     base = method_config(cfg, method)
+    signal = selection_signal(base.train.select, data)
+    key = SELECTION_METRICS[signal]
     space = search_space(method)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,20 +79,25 @@ def tune(
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2 * base.objective.warmup_steps)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name or method, storage=storage, load_if_exists=True, direction="maximize", sampler=sampler, pruner=pruner)
+    scored_by = study.user_attrs.get("select")
+    if scored_by is None:
+        study.set_user_attr("select", signal)
+    elif scored_by != signal:
+        raise ValueError(f"study {study.study_name!r} in {storage} scored its trials by validation {scored_by}, not {signal}; use another --out or --study, or --select {scored_by}")
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     started = time.perf_counter()
 
     def objective(trial) -> float:
         run_cfg = apply_overrides(base, suggest(trial, space))
 
-        def report(step: int, val_avg: float) -> None:
-            trial.report(val_avg, step)
+        def report(step: int, score: float) -> None:
+            trial.report(score, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"validation mAP {val_avg:.4f} at step {step} is below the median")
+                raise optuna.TrialPruned(f"validation {key} {score:.4f} at step {step} is below the median")
 
         result = train(run_cfg, data, show_progress=False, on_evaluation=report)
         trial.set_user_attr("best_step", result.best_step)
-        return result.val_metrics["avg"]
+        return result.val_metrics[key]
 
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
@@ -102,7 +111,7 @@ def tune(
     best = study.best_trial
     best_cfg = apply_overrides(base, best.params)
     trials = study.get_trials(deepcopy=False, states=finished)
-    result = TuneResult(best_cfg, float(best.value), len(trials), time.perf_counter() - started)
+    result = TuneResult(best_cfg, float(best.value), signal, len(trials), time.perf_counter() - started)
     _write_outputs(out, method, study, best, best_cfg, result, space)
     return result
 
@@ -110,7 +119,7 @@ def tune(
 def _write_outputs(out: Path, method: str, study, best, best_cfg: Config, result: TuneResult, space: dict) -> None:
     header = (
         f"# Tuned by `python -m training tune --method {method}`: trial {best.number} of {result.trials}, "
-        f"validation avg mAP {result.val_avg:.4f} (selected on validation only; test never read).\n"
+        f"validation {SELECTION_METRICS[result.select]} {result.val_score:.4f} (selected by {result.select} on validation only; test never read).\n"
         f"# Searched: {', '.join(space)}. Use: python -m training train --config {out / BEST_PRESET} --data DATA --out RUN\n"
     )
     atomic_write(out / BEST_PRESET, header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
@@ -118,12 +127,12 @@ def _write_outputs(out: Path, method: str, study, best, best_cfg: Config, result
         {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params, "last_step": t.last_step, "best_step": t.user_attrs.get("best_step")}
         for t in study.get_trials(deepcopy=False)
     ]
-    summary = {"method": method, "study": study.study_name, "best_trial": best.number, "best_val_avg": result.val_avg, "best_params": best.params, "trials": rows, "seconds_this_invocation": result.seconds}
+    summary = {"method": method, "study": study.study_name, "best_trial": best.number, "select": result.select, "best_val_score": result.val_score, "best_params": best.params, "trials": rows, "seconds_this_invocation": result.seconds}
     atomic_write(out / "tuning.json", json.dumps(summary, indent=1))
-    _plot_history(out / "tuning_history.png", method, rows)
+    _plot_history(out / "tuning_history.png", method, rows, SELECTION_METRICS[result.select])
 
 
-def _plot_history(path: Path, method: str, rows: list[dict]) -> None:
+def _plot_history(path: Path, method: str, rows: list[dict], score_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +151,7 @@ def _plot_history(path: Path, method: str, rows: list[dict]) -> None:
             xs.append(number)
             ys.append(best)
         ax.step(xs, ys, "k-", where="post", label="best so far")
-    ax.set(xlabel="trial", ylabel="validation avg mAP", title=f"Tuning {method} (TPE + median pruning)")
+    ax.set(xlabel="trial", ylabel=f"validation {score_name}", title=f"Tuning {method} (TPE + median pruning)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,9 +27,10 @@ def _fails_with(capsys, argv, message):
     assert message in err
 
 
-def test_training_without_labels(tmp_path, capsys):
+def test_selecting_by_labels_without_labels(tmp_path, capsys):
     data = _features(tmp_path / "d", labels=False)
-    _fails_with(capsys, ["train", "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"], "has no labels")
+    _fails_with(capsys, ["train", "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet", "--select", "labels"], "use --select pairs")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_training_with_an_empty_validation_split(tmp_path, capsys):

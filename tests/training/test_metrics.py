@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from training.cca import fit_linear_cca
-from training.metrics import cross_modal_metrics, direction_metrics, mean_average_precision
+from training.metrics import cross_modal_metrics, direction_metrics, mean_average_precision, pair_metrics, retrieval_metrics
 
 
 def _sklearn_map(queries, gallery, q_labels, g_labels):
@@ -104,3 +104,40 @@ def test_a_query_sample_scores_against_the_whole_gallery():
     rows = np.sort(np.random.default_rng(1).choice(300, 50, replace=False))
     assert sampled["a2v"] == pytest.approx(mean_average_precision(a[rows], v, labels[rows], labels))
     assert sampled["v2a"] == pytest.approx(mean_average_precision(v[rows], a, labels[rows], labels))
+
+
+def _partner_ranks_by_loops(queries, gallery, rows):
+    """The obvious reference: for each sampled query, count gallery items scoring at least its partner."""
+    ranks = []
+    for q in rows:
+        x = queries[q] / np.linalg.norm(queries[q])
+        scores = [float(np.dot(x, g / np.linalg.norm(g))) for g in gallery]
+        ranks.append(sum(s >= scores[q] for s in scores))
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("max_queries", [0, 17])
+def test_pair_metrics_match_float64_loops(max_queries):
+    rng = np.random.default_rng(3)
+    audio = rng.standard_normal((60, 5))
+    visual = audio @ rng.standard_normal((5, 5)) + 0.8 * rng.standard_normal((60, 5))
+    visual[7] = visual[8]  # a tie: the partner of 7 and of 8 rank at the end of their group
+    got = pair_metrics(audio, visual, max_queries=max_queries, seed=5)
+    rows = np.arange(60) if not max_queries else np.sort(np.random.default_rng(5).choice(60, max_queries, replace=False))
+    for name, q, g in (("a2v", audio, visual), ("v2a", visual, audio)):
+        ranks = _partner_ranks_by_loops(q, g, rows)
+        for k in (1, 5, 10):
+            assert got[f"pair_{name}_r@{k}"] == pytest.approx(np.mean(ranks <= k))
+        assert got[f"pair_{name}_mrr"] == pytest.approx(np.mean(1 / ranks))
+        assert got[f"pair_{name}_median_rank"] == pytest.approx(np.median(ranks))
+    assert got["pair_mrr"] == pytest.approx((got["pair_a2v_mrr"] + got["pair_v2a_mrr"]) / 2)
+    assert 0 < got["pair_mrr"] <= 1
+
+
+def test_retrieval_metrics_add_class_figures_only_with_labels():
+    rng = np.random.default_rng(0)
+    a, v = rng.standard_normal((30, 4)), rng.standard_normal((30, 4))
+    unlabelled = retrieval_metrics(a, v)
+    assert "avg" not in unlabelled and "pair_mrr" in unlabelled
+    labelled = retrieval_metrics(a, v, rng.integers(0, 3, 30))
+    assert labelled["pair_mrr"] == unlabelled["pair_mrr"] and 0 < labelled["avg"] <= 1

@@ -43,16 +43,20 @@ def test_batches_cover_every_row_once_an_epoch_and_resume_exactly():
     assert all(torch.equal(a, b) for a, b in zip(again.take(4), ahead))
 
 
-def _scripted_validation(monkeypatch, scores):
-    """Validation answers ``scores`` in turn (then keeps the last), so the stopping rule is what is tested."""
+def _scripted_validation(monkeypatch, scores, pair_scores=None):
+    """Validation answers ``scores`` in turn (then keeps the last), so the stopping rule is what is tested.
+
+    Class-level mAP (``avg``) follows ``scores``; the pairs signal (``pair_mrr``) follows ``pair_scores``
+    (default: the same). The final evaluation of the selected model is not scripted.
+    """
     import training.train as loop
 
-    answers = iter(scores)
-    last = {"avg": scores[-1]}
+    answers = iter(zip(scores, pair_scores or scores))
+    last = {"avg": scores[-1], "pair_mrr": (pair_scores or scores)[-1]}
 
     def fake(model, cca, data, max_queries=0):
-        last["avg"] = next(answers, last["avg"])
-        return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"]}
+        last["avg"], last["pair_mrr"] = next(answers, (last["avg"], last["pair_mrr"]))
+        return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"], "pair_mrr": last["pair_mrr"]}
 
     monkeypatch.setattr(loop, "evaluate_model", fake)
 
@@ -66,6 +70,26 @@ def test_training_stops_when_validation_stops_improving(tiny_data, monkeypatch):
     # Best at step 20; a tie (0.60 at 40) is no improvement; 30 steps later the run ends, before 0.70.
     assert [h["step"] for h in result.history] == [10, 20, 30, 40, 50]
     assert result.best_step == 20 and seen == [(h["step"], h["val_avg"]) for h in result.history]
+
+
+def test_each_signal_selects_in_a_shared_run_what_it_selects_alone(tiny_data, monkeypatch):
+    labels = [0.50, 0.60, 0.55, 0.60, 0.59, 0.58, 0.70, 0.71, 0.72, 0.73, 0.74, 0.75, 0.76, 0.77]
+    pairs = [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.65, 0.64, 0.63, 0.90, 0.91, 0.92, 0.93]
+    cfg = load_config("tiny")
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.patience, cfg.objective.warmup_steps = 400, 10, 30, 0
+    alone = {}
+    for rule in ("labels", "pairs"):
+        _scripted_validation(monkeypatch, labels, pairs)
+        cfg.train.select = rule
+        result = train(cfg, tiny_data, show_progress=False)
+        alone[rule] = (result.best_step, result.history[-1]["step"])
+    # Labels stop at 50 (best 20); pairs climb to 70, then stop at 100 before their late rise.
+    assert alone == {"labels": (20, 50), "pairs": (70, 100)}
+    _scripted_validation(monkeypatch, labels, pairs)
+    cfg.train.select = "labels"
+    shared = train(cfg, tiny_data, show_progress=False, also_select=("pairs",))
+    assert shared.select == "labels" and shared.best_step == 20 and set(shared.others) == {"pairs"}
+    assert shared.others["pairs"].best_step == 70 and shared.history[-1]["step"] == 100  # runs until both stopped
 
 
 def test_creeping_gains_below_min_delta_do_not_extend_the_run(tiny_data, monkeypatch):
@@ -148,11 +172,14 @@ def test_tune_selects_on_validation_resumes_and_writes_a_preset(tiny_data, tmp_p
 
     cfg = load_config("tiny")
     guarded = _NoTestSplit(tiny_data)
-    guarded.labelled = lambda: guarded
     first = tune(cfg, guarded, "clip", 3, tmp_path / "study", show_progress=False)
-    assert first.trials == 3 and 0 < first.val_avg <= 1
+    assert first.trials == 3 and 0 < first.val_score <= 1 and first.select == "pairs"
     summary = json.loads((tmp_path / "study" / "tuning.json").read_text())
-    assert len(summary["trials"]) == 3 and max(t["value"] for t in summary["trials"] if t["state"] == "COMPLETE") == pytest.approx(first.val_avg)
+    assert len(summary["trials"]) == 3 and max(t["value"] for t in summary["trials"] if t["state"] == "COMPLETE") == pytest.approx(first.val_score)
+    cfg.train.select = "labels"  # a study scored by one signal is not continued by another
+    with pytest.raises(ValueError, match="scored its trials by validation pairs"):
+        tune(cfg, guarded, "clip", 4, tmp_path / "study", show_progress=False)
+    cfg.train.select = "auto"
     tuned = load_tuned(tmp_path / "study")
     assert tuned.train.method == "clip" and tuned.objective.paired_nce and tuned.train.lr == summary["best_params"]["train.lr"]
     again = tune(cfg, guarded, "clip", 4, tmp_path / "study", show_progress=False)  # resumes: one more trial
