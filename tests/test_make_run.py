@@ -23,13 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_make_run_serves_and_the_printed_curl_works(tmp_path):
+def make_run_and_search(tmp_path: Path, data_dir: Path) -> dict:
+    """`make run` on ``data_dir`` (made by make-data when missing); POST the printed curl's body; the answer."""
     port = _free_port()
     venv = Path(sys.executable).parents[1]
     # The stamp says "installed"; this interpreter's venv is the one make would build.
     (venv / ".run-installed").touch()
-    cmd = ["make", "--no-print-directory", "run", f"VENV={venv}", "CONFIG=tiny", f"DATA={tmp_path}/data", f"ARTIFACTS={tmp_path}/art", f"PORT={port}"]
+    cmd = ["make", "--no-print-directory", "run", f"VENV={venv}", "CONFIG=tiny", f"DATA={data_dir}", f"ARTIFACTS={tmp_path}/art", f"PORT={port}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     try:
@@ -48,16 +48,19 @@ def test_make_run_serves_and_the_printed_curl_works(tmp_path):
         for _ in range(100):
             try:
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/search", data=body, headers={"Content-Type": "application/json"})
-                response = json.loads(urllib.request.urlopen(request, timeout=5).read())
-                break
+                return json.loads(urllib.request.urlopen(request, timeout=5).read())
             except OSError:
                 time.sleep(0.2)
-        else:
-            pytest.fail("server never answered:\n" + "".join(lines))
-        hits = response["results"][0]
-        assert len(hits) == 10
-        ids = set((tmp_path / "data" / "ids.txt").read_text().split())
-        assert all(h["id"] in ids for h in hits)
+        pytest.fail("server never answered:\n" + "".join(lines))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_make_run_serves_and_the_printed_curl_works(tmp_path):
+    response = make_run_and_search(tmp_path, tmp_path / "data")
+    hits = response["results"][0]
+    assert len(hits) == 10
+    ids = set((tmp_path / "data" / "ids.txt").read_text().split())
+    assert all(h["id"] in ids for h in hits)

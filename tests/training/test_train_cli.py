@@ -86,7 +86,16 @@ def test_compare_writes_the_report_and_resumes(tmp_path, capsys):
     values = [r["test"]["avg"] for r in full["runs"]]
     assert full["mean"]["avg"] == pytest.approx(np.mean(values)) and full["std"]["avg"] == pytest.approx(np.std(values, ddof=1))
     table = (out / "results.md").read_text()
-    assert "| A→V | V→A | avg |" in table and "`linear-cca`" in table
+    assert "| A→V | V→A | avg |" in table and "`linear-cca`" in table and "pairs MRR" in table
+    # With labels every trained run is selected both ways; the report tables what pairs cost.
+    run = full["runs"][0]
+    assert run["select"] == "pairs" and set(run["by_signal"]) == {"pairs", "labels"} and run["test"] == run["by_signal"]["pairs"]["test"]
+    assert run["by_signal"]["labels"]["val"]["avg"] >= run["by_signal"]["pairs"]["val"]["avg"] - 1e-9  # what the labels rule maximises (val fits in one sample here)
+    cost = full["selection_cost"]
+    by_labels = [r["by_signal"]["labels"]["test"]["avg"] for r in full["runs"]]
+    assert cost["n"] == 2 and cost["labels"]["mean"] == pytest.approx(np.mean(by_labels))
+    assert cost["diff"]["mean"] == pytest.approx(np.mean(values) - np.mean(by_labels))
+    assert "What selecting without labels costs" in table and "`linear-cca` |" not in table.split("What selecting")[1]
     for png in results["plots"].values():
         assert (out / png).stat().st_size > 5000, png
     stamp = (out / "runs" / "hscmae_seed42.json").stat().st_mtime_ns
