@@ -16,7 +16,7 @@ from pathlib import Path
 STATE_NAME = "train_state.pt"
 SELECT_HELP = (
     "validation signal that selects the step, stops training and scores tuning trials: pairs (each clip's own partner, "
-    "instance-level MRR; needs no labels), labels (class-level mAP) or auto (the preset's train.select; auto = pairs, "
+    "instance-level MRR of the embeddings; needs no labels), labels (class-level mAP) or auto (the preset's train.select; auto = pairs, "
     "see training/README.md)"
 )  # full training state after each evaluation, for --resume
 
@@ -70,7 +70,7 @@ def _cmd_train(args) -> None:
         f"saved {run / CHECKPOINT_NAME} (sha256 {digest[:12]}, method {cfg.train.method}, best step {result.best_step} of {last_step} run, "
         f"budget {result.schedule.max_steps}, selected by validation {result.select}: {SELECTION_METRICS[result.select]} {result.val_metrics[SELECTION_METRICS[result.select]]:.4f})"
     )
-    _print_table(test)
+    _print_table(test, result.cca is not None)
 
 
 def _cmd_compare(args) -> None:
@@ -124,12 +124,12 @@ def _with_select(cfg, args):
     return cfg
 
 
-def _print_table(m: dict, split: str = "test") -> None:
-    projected = "with CCA" if "avg_no_cca" in m else "cosine"
+def _print_table(m: dict, with_cca: bool, split: str = "test") -> None:
+    projected = "with CCA" if with_cca else "cosine"
     if "avg" in m:
         print(f"{split} class-level mAP (fraction; an item is relevant when it shares the query's class; full ranked list, spec §6)")
         print(f"  {'':10s} {'A→V':>7s} {'V→A':>7s} {'avg':>7s}")
-        if "avg_no_cca" in m:
+        if with_cca:
             print(f"  {'no CCA':10s} {m['a2v_no_cca']:7.4f} {m['v2a_no_cca']:7.4f} {m['avg_no_cca']:7.4f}")
         print(f"  {projected:10s} {m['a2v']:7.4f} {m['v2a']:7.4f} {m['avg']:7.4f}")
     else:
@@ -146,8 +146,8 @@ def _cmd_eval(args) -> None:
     cfg, model, cca, _, _ = load_checkpoint(Path(args.run))
     data = _load_data(args.data, cfg)
     m = evaluate_model(model, cca, data.subset(args.split))
-    _print_table(m, args.split)
-    keys = ("a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10", "pair_median_rank")
+    _print_table(m, cca is not None, args.split)
+    keys = ("a2v", "v2a", "avg", "pair_mrr", "pair_mrr_no_cca", "pair_r@1", "pair_r@10", "pair_median_rank")
     print(json.dumps({k: m[k] for k in keys if k in m}))
 
 

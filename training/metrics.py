@@ -147,5 +147,7 @@ def retrieval_metrics(audio_emb, visual_emb, labels=None, max_queries: int = 0, 
     return out
 
 
-# What each selection rule reads from the validation figures (``--select``).
-SELECTION_METRICS = {"labels": "avg", "pairs": "pair_mrr"}
+# What each selection rule reads from the validation figures (``--select``). For pairs, the MRR of
+# the embeddings themselves (cosine), not after the test-time CCA: over the training runs of
+# bench/selection_signals.py it tracked class-level mAP far better (training/README.md).
+SELECTION_METRICS = {"labels": "avg", "pairs": "pair_mrr_no_cca"}

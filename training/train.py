@@ -53,17 +53,15 @@ EVAL_MAX_QUERIES = 10_000  # larger splits are scored with a seeded query sample
 
 
 def evaluate_model(model: AVModel, cca: LinearCCA | None, data: PairedFeatures, max_queries: int = EVAL_MAX_QUERIES) -> dict[str, float]:
-    """Retrieval metrics of ``data`` with the CCA projection (when given) and without it.
+    """Retrieval metrics of ``data`` with the CCA projection (when given) and without it (``*_no_cca``).
 
     Instance-level (``pair_*``: each clip's partner) always; class-level mAP when ``data`` has labels.
     """
     z_a, z_v = embed_all(model, "audio", data.audio), embed_all(model, "visual", data.visual)
     plain = retrieval_metrics(z_a, z_v, data.labels, max_queries)
-    if cca is None:
-        return plain
-    out = retrieval_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels, max_queries)
-    out.update({f"{k}_no_cca": v for k, v in plain.items() if k in ("a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10")})
-    return out
+    out = plain if cca is None else retrieval_metrics(cca.transform(z_a, "a"), cca.transform(z_v, "b"), data.labels, max_queries)
+    # ``*_no_cca``: the embeddings themselves (the same figures when there is no CCA); pairs selection reads them.
+    return {**out, **{f"{k}_no_cca": v for k, v in plain.items() if k in ("a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10")}}
 
 
 def selection_signal(select: str, data: PairedFeatures) -> str:

@@ -14,6 +14,7 @@ from training.__main__ import main
 from training.compare import compare
 from training.config import TrainConfig, load_config
 from training.synthetic import generate
+from training.metrics import SELECTION_METRICS
 from training.train import BatchStream, _restore_rng_states, plan_schedule, train
 
 
@@ -46,17 +47,17 @@ def test_batches_cover_every_row_once_an_epoch_and_resume_exactly():
 def _scripted_validation(monkeypatch, scores, pair_scores=None):
     """Validation answers ``scores`` in turn (then keeps the last), so the stopping rule is what is tested.
 
-    Class-level mAP (``avg``) follows ``scores``; the pairs signal (``pair_mrr``) follows ``pair_scores``
+    Class-level mAP (``avg``) follows ``scores``; the pairs signal follows ``pair_scores``
     (default: the same). The final evaluation of the selected model is not scripted.
     """
     import training.train as loop
 
     answers = iter(zip(scores, pair_scores or scores))
-    last = {"avg": scores[-1], "pair_mrr": (pair_scores or scores)[-1]}
+    last = {"avg": scores[-1], "pair": (pair_scores or scores)[-1]}
 
     def fake(model, cca, data, max_queries=0):
-        last["avg"], last["pair_mrr"] = next(answers, (last["avg"], last["pair_mrr"]))
-        return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"], "pair_mrr": last["pair_mrr"]}
+        last["avg"], last["pair"] = next(answers, (last["avg"], last["pair"]))
+        return {"avg": last["avg"], "a2v": last["avg"], "v2a": last["avg"], SELECTION_METRICS["pairs"]: last["pair"]}
 
     monkeypatch.setattr(loop, "evaluate_model", fake)
 

@@ -57,7 +57,7 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert main(["train", "--config", "tiny", "--data", "synthetic", "--out", str(run), "--method", "clip", "--seed", "3", "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"val", "test", "best_step", "last_step", "schedule", "selected_by"}
-    assert metrics["selected_by"] == {"rule": "auto", "signal": "pairs", "metric": "pair_mrr"}
+    assert metrics["selected_by"] == {"rule": "auto", "signal": "pairs", "metric": "pair_mrr_no_cca"}
     cfg, model, cca, *_ = load_checkpoint(run)
     assert cfg.train.method == "clip" and cfg.train.seed == 3 and cfg.objective.paired_nce and not cfg.objective.teacher
     # The recorded figures are those of the saved model, recomputed here from the checkpoint.
@@ -68,7 +68,7 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--data", "synthetic"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"a2v", "v2a", "avg", "pair_mrr", "pair_r@1", "pair_r@10", "pair_median_rank"}
+    assert set(last) == {"a2v", "v2a", "avg", "pair_mrr", "pair_mrr_no_cca", "pair_r@1", "pair_r@10", "pair_median_rank"}
     assert last["avg"] == pytest.approx(metrics["test"]["avg"]) and last["pair_mrr"] == pytest.approx(metrics["test"]["pair_mrr"])
     assert main(["train", "--config", "tiny", "--out", str(tmp_path / "x"), "--method", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
