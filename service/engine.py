@@ -262,7 +262,7 @@ def _replay(modality: str, index: VectorIndex, index_dir: Path, embedder: Embedd
     try:
         records = wal.recover(after)
     except LogCorrupt as err:
-        raise IndexLoadError(f"{err}; restore a snapshot (python -m service restore) or rebuild the index") from None
+        raise IndexLoadError(str(err)) from None  # it names the file, the offset and what each way out costs
     for record in records:
         if record.op == "upsert" and record.model != embedder.manifest_hash:
             record.embeddings = embedder.embed(modality, record.features)
