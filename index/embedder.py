@@ -115,6 +115,11 @@ class Embedder:
         return x
 
     def embed(self, modality: str, vectors) -> np.ndarray:
-        """(B, D_in) features -> (B, E) unit-norm float32 embeddings."""
+        """(B, D_in) features -> (B, E) unit-norm float32 embeddings; InputError when finite but huge
+        features overflow the encoder (a NaN row would score NaN against everything)."""
         x = self.validate(modality, vectors)
-        return self.sessions[modality].run(None, {"features": x})[0]
+        embeddings = self.sessions[modality].run(None, {"features": x})[0]
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+        if bad.size:
+            raise InputError(f"{modality} vector {int(bad[0])} embeds to NaN or Inf (its values overflow the encoder); scale the features to the range the model was trained on")
+        return embeddings

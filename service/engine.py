@@ -173,7 +173,15 @@ class Engine:
             if job.vectors is not None:
                 by_modality[job.modality].append(i)
         for modality, rows in by_modality.items():  # one encoder call per modality
-            embedded = self.embedder.embed(modality, np.concatenate([jobs[i].vectors for i in rows]))
+            try:
+                embedded = self.embedder.embed(modality, np.concatenate([jobs[i].vectors for i in rows]))
+            except InputError:  # a job whose features overflow the encoder: embed job by job, so it fails alone
+                for i in rows:
+                    try:
+                        queries[i] = self.embedder.embed(modality, jobs[i].vectors)
+                    except InputError as err:
+                        results[i] = err
+                continue
             start = 0
             for i in rows:
                 queries[i] = embedded[start : start + jobs[i].size]
@@ -181,6 +189,8 @@ class Engine:
         with self.lock.read():
             plain: dict[str, list[int]] = defaultdict(list)  # target -> jobs searched together
             for i, job in enumerate(jobs):
+                if results[i] is not None:
+                    continue
                 if isinstance(job, EmbedJob):
                     results[i] = queries[i]
                     continue
