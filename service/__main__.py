@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,12 @@ def _serve(args) -> int:
     from service.app import create_app, limit_threads
     from service.engine import Engine
 
+    from service.served import check_not_moved
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
     limit_threads(settings)
+    check_not_moved(settings.index_dir)
     engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.durability())  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
@@ -72,6 +77,9 @@ def _prepare(args) -> int:
     except ModelError as err:
         raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
     link = settings.index_dir
+    from service.served import check_not_moved, point_link
+
+    check_not_moved(link)  # a reload moved the served index elsewhere: building from here would drop its writes
     if not args.rebuild:
         try:
             # Recover an interrupted save only when the index is gone: a running API may be saving
@@ -92,10 +100,7 @@ def _prepare(args) -> int:
     swap_into_place(staging, version)  # a kill leaves the old or the new version directory
     if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
         os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
-    pointer = link.parent / f".{link.name}.link"
-    pointer.unlink(missing_ok=True)
-    os.symlink(version.name, pointer)
-    os.replace(pointer, link)  # atomic: readers see the old version or the new one
+    point_link(link, version)  # atomic: readers see the old version or the new one
     print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
     from service.carry import collect_versions
 

@@ -24,7 +24,7 @@ from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
 from service.backup import hold_index_dir, release_index_dir
 from service.carry import CARRIED_NAME, changes_since_prepare
-from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record, merge_run, mergeable_runs
+from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, StoreEvents, apply_record, merge_run, mergeable_runs
 from service.encoding import dumps
 from service.locks import ReadWriteLock
 from service.persist import load_index
@@ -159,6 +159,12 @@ class Engine:
             changelog.close()
         release_index_dir(self.index_dir)
 
+    def report_to(self, events: StoreEvents) -> None:
+        """Send the group commits and folds of this version to ``events`` (the app's metrics)."""
+        self.snapshots.events = events
+        for changelog in self.logs.values():
+            changelog.events = events
+
     def validate(self, modality: str, rows: list[list[float]] | np.ndarray) -> np.ndarray:
         x = rows if isinstance(rows, np.ndarray) else as_matrix(rows, modality)
         return self.embedder.validate(modality, x)
@@ -251,6 +257,10 @@ class Engine:
     # --- description ---------------------------------------------------------------------------
     def sizes(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.indexes.items()}
+
+    def log_bytes(self) -> dict[str, int]:
+        """Per modality, the log written since its last snapshot."""
+        return {m: changelog.wal.bytes_since_rotation for m, changelog in self.logs.items()}
 
     def describe(self) -> dict:
         return {
