@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -45,6 +45,10 @@ def load_manifest(model_dir: str | Path) -> tuple[dict, str]:
     missing = [m for m in MODALITIES if m not in manifest["files"] or m not in manifest["input_dims"]]
     if missing:
         raise ModelError(f"{path}: no {missing} entry in 'files' or 'input_dims'; re-export the model")
+    for modality in MODALITIES:  # names inside the model directory: a manifest must not make the loader read /etc or ../another
+        name = manifest["files"][modality]
+        if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ModelError(f"{path}: files.{modality} {name!r} points outside the model directory; re-export the model")
     return manifest, hashlib.sha256(blob).hexdigest()
 
 

@@ -136,7 +136,7 @@ def _restore(args) -> int:
         _, manifest_hash = load_manifest(settings.model_dir)
     except ModelError as err:
         raise ModelError(f"{err} (the snapshot is checked against the model it will be served with; --model names it)") from None
-    card = restore(args.file, settings.index_dir, manifest_hash)
+    card = restore(args.file, settings.index_dir, manifest_hash, args.max_bytes)
     print(f"restored {args.file} into {Path(settings.index_dir).resolve()}: model {card['model']}, items {card['items']}, taken at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(card['created']))}")
     return 0
 
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path, help="a snapshot file (GET /v1/admin/snapshots/{name}, or the snapshot directory)")
     p.add_argument("--model", type=Path, help="the model it will be served with (default: $AVSEARCH_MODEL_DIR)")
     p.add_argument("--index", type=Path, help="index directory to restore into (default: $AVSEARCH_INDEX_DIR); its content and log are replaced")
+    p.add_argument("--max-bytes", type=int, help="refuse a snapshot whose files add up to more bytes (default 64 GiB: service.backup.RESTORE_MAX_BYTES)")
     p.set_defaults(func=_restore)
     p = sub.add_parser("example", help="write an example search request from a feature directory")
     p.add_argument("--data", type=Path, required=True)

@@ -54,8 +54,8 @@ class Settings(BaseSettings):
         """Resolved directories a reload may name; symlinks resolved so none can point out of them."""
         if self.reload_roots:
             roots = [Path(part) for part in self.reload_roots.split(":") if part.strip()]
-        else:
-            roots = [Path(self.model_dir).absolute().parent, Path(self.index_dir).absolute().parent]
+        else:  # the parents, unless that is '/' (a model in /model): then the directory alone, never the whole disk
+            roots = [path.parent if path.parent != Path(path.anchor) else path for path in (Path(self.model_dir).absolute(), Path(self.index_dir).absolute())]
         return list(dict.fromkeys(root.resolve() for root in roots))
 
     def anonymous_writes_refused(self) -> bool:
