@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
     host: str = Field("127.0.0.1", description="address `serve` binds (--host overrides); off loopback, writes need a key unless allow_anonymous_writes")
     allow_anonymous_writes: bool = Field(False, description="let anyone who reaches a non-loopback address write, delete and reload when no API key is set")
-    reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir")
+    reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir (never '/': a directory at the top is its own root)")
     max_drain_bytes: int = Field(256 * 1024 * 1024, ge=0, description="of an over-limit body, how much is read and dropped so the client (which may send it all before reading) gets its 413")
 
     wal_fsync: str = Field("always", pattern="^(always|never)$", description="always: an item change is fsynced in the write-ahead log before its answer (group commit); never: written to the OS before its answer (a killed process loses nothing, a power cut may lose the last changes)")
