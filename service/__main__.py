@@ -38,7 +38,6 @@ def _serve(args) -> int:
 
     from service.app import create_app, limit_threads
     from service.engine import Engine
-
     from service.served import check_not_moved
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
@@ -70,6 +69,7 @@ def _prepare(args) -> int:
     from index.build import build_indexes
     from index.store import VectorIndex
     from service.persist import load_index, swap_into_place
+    from service.served import check_not_moved, point_link
 
     settings = _settings(args)
     try:
@@ -77,8 +77,6 @@ def _prepare(args) -> int:
     except ModelError as err:
         raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
     link = settings.index_dir
-    from service.served import check_not_moved, point_link
-
     check_not_moved(link)  # a reload moved the served index elsewhere: building from here would drop its writes
     if not args.rebuild:
         try:
