@@ -119,14 +119,18 @@ def read_segment(path: Path, last: bool = True) -> Segment:
 def check_sequence(segments: list[Segment], after_lsn: int) -> None:
     """Raise LogCorrupt unless the LSNs run on without a gap, from ``after_lsn`` + 1 (the first change
     the snapshot lacks) for those after it: a missing record is an acknowledged change lost."""
-    previous = None
+    previous = 0
     for segment in segments:
         for record, offset in zip(segment.records, segment.offsets):
-            expected = after_lsn + 1 if previous is None or previous < after_lsn else previous + 1
-            if record.lsn > after_lsn and record.lsn != expected:
-                what = "out of order" if record.lsn < expected else f"a gap: changes {expected} to {record.lsn - 1} are missing"
-                raise LogCorrupt(f"{segment.path}: record at byte {offset} has LSN {record.lsn}, {what} (the snapshot holds changes through {after_lsn})")
-            previous = record.lsn
+            expected = max(previous, after_lsn) + 1
+            if record.lsn <= previous:
+                what = f"out of order (after LSN {previous})"
+            elif record.lsn > after_lsn and record.lsn != expected:
+                what = f"a gap: changes {expected} to {record.lsn - 1} are missing"
+            else:
+                previous = record.lsn
+                continue
+            raise LogCorrupt(f"{segment.path}: record at byte {offset} has LSN {record.lsn}, {what} (the snapshot holds changes through {after_lsn})")
 
 
 def _bad_frame(blob: bytes, offset: int) -> str | None:
