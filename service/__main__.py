@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from index.embedder import MODALITIES, ModelError, load_manifest
 from index.store import IndexLoadError
+from service.served import check_not_moved, point_link  # light: no web framework, no engine
 
 
 def _settings(args):
@@ -38,7 +39,6 @@ def _serve(args) -> int:
 
     from service.app import create_app, limit_threads
     from service.engine import Engine
-    from service.served import check_not_moved
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
@@ -69,7 +69,6 @@ def _prepare(args) -> int:
     from index.build import build_indexes
     from index.store import VectorIndex
     from service.persist import load_index, swap_into_place
-    from service.served import check_not_moved, point_link
 
     settings = _settings(args)
     try:
