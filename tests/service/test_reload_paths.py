@@ -16,6 +16,7 @@ from service.served import MOVED_NAME
 from tests.service.conftest import copy_index, make_client, wait_ready
 from tests.service.test_service_cli import REPO, one_error_line
 
+
 def _client(tiny, index: Path, root: Path):
     return make_client(tiny, index, reload_roots=f"{tiny.model_dir.parent}:{root}")
 
