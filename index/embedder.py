@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -45,6 +45,10 @@ def load_manifest(model_dir: str | Path) -> tuple[dict, str]:
     missing = [m for m in MODALITIES if m not in manifest["files"] or m not in manifest["input_dims"]]
     if missing:
         raise ModelError(f"{path}: no {missing} entry in 'files' or 'input_dims'; re-export the model")
+    for modality in MODALITIES:  # names inside the model directory: a manifest must not make the loader read /etc or ../another
+        name = manifest["files"][modality]
+        if not isinstance(name, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ModelError(f"{path}: files.{modality} {name!r} points outside the model directory; re-export the model")
     return manifest, hashlib.sha256(blob).hexdigest()
 
 
@@ -115,6 +119,11 @@ class Embedder:
         return x
 
     def embed(self, modality: str, vectors) -> np.ndarray:
-        """(B, D_in) features -> (B, E) unit-norm float32 embeddings."""
+        """(B, D_in) features -> (B, E) unit-norm float32 embeddings; InputError when finite but huge
+        features overflow the encoder (a NaN row would score NaN against everything)."""
         x = self.validate(modality, vectors)
-        return self.sessions[modality].run(None, {"features": x})[0]
+        embeddings = self.sessions[modality].run(None, {"features": x})[0]
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+        if bad.size:
+            raise InputError(f"{modality} vector {int(bad[0])} embeds to NaN or Inf (its values overflow the encoder); scale the features to the range the model was trained on")
+        return embeddings

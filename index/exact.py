@@ -16,7 +16,8 @@ Exact search is a scan: every query reads all N×E stored floats. Two shapes, tw
 Both return exactly the top k (ties broken arbitrarily), sorted best first. Rows to leave out
 (an index's removed rows, kept until it is compacted) are given as sorted row numbers: their scores
 are set to -inf in each block before anything is selected, so the result is exact whatever their
-number. Checked against a full ``argsort`` and against faiss in ``tests/index/test_exact.py``.
+number. A NaN score (a stored NaN row, or a NaN query) ranks as -inf, after every finite one, and
+fails nothing. Checked against a full ``argsort`` and against faiss in ``tests/index/test_exact.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _skip(scores: np.ndarray, skip_rows: np.ndarray | None, start: int, stop: in
     if skip_rows is not None:
         lo, hi = np.searchsorted(skip_rows, (start, stop))
         scores[..., skip_rows[lo:hi] - start] = -np.inf
+    return scores
+
+
+def _nan_last(scores: np.ndarray) -> np.ndarray:
+    """NaN scores set to -inf in place (ranked after every finite score, ties with skipped rows)."""
+    scores[np.isnan(scores)] = -np.inf
     return scores
 
 
@@ -78,6 +85,8 @@ def _one_query(
         if hits.size:
             hit_scores.append(scores[hits])
             hit_rows.append(hits + start)
+    if sum(len(rows) for rows in hit_rows) < k:  # NaN scores (a NaN row or query) pass no comparison: rank them as -inf
+        return _sorted_top(_nan_last(block_scores(0, n)), np.arange(n), k)
     return _sorted_top(np.concatenate(hit_scores), np.concatenate(hit_rows), k)
 
 
@@ -109,6 +118,7 @@ def _many_queries(database: np.ndarray, queries: np.ndarray, k: int, block_rows:
     block_rows = block_rows or int(np.clip(BLOCK_SCORES // len(queries), 4096, 1 << 20))
     first = _head_rows(n, k, skip_rows)  # a small first block: a full argpartition is the costly step
     scores = _skip(queries @ database[:first].T, skip_rows, 0, first)  # (Q, first)
+    _nan_last(scores)  # a NaN k-th best would let no later row in; later NaN scores pass no comparison
     keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     top_s = np.take_along_axis(scores, keep, 1)
     order = np.argsort(-top_s, axis=1, kind="stable")

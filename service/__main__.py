@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from index.embedder import MODALITIES, ModelError, load_manifest
 from index.store import IndexLoadError
+from service.served import check_not_moved, point_link  # light: no web framework, no engine
 
 
 def _settings(args):
@@ -38,8 +40,10 @@ def _serve(args) -> int:
     from service.app import create_app, limit_threads
     from service.engine import Engine
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
     limit_threads(settings)
+    check_not_moved(settings.index_dir)
     engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.durability())  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
@@ -72,6 +76,7 @@ def _prepare(args) -> int:
     except ModelError as err:
         raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
     link = settings.index_dir
+    check_not_moved(link)  # a reload moved the served index elsewhere: building from here would drop its writes
     if not args.rebuild:
         try:
             # Recover an interrupted save only when the index is gone: a running API may be saving
@@ -92,10 +97,7 @@ def _prepare(args) -> int:
     swap_into_place(staging, version)  # a kill leaves the old or the new version directory
     if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
         os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
-    pointer = link.parent / f".{link.name}.link"
-    pointer.unlink(missing_ok=True)
-    os.symlink(version.name, pointer)
-    os.replace(pointer, link)  # atomic: readers see the old version or the new one
+    point_link(link, version)  # atomic: readers see the old version or the new one
     print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
     from service.carry import collect_versions
 
@@ -131,7 +133,7 @@ def _restore(args) -> int:
         _, manifest_hash = load_manifest(settings.model_dir)
     except ModelError as err:
         raise ModelError(f"{err} (the snapshot is checked against the model it will be served with; --model names it)") from None
-    card = restore(args.file, settings.index_dir, manifest_hash)
+    card = restore(args.file, settings.index_dir, manifest_hash, args.max_bytes)
     print(f"restored {args.file} into {Path(settings.index_dir).resolve()}: model {card['model']}, items {card['items']}, taken at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(card['created']))}")
     return 0
 
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path, help="a snapshot file (GET /v1/admin/snapshots/{name}, or the snapshot directory)")
     p.add_argument("--model", type=Path, help="the model it will be served with (default: $AVSEARCH_MODEL_DIR)")
     p.add_argument("--index", type=Path, help="index directory to restore into (default: $AVSEARCH_INDEX_DIR); its content and log are replaced")
+    p.add_argument("--max-bytes", type=int, help="refuse a snapshot whose files add up to more bytes (default 64 GiB: service.backup.RESTORE_MAX_BYTES)")
     p.set_defaults(func=_restore)
     p = sub.add_parser("example", help="write an example search request from a feature directory")
     p.add_argument("--data", type=Path, required=True)

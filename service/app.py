@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from index.embedder import InputError
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
 from service.bodies import OPENAPI_MODELS
 from service.engine import Engine
@@ -106,6 +107,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             return JSONResponse({"detail": "malformed JSON; send a JSON object"}, status_code=400)
         parts = ["{}: {}".format(".".join(str(p) for p in e["loc"]), e["msg"]) for e in errors[:5]]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, err: InputError) -> JSONResponse:
+        """Input that passed the route's checks but not the encoder (finite features that embed to NaN)."""
+        return JSONResponse({"detail": str(err)}, status_code=422)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:

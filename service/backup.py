@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from avdata.atomic import current_umask
+from avdata.atomic import current_umask, fsync_dir
 from index.embedder import MODALITIES
 from index.store import IndexLoadError, VectorIndex
 from service.carry import API_ITEMS_NAME, api_items_of
@@ -36,6 +36,7 @@ from service.snapshots import SNAPSHOT_NAME, discard
 CARD_NAME = "avsearch-snapshot.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LOCK_NAME = "serving.lock"  # in the index directory; a served directory holds a shared lock on it
+RESTORE_MAX_BYTES = 64 * 2**30  # what restore unpacks at most, unless told otherwise (--max-bytes)
 
 
 class SnapshotError(ValueError):
@@ -59,7 +60,7 @@ def list_snapshots(directory: Path) -> list[dict]:
     for path in sorted(Path(directory).glob("*.tar")):
         try:
             out.append(describe(path))
-        except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError):
+        except (OSError, KeyError, TypeError, ValueError, tarfile.TarError):  # ValueError: JSON or UTF-8 errors
             continue  # a file that is not one of ours (or a torn copy someone put here)
     return out
 
@@ -100,6 +101,7 @@ def create_snapshot(engine, directory: Path) -> dict:
             os.fsync(f.fileno())
         os.chmod(partial, 0o666 & ~current_umask())
         os.replace(partial, directory / f"{name}.tar")
+        fsync_dir(directory)  # answered 201: the new name must survive a power cut too
     finally:
         for copy in copies.values():
             discard(copy)
@@ -114,9 +116,15 @@ def snapshot_path(directory: Path, name: str) -> Path:
     return path
 
 
-def restore(file: Path, index_dir: Path, manifest_hash: str | None) -> dict:
-    """Unpack snapshot ``file`` and make it ``index_dir`` (its previous content and log dropped)."""
+def restore(file: Path, index_dir: Path, manifest_hash: str | None, max_bytes: int | None = None) -> dict:
+    """Unpack snapshot ``file`` and make it ``index_dir`` (its previous content and log dropped).
+
+    Its members' sizes must add up to at most ``max_bytes``: a tar header can claim any size, and the
+    unpacking would fill the disk the served index lives on. A snapshot is still trusted like code:
+    its index files go to FAISS's reader, which is not hardened against hostile input.
+    """
     file, target = Path(file), Path(index_dir).resolve()
+    max_bytes = RESTORE_MAX_BYTES if max_bytes is None else max_bytes
     try:
         tar = tarfile.open(file)
     except (OSError, tarfile.TarError) as err:
@@ -129,6 +137,9 @@ def restore(file: Path, index_dir: Path, manifest_hash: str | None) -> dict:
                 parts = Path(member.name).parts
                 if not parts or parts[0] not in allowed or ".." in parts or member.name.startswith("/") or not (member.isfile() or member.isdir()):
                     raise SnapshotError(f"{file}: unexpected member {member.name!r}; not a snapshot file made by this service")
+            size = sum(m.size for m in members)
+            if size > max_bytes:
+                raise SnapshotError(f"{file}: its members hold {size} bytes, more than --max-bytes {max_bytes}; raise it if the snapshot is yours")
             if CARD_NAME not in {m.name for m in members}:
                 raise SnapshotError(f"{file}: no {CARD_NAME}; not a snapshot file made by this service")
             card = json.load(tar.extractfile(CARD_NAME))

@@ -78,8 +78,9 @@ class ApiItems:
 def logged_records(wal_dir: Path, after: int, through: int | None = None) -> list[Record]:
     """The whole records of every segment with ``after < lsn <= through`` (a torn tail ends a segment)."""
     records = []
-    for path in sorted(Path(wal_dir).glob("*.wal")):
-        found, _, _ = read_segment(path)
+    paths = sorted(Path(wal_dir).glob("*.wal"))
+    for i, path in enumerate(paths):
+        found = read_segment(path, last=i == len(paths) - 1).records
         records.extend(r for r in found if r.lsn > after and (through is None or r.lsn <= through))
     return sorted(records, key=lambda r: r.lsn)
 

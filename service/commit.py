@@ -45,6 +45,16 @@ class ChangeNotSaved(HTTPException):
         super().__init__(503, f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later")
 
 
+class StoreEvents:
+    """What the store reports as it works; this default ignores it (the service's ``Metrics`` records it)."""
+
+    def committed(self, modality: str, changes: int) -> None:
+        """One group commit: ``changes`` appended with one write (and one fsync)."""
+
+    def folded(self, modality: str, seconds: float, log_bytes: int, failed: bool) -> None:
+        """One fold of ``log_bytes`` of log into a snapshot, done or failed."""
+
+
 @dataclass
 class Change:
     op: str  # "upsert" or "delete"
@@ -102,6 +112,7 @@ class ChangeLog:
         self._queue: list[Change] = []
         self._leading = False
         self.on_commit: Callable[[], None] = lambda: None  # the snapshotter's nudge
+        self.events = StoreEvents()
 
     def commit(self, change: Change) -> int:
         """Returns the index size once the change is logged and applied; ItemNotFound or ChangeNotSaved."""
@@ -203,6 +214,7 @@ class ChangeLog:
             accepted.clear()
             return
         self.last_lsn += len(accepted)
+        self.events.committed(self.modality, len(accepted))
         if self.oldest_unsnapshotted is None:
             self.oldest_unsnapshotted = time.monotonic()
 

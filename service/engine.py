@@ -24,7 +24,7 @@ from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
 from service.backup import hold_index_dir, release_index_dir
 from service.carry import CARRIED_NAME, changes_since_prepare
-from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, apply_record, merge_run, mergeable_runs
+from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, StoreEvents, apply_record, merge_run, mergeable_runs
 from service.encoding import dumps
 from service.locks import ReadWriteLock
 from service.persist import load_index
@@ -159,6 +159,12 @@ class Engine:
             changelog.close()
         release_index_dir(self.index_dir)
 
+    def report_to(self, events: StoreEvents) -> None:
+        """Send the group commits and folds of this version to ``events`` (the app's metrics)."""
+        self.snapshots.events = events
+        for changelog in self.logs.values():
+            changelog.events = events
+
     def validate(self, modality: str, rows: list[list[float]] | np.ndarray) -> np.ndarray:
         x = rows if isinstance(rows, np.ndarray) else as_matrix(rows, modality)
         return self.embedder.validate(modality, x)
@@ -173,7 +179,15 @@ class Engine:
             if job.vectors is not None:
                 by_modality[job.modality].append(i)
         for modality, rows in by_modality.items():  # one encoder call per modality
-            embedded = self.embedder.embed(modality, np.concatenate([jobs[i].vectors for i in rows]))
+            try:
+                embedded = self.embedder.embed(modality, np.concatenate([jobs[i].vectors for i in rows]))
+            except InputError:  # a job whose features overflow the encoder: embed job by job, so it fails alone
+                for i in rows:
+                    try:
+                        queries[i] = self.embedder.embed(modality, jobs[i].vectors)
+                    except InputError as err:
+                        results[i] = err
+                continue
             start = 0
             for i in rows:
                 queries[i] = embedded[start : start + jobs[i].size]
@@ -181,6 +195,8 @@ class Engine:
         with self.lock.read():
             plain: dict[str, list[int]] = defaultdict(list)  # target -> jobs searched together
             for i, job in enumerate(jobs):
+                if results[i] is not None:
+                    continue
                 if isinstance(job, EmbedJob):
                     results[i] = queries[i]
                     continue
@@ -242,6 +258,10 @@ class Engine:
     def sizes(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.indexes.items()}
 
+    def log_bytes(self) -> dict[str, int]:
+        """Per modality, the log written since its last snapshot."""
+        return {m: changelog.wal.bytes_since_rotation for m, changelog in self.logs.items()}
+
     def describe(self) -> dict:
         return {
             "model": self.version,
@@ -262,7 +282,7 @@ def _replay(modality: str, index: VectorIndex, index_dir: Path, embedder: Embedd
     try:
         records = wal.recover(after)
     except LogCorrupt as err:
-        raise IndexLoadError(f"{err}; restore a snapshot (python -m service restore) or rebuild the index") from None
+        raise IndexLoadError(str(err)) from None  # it names the file, the offset and what each way out costs
     for record in records:
         if record.op == "upsert" and record.model != embedder.manifest_hash:
             record.embeddings = embedder.embed(modality, record.features)

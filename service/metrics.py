@@ -8,12 +8,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+FOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+BYTES_BUCKETS = tuple(2**i for i in range(10, 37, 2))  # 1 KiB .. 64 GiB
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, index_sizes: Callable[[], dict[str, int]]):
+    def __init__(self, index_sizes: Callable[[], dict[str, int]], log_bytes: Callable[[], dict[str, int]] = dict):
         self.registry = CollectorRegistry()
         self.requests = Counter("avsearch_requests_total", "HTTP requests by route template, method and status", ["route", "method", "status"], registry=self.registry)
         self.latency = Histogram(
@@ -23,7 +25,13 @@ class Metrics:
         self.batch_requests = Histogram("avsearch_batch_requests", "requests per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry)
         self.index_items = Gauge("avsearch_index_items", "items in the index, by modality", ["modality"], registry=self.registry)
         self.swaps = Counter("avsearch_version_swaps_total", "model/index versions swapped in", registry=self.registry)
-        self._index_sizes = index_sizes
+        # The store's work (service.commit.StoreEvents): group commits and folds of the log into snapshots.
+        self.commit_groups = Histogram("avsearch_commit_group_changes", "item changes per group commit (one log write and fsync)", ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.folds = Counter("avsearch_folds_total", "folds of the write-ahead log into a snapshot, by outcome (done, failed)", ["modality", "outcome"], registry=self.registry)
+        self.fold_seconds = Histogram("avsearch_fold_duration_seconds", "duration of a fold, done or failed", ["modality"], buckets=FOLD_BUCKETS, registry=self.registry)
+        self.fold_bytes = Histogram("avsearch_fold_log_bytes", "log bytes a fold set out to fold", ["modality"], buckets=BYTES_BUCKETS, registry=self.registry)
+        self.log_size = Gauge("avsearch_log_bytes", "write-ahead log bytes not yet folded into a snapshot (grows while folds fail)", ["modality"], registry=self.registry)
+        self._index_sizes, self._log_bytes = index_sizes, log_bytes
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -33,7 +41,17 @@ class Metrics:
         self.batch_vectors.observe(vectors)
         self.batch_requests.observe(requests)
 
+    def committed(self, modality: str, changes: int) -> None:
+        self.commit_groups.labels(modality).observe(changes)
+
+    def folded(self, modality: str, seconds: float, log_bytes: int, failed: bool) -> None:
+        self.folds.labels(modality, "failed" if failed else "done").inc()
+        self.fold_seconds.labels(modality).observe(seconds)
+        self.fold_bytes.labels(modality).observe(log_bytes)
+
     def render(self) -> bytes:
         for modality, size in self._index_sizes().items():
             self.index_items.labels(modality).set(size)
+        for modality, size in self._log_bytes().items():
+            self.log_size.labels(modality).set(size)
         return generate_latest(self.registry)

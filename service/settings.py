@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
     host: str = Field("127.0.0.1", description="address `serve` binds (--host overrides); off loopback, writes need a key unless allow_anonymous_writes")
     allow_anonymous_writes: bool = Field(False, description="let anyone who reaches a non-loopback address write, delete and reload when no API key is set")
-    reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir")
+    reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir (never '/': a directory at the top is its own root)")
     max_drain_bytes: int = Field(256 * 1024 * 1024, ge=0, description="of an over-limit body, how much is read and dropped so the client (which may send it all before reading) gets its 413")
 
     wal_fsync: str = Field("always", pattern="^(always|never)$", description="always: an item change is fsynced in the write-ahead log before its answer (group commit); never: written to the OS before its answer (a killed process loses nothing, a power cut may lose the last changes)")
@@ -54,8 +54,8 @@ class Settings(BaseSettings):
         """Resolved directories a reload may name; symlinks resolved so none can point out of them."""
         if self.reload_roots:
             roots = [Path(part) for part in self.reload_roots.split(":") if part.strip()]
-        else:
-            roots = [Path(self.model_dir).absolute().parent, Path(self.index_dir).absolute().parent]
+        else:  # the parents, unless that is '/' (a model in /model): then the directory alone, never the whole disk
+            roots = [path.parent if path.parent != Path(path.anchor) else path for path in (Path(self.model_dir).absolute(), Path(self.index_dir).absolute())]
         return list(dict.fromkeys(root.resolve() for root in roots))
 
     def anonymous_writes_refused(self) -> bool:

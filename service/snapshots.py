@@ -23,12 +23,14 @@ from pathlib import Path
 
 from service.carry import API_ITEMS_NAME, api_items_of
 from index.store import FrozenIndex
-from service.commit import ChangeLog
+from service.commit import ChangeLog, StoreEvents
 from service.forked import CAN_FORK, ForkedCopy
 from service.persist import forked_directory, save_atomically
 
 log = logging.getLogger(__name__)
 SNAPSHOT_NAME = "snapshot.json"  # inside <index>/<modality>/: {"lsn": the last change it holds}
+RETRY_FIRST_SECONDS = 1.0  # after a failed fold, the next try waits this long, doubling with each failure...
+RETRY_MAX_SECONDS = 300.0  # ...up to this (each try forks and writes the whole index: on a full disk, it refills it)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class Snapshotter:
         for changelog in logs.values():
             changelog.on_commit = self._nudge
         self.snapshot_size = {m: _directory_bytes(self.index_dir / m) for m in logs}
+        self.failures = {m: 0 for m in logs}  # failed folds in a row
+        self._retry_at = {m: 0.0 for m in logs}  # monotonic time before which a failed fold is not retried
+        self.events = StoreEvents()
 
     def start(self) -> None:
         if self._thread is None:
@@ -87,6 +92,8 @@ class Snapshotter:
     def _due(self, modality: str) -> bool:
         changelog = self.logs[modality]
         oldest = changelog.oldest_unsnapshotted
+        if time.monotonic() < self._retry_at[modality]:
+            return False
         if changelog.wal.bytes_since_rotation >= max(self.durability.snapshot_bytes, self.durability.snapshot_growth * self.snapshot_size[modality]):
             return True
         return oldest is not None and time.monotonic() - oldest >= self.durability.snapshot_seconds
@@ -101,39 +108,55 @@ class Snapshotter:
                 if self._due(modality):
                     try:
                         self.fold(modality)
-                    except Exception as err:  # OSError mostly: the log still holds every change; retried when due again
-                        log.error("folding the %s log into a snapshot failed (%s); the log keeps the changes", modality, err)
+                    except Exception as err:  # OSError mostly: the log still holds every change; retried after a wait
+                        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self.failures[modality] - 1))
+                        self._retry_at[modality] = time.monotonic() + delay
+                        log.error("folding the %s log into a snapshot failed (%s, %d in a row); the log keeps the changes; next try in %.0f s", modality, err, self.failures[modality], delay)
 
     def fold(self, modality: str) -> int:
         """Write a snapshot of ``modality`` holding every change committed so far; returns its log sequence number."""
         changelog = self.logs[modality]
         with self._fold_locks[modality]:
-            with changelog.paused():  # no commit half-done: the index is exactly at last_lsn
-                lsn, pending_since = changelog.last_lsn, changelog.oldest_unsnapshotted
-                if lsn == changelog.snapshot_lsn:
-                    return lsn
-                frozen = self.copy(modality)
-                try:
-                    changelog.wal.rotate(lsn + 1)
-                except BaseException:
-                    discard(frozen)
-                    raise
-                changelog.oldest_unsnapshotted = None
+            started, log_bytes = time.perf_counter(), changelog.wal.bytes_since_rotation
             try:
-                started = time.perf_counter()
-                # The raw features of API-written items follow the snapshot (a new model re-embeds them).
-                carried = api_items_of(self.index_dir, modality, changelog.snapshot_lsn, lsn)
-                extra = {SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode(), API_ITEMS_NAME: carried.to_bytes()}
-                save_atomically(frozen, self.index_dir / modality, extra=extra)
+                written = self._fold(modality, changelog)
+            except BaseException:
+                self.failures[modality] += 1
+                self.events.folded(modality, time.perf_counter() - started, log_bytes, failed=True)
+                raise
+            if written:
+                self.failures[modality], self._retry_at[modality] = 0, 0.0
+                self.events.folded(modality, time.perf_counter() - started, log_bytes, failed=False)
+            return changelog.snapshot_lsn
+
+    def _fold(self, modality: str, changelog: ChangeLog) -> bool:
+        """Whether a snapshot was written (not when the last one holds every change already)."""
+        with changelog.paused():  # no commit half-done: the index is exactly at last_lsn
+            lsn, pending_since = changelog.last_lsn, changelog.oldest_unsnapshotted
+            if lsn == changelog.snapshot_lsn:
+                return False
+            frozen = self.copy(modality)
+            try:
+                changelog.wal.rotate(lsn + 1)
             except BaseException:
                 discard(frozen)
-                changelog.oldest_unsnapshotted = pending_since
                 raise
-            changelog.snapshot_lsn = lsn
-            self.snapshot_size[modality] = _directory_bytes(self.index_dir / modality)
-            changelog.wal.drop_before_current()
-            log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
-            return lsn
+            changelog.oldest_unsnapshotted = None
+        try:
+            started = time.perf_counter()
+            # The raw features of API-written items follow the snapshot (a new model re-embeds them).
+            carried = api_items_of(self.index_dir, modality, changelog.snapshot_lsn, lsn)
+            extra = {SNAPSHOT_NAME: json.dumps({"lsn": lsn}).encode(), API_ITEMS_NAME: carried.to_bytes()}
+            save_atomically(frozen, self.index_dir / modality, extra=extra)
+        except BaseException:
+            discard(frozen)
+            changelog.oldest_unsnapshotted = pending_since
+            raise
+        changelog.snapshot_lsn = lsn
+        self.snapshot_size[modality] = _directory_bytes(self.index_dir / modality)
+        changelog.wal.drop_before_current()
+        log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
+        return True
 
     def copy(self, modality: str) -> FrozenIndex | ForkedCopy:
         """The index as it is now, to be saved while commits go on (call it with the modality's

@@ -1,4 +1,4 @@
-"""What the running app holds: settings, the current version (engine), the batcher, metrics; and the swap."""
+"""What the running app holds: settings, the served version (engine) and its paths, the batcher, metrics; and the swap."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from service.batching import MicroBatcher
 from service.engine import Engine
 from service.locks import SwapGate
 from service.metrics import Metrics
+from service.served import check_not_moved, follow
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,14 @@ class ServiceState:
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.engine = engine
+        # What a reload without paths (SIGHUP, the console) loads: the configured paths until a
+        # reload names others (service.served makes the configured index path follow, or notes it).
+        self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
         self.load_error: str | None = None
         self.gate = SwapGate()
-        self.metrics = Metrics(lambda: self.engine.sizes() if self.engine is not None else {})
+        self.metrics = Metrics(lambda: self.engine.sizes() if self.engine is not None else {}, lambda: self.engine.log_bytes() if self.engine is not None else {})
+        if engine is not None:
+            engine.report_to(self.metrics)
         self.batcher: MicroBatcher | None = None
 
     def start_batcher(self) -> None:
@@ -31,8 +37,13 @@ class ServiceState:
         self.batcher.start()
 
     def load_engine(self, model_dir: Path | None = None, index_dir: Path | None = None) -> Engine:
+        """The named version, or (no paths) the served one: refused when a reload moved it elsewhere."""
         s = self.settings
-        return Engine.load(model_dir or s.model_dir, index_dir or s.index_dir, device=s.device, intra_op_threads=s.intra_op_threads, durability=s.durability())
+        if index_dir is None:
+            check_not_moved(self.index_dir)
+        engine = Engine.load(model_dir or self.model_dir, index_dir or self.index_dir, device=s.device, intra_op_threads=s.intra_op_threads, durability=s.durability())
+        engine.report_to(self.metrics)
+        return engine
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
@@ -41,12 +52,17 @@ class ServiceState:
         return self.engine
 
     async def load_in_background(self) -> None:
-        try:
-            self.engine = await asyncio.to_thread(self.load_engine)
-            log.info("ready: model %s, index sizes %s", self.engine.version, self.engine.sizes())
-        except Exception as err:  # ModelError, IndexLoadError, OSError: reported by /readyz
-            self.load_error = str(err)
-            log.error("cannot load the model or index: %s", err)
+        # Exclusive, as a swap: a reload meanwhile waits and then replaces (and closes) this engine;
+        # without it both would be kept, and the one dropped would go on folding into the same directory.
+        async with self.gate.exclusive():
+            if self.engine is not None:
+                return
+            try:
+                self.engine = await asyncio.to_thread(self.load_engine)
+                log.info("ready: model %s, index sizes %s", self.engine.version, self.engine.sizes())
+            except Exception as err:  # ModelError, IndexLoadError, OSError: reported by /readyz
+                self.load_error = str(err)
+                log.error("cannot load the model or index: %s", err)
 
     async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, Engine]:
         """Load a version and swap it in; raises ModelError / IndexLoadError and keeps the current one.
@@ -60,10 +76,16 @@ class ServiceState:
                 await asyncio.to_thread(current.snapshots.stop)
             try:
                 engine = await asyncio.to_thread(self.load_engine, model_dir, index_dir)
+                try:
+                    served = await asyncio.to_thread(follow, self.index_dir if index_dir is None else self.settings.index_dir, engine.index_dir)
+                except BaseException:
+                    await asyncio.to_thread(engine.close)
+                    raise
             except BaseException:
                 if current is not None:
                     current.snapshots.start()
                 raise
+            self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
             if current is not None:
                 await asyncio.to_thread(current.close)  # its logs: the new version reads and appends them now when it is the same directory
             previous = current.version if current is not None else ""

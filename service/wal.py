@@ -7,9 +7,13 @@ payload><payload>``; the payload is ``<u32 header length><header JSON><features>
 (little-endian float32, shapes in the header).
 
 A kill while a record is written leaves a torn tail: a short header, a length past the end of the
-file, or a checksum that does not match. Reading stops there and the file is cut back to the last
-whole record; such a record was never acknowledged (the answer waits for the append and its
-fsync), so only unacknowledged changes are lost.
+file, a checksum that does not match, or (after a power cut) zeros where the file grew. Such a bad
+frame is a tear only at the very end of the last segment, when no whole record follows it: then the
+file is cut back to the last whole record, which was never acknowledged (the answer waits for the
+append and its fsync), so only unacknowledged changes are lost. A bad frame anywhere else (a whole
+record after it, or in an older segment, closed and fsynced before the next one began), a gap in
+the sequence numbers, or a record that does not decode is corruption: :class:`LogCorrupt` names the
+file and the byte offset, and nothing is cut.
 
 Segments are named by the first LSN they may hold (``00000000000000000042.wal``). A snapshot
 starts a new segment at its LSN + 1 and, once the snapshot is on disk, deletes the older ones.
@@ -32,6 +36,8 @@ from avdata.atomic import fsync_dir
 log = logging.getLogger(__name__)
 FRAME = struct.Struct("<II")  # payload length, crc32
 HEADER_LENGTH = struct.Struct("<I")
+RECORD_START = b'{"lsn":'  # how every header begins (Record.encode writes the LSN first)
+RECORD_START_OFFSET = FRAME.size + HEADER_LENGTH.size
 SUFFIX = ".wal"
 
 
@@ -76,23 +82,91 @@ class Record:
         return cls(header["lsn"], header["op"], header["ids"], header["model"], header["metadata"], features, embeddings)
 
 
-def read_segment(path: Path) -> tuple[list[Record], int, bool]:
-    """The whole records of one segment, the offset after the last one, and whether a torn tail follows."""
+@dataclass
+class Segment:
+    """What one segment file holds: its whole records, where each starts, where they end, and
+    whether a torn tail follows them."""
+
+    path: Path
+    records: list[Record]
+    offsets: list[int]
+    end: int
+    torn: bool
+
+
+def read_segment(path: Path, last: bool = True) -> Segment:
+    """Read one segment; raises LogCorrupt for a bad frame that is not a tear: one with a whole
+    record after it, or any in a segment that is not the ``last``."""
     blob = path.read_bytes()
-    records, offset = [], 0
+    records, offsets, offset = [], [], 0
     while offset < len(blob):
-        if offset + FRAME.size > len(blob):
-            return records, offset, True
-        length, checksum = FRAME.unpack_from(blob, offset)
-        payload = blob[offset + FRAME.size : offset + FRAME.size + length]
-        if len(payload) < length or zlib.crc32(payload) != checksum:
-            return records, offset, True
+        why = _bad_frame(blob, offset)
+        if why is not None:
+            following = _next_record(blob, offset)
+            if last and following is None:
+                return Segment(path, records, offsets, offset, True)
+            _corrupt(path, offset, why, following, records)
+        length, _ = FRAME.unpack_from(blob, offset)
         try:
-            records.append(Record.decode(payload))
+            records.append(Record.decode(blob[offset + FRAME.size : offset + FRAME.size + length]))
         except (ValueError, KeyError, TypeError, struct.error) as err:  # checksum right, content wrong: a bug, not a tear
             raise LogCorrupt(f"{path}: record at byte {offset} does not decode ({err})") from None
+        offsets.append(offset)
         offset += FRAME.size + length
-    return records, offset, False
+    return Segment(path, records, offsets, offset, False)
+
+
+def check_sequence(segments: list[Segment], after_lsn: int) -> None:
+    """Raise LogCorrupt unless the LSNs run on without a gap, from ``after_lsn`` + 1 (the first change
+    the snapshot lacks) for those after it: a missing record is an acknowledged change lost."""
+    previous = 0
+    for segment in segments:
+        for record, offset in zip(segment.records, segment.offsets):
+            expected = max(previous, after_lsn) + 1
+            if record.lsn <= previous:
+                what = f"out of order (after LSN {previous})"
+            elif record.lsn > after_lsn and record.lsn != expected:
+                what = f"a gap: changes {expected} to {record.lsn - 1} are missing"
+            else:
+                previous = record.lsn
+                continue
+            raise LogCorrupt(f"{segment.path}: record at byte {offset} has LSN {record.lsn}, {what} (the snapshot holds changes through {after_lsn})")
+
+
+def _bad_frame(blob: bytes, offset: int) -> str | None:
+    """Why the frame at ``offset`` is not a whole record (None: it is)."""
+    if offset + FRAME.size > len(blob):
+        return "a short frame header"
+    length, checksum = FRAME.unpack_from(blob, offset)
+    if length < HEADER_LENGTH.size:  # eight zero bytes pass the checksum (crc32(b"") == 0) but hold no record
+        return f"a frame of {length} bytes"
+    if offset + FRAME.size + length > len(blob):
+        return f"a length of {length} bytes past the end of the file"
+    if zlib.crc32(memoryview(blob)[offset + FRAME.size : offset + FRAME.size + length]) != checksum:  # a view: no copy
+        return "a checksum mismatch"
+    return None
+
+
+def _next_record(blob: bytes, after: int) -> int | None:
+    """The offset of the first whole record starting after byte ``after``, if any. Every header
+    starts with ``{"lsn":``, so only those places are checksummed."""
+    at = after + 1 + RECORD_START_OFFSET
+    while (at := blob.find(RECORD_START, at)) != -1:
+        if _bad_frame(blob, at - RECORD_START_OFFSET) is None:
+            return at - RECORD_START_OFFSET
+        at += 1
+    return None
+
+
+def _corrupt(path: Path, offset: int, why: str, following: int | None, records: list[Record]) -> None:
+    where = f"a whole record follows at byte {following}" if following is not None else "in a segment that is not the last"
+    kept = f"the changes through LSN {records[-1].lsn}" if records else "no change of this segment"
+    raise LogCorrupt(
+        f"{path}: bad record at byte {offset} ({why}); {where}, so it is not a torn tail but a damaged log, and "
+        f"acknowledged changes from byte {offset} on would be lost. Nothing was cut. Keep a copy of the log; then "
+        f"restore a snapshot, or accept the loss and serve {kept} by cutting the file there "
+        f"(truncate -s {offset} {path}) and moving the later segments aside"
+    )
 
 
 class WriteAheadLog:
@@ -113,26 +187,20 @@ class WriteAheadLog:
         Opens the last segment for appending (or starts one), so call it once, before any append.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        records: list[Record] = []
-        segments = self.segments()
-        for i, path in enumerate(segments):
-            found, end, torn = read_segment(path)
-            if torn:
-                log.warning("%s: torn record at byte %d dropped (a change cut off by a crash, never acknowledged)", path, end)
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
-                if i != len(segments) - 1:
-                    log.warning("%s: the tear is not in the last segment; later segments are still read", path)
-            records.extend(r for r in found if r.lsn > after_lsn)
-        lsns = [r.lsn for r in records]
-        if lsns != sorted(set(lsns)):
-            raise LogCorrupt(f"{self.directory}: log sequence numbers out of order")
-        if segments:
-            self._open(segments[-1])
+        paths = self.segments()
+        segments = [read_segment(path, last=i == len(paths) - 1) for i, path in enumerate(paths)]
+        check_sequence(segments, after_lsn)
+        if segments and segments[-1].torn:
+            tail = segments[-1]
+            log.warning("%s: torn record at byte %d cut off (a write a crash interrupted; never acknowledged with AVSEARCH_WAL_FSYNC=always)", tail.path, tail.end)
+            with open(tail.path, "r+b") as f:
+                f.truncate(tail.end)
+                os.fsync(f.fileno())
+        if paths:
+            self._open(paths[-1])
         else:
-            self.rotate(max([after_lsn, *lsns]) + 1)
-        return records
+            self.rotate(after_lsn + 1)
+        return [r for segment in segments for r in segment.records if r.lsn > after_lsn]
 
     def _open(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the kernel applies the umask
@@ -144,6 +212,7 @@ class WriteAheadLog:
     def rotate(self, first_lsn: int) -> None:
         """Start a new segment for LSNs from ``first_lsn`` on (the caller holds off appends)."""
         path = self.directory / f"{first_lsn:020d}{SUFFIX}"
+        self.sync()  # the closed segment is whole on disk: only the last one may end in a tear
         self._open(path)
         fsync_dir(self.directory)  # the new file's name must survive a power cut too
         self.bytes_since_rotation = 0

@@ -59,20 +59,19 @@ async def reload(request: Request) -> ReloadResponse:
         options = await parse_json(request, ReloadRequest, body)
     else:
         options = ReloadRequest()
-    for name in ("model_dir", "index_dir"):
-        _check_under_roots(state, name, getattr(options, name))
+    model_dir, index_dir = (_check_under_roots(state, name, getattr(options, name)) for name in ("model_dir", "index_dir"))
     try:
-        previous, engine = await state.swap(options.model_dir, options.index_dir)
+        previous, engine = await state.swap(model_dir, index_dir)  # the paths checked, not the names again: a link moved meanwhile cannot lead elsewhere
     except (ModelError, IndexLoadError, OSError, ValueError) as err:  # ValueError: paths the OS refuses
         raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
     return ReloadResponse(model=engine.version, previous_model=previous, index_sizes=engine.sizes())
 
 
-def _check_under_roots(state: ServiceState, name: str, requested: str | None) -> None:
-    """403 unless ``requested`` (symlinks resolved) lies under a reload root: a client must not make
-    the server open arbitrary paths (``/etc``, another tenant's data) as a model or an index."""
+def _check_under_roots(state: ServiceState, name: str, requested: str | None) -> Path | None:
+    """``requested`` with its symlinks resolved; 403 unless that lies under a reload root: a client must
+    not make the server open arbitrary paths (``/etc``, another tenant's data) as a model or an index."""
     if requested is None:
-        return  # the configured paths, re-read
+        return None  # the served paths, re-read
     roots = state.settings.reload_root_paths()
     try:
         resolved = Path(requested).resolve()
@@ -81,3 +80,4 @@ def _check_under_roots(state: ServiceState, name: str, requested: str | None) ->
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(root) for root in roots)
         raise HTTPException(403, f"{name} {requested!r} is outside the directories a reload may load from ({allowed}); set AVSEARCH_RELOAD_ROOTS to allow others")
+    return resolved

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from service.backup import SnapshotError, create_snapshot, list_snapshots, snapshot_path
 from service.routers import ERRORS
 from service.state import ServiceState
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin/snapshots", tags=["admin"], responses=ERRORS)
 NOT_FOUND = {404: {"description": "no snapshot with that name"}}
 
@@ -55,7 +57,13 @@ async def take(request: Request) -> Snapshot:
 @router.get("", response_model=SnapshotList, summary="The snapshot files in the snapshot directory, oldest first")
 async def listing(request: Request) -> SnapshotList:
     state: ServiceState = request.app.state.avsearch
-    return SnapshotList(snapshots=[Snapshot(**s) for s in await asyncio.to_thread(list_snapshots, state.settings.snapshot_directory())])
+    snapshots = []
+    for card in await asyncio.to_thread(list_snapshots, state.settings.snapshot_directory()):
+        try:
+            snapshots.append(Snapshot(**card))
+        except ValidationError:  # a tar with a card of ours in name only: not a snapshot this service can restore
+            log.warning("%s.tar in the snapshot directory is not a snapshot of this service; not listed", card.get("name"))
+    return SnapshotList(snapshots=snapshots)
 
 
 @router.get("/{name}", response_class=FileResponse, responses={**NOT_FOUND, 200: {"content": {"application/x-tar": {}}}}, summary="Download one snapshot as a tar file")

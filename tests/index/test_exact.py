@@ -75,3 +75,22 @@ def test_rejects_mismatched_widths():
         top_k_inner_product(np.zeros((4, 3), np.float32), np.zeros((1, 2), np.float32), 1)
     with pytest.raises(ValueError, match="not the transpose"):
         top_k_inner_product(np.zeros((4, 3), np.float32), np.zeros((1, 3), np.float32), 1, transposed=np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.parametrize("n_queries", [1, 9])  # the matvec path and the blocked GEMM path
+@pytest.mark.parametrize("k", [3, 40])  # fewer than the finite rows, and every row
+def test_nan_rows_and_queries_rank_last_and_fail_nothing(n_queries, k):
+    """A stored NaN row (or a NaN query) scores NaN, which no comparison passes: it ranks as -inf,
+    after every finite score, and the other queries of the batch are answered exactly."""
+    rng = np.random.default_rng(3)
+    database, queries = _unit(rng, 40, 8), _unit(rng, n_queries, 8)
+    database[[0, 5, 17]] = np.nan
+    queries[-1] = np.nan
+    reference = queries.astype(np.float64) @ database.T.astype(np.float64)
+    reference[np.isnan(reference)] = -np.inf
+    for columns in (None, np.ascontiguousarray(database.T)):
+        scores, rows = top_k_inner_product(database, queries, k, transposed=columns if n_queries == 1 else None)
+        assert scores.shape == rows.shape == (n_queries, k)
+        want = np.sort(reference, axis=1)[:, ::-1][:, :k]
+        np.testing.assert_allclose(scores, want, atol=1e-5)  # -inf where only NaN rows are left
+        np.testing.assert_allclose(np.take_along_axis(reference, rows, 1), want, atol=1e-5)  # the rows carry those scores

@@ -1,7 +1,10 @@
 """The crash test: writers upsert and delete while a real `python -m service serve` is SIGKILLed at
 random moments (snapshots are folded after almost every commit, so many kills land in one); after
 each restart every acknowledged change is there with its metadata, an unanswered change is either
-wholly there or wholly absent (a two-item upsert never half), and searches answer.
+wholly there or wholly absent (a two-item upsert never half), and searches answer. Then the log of
+a killed server is damaged on purpose (a flipped byte mid-record, a zero tail, a zeroed record, a bad
+frame in an older segment): each restart serves every acknowledged change, or refuses to start
+naming the file and the byte offset.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +35,7 @@ GONE = "gone"  # the expected state of a deleted id
 
 
 class Server:
-    def __init__(self, model: Path, index: Path):
+    def __init__(self, model: Path, index: Path, **settings: str):
         self.port = free_port()
         env = {
             **os.environ,
@@ -40,6 +44,7 @@ class Server:
             "AVSEARCH_WAL_SNAPSHOT_SECONDS": "0.2",
             "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0",  # fold by the byte threshold alone, however large the snapshot
             "AVSEARCH_MAX_VECTORS": "2048",
+            **settings,
         }
         cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -187,3 +192,64 @@ def test_acknowledged_changes_survive_random_kills(tiny, tmp_path):
     )
     assert acked_total > 200 and kills_in_snapshot >= 3
     assert sum(v != GONE for s in state.values() for v in s.values()) > 100 and any(v == GONE for s in state.values() for v in s.values())
+
+
+DAMAGES = ["none", "zero tail", "flipped byte in record 2", "zeroed record 2", "split, no damage", "bad frame ending an older segment"]
+
+
+def _damage(segment: Path, how: str) -> tuple[Path, int] | None:
+    """Damage the three-record segment ``segment``; returns the file and offset a refusal must name."""
+    from service.wal import FRAME
+
+    blob = segment.read_bytes()
+    offsets = [0]
+    while (end := offsets[-1] + FRAME.size + FRAME.unpack_from(blob, offsets[-1])[0]) < len(blob):
+        offsets.append(end)
+    assert len(offsets) == 3
+    if how == "zero tail":  # a power cut after the file grew, before its data reached the disk
+        segment.write_bytes(blob + bytes(8192))
+    elif how == "flipped byte in record 2":
+        at = (offsets[1] + offsets[2]) // 2
+        segment.write_bytes(blob[:at] + bytes([blob[at] ^ 0x01]) + blob[at + 1 :])
+        return segment, offsets[1]
+    elif how == "zeroed record 2":
+        segment.write_bytes(blob[: offsets[1]] + bytes(offsets[2] - offsets[1]) + blob[offsets[2] :])
+        return segment, offsets[1]
+    elif how.startswith("split") or how.startswith("bad frame"):  # records 1-2, then 3 in a newer segment (a fold whose save failed)
+        segment.write_bytes(blob[: offsets[2]])
+        (segment.parent / f"{int(segment.stem) + 2:020d}.wal").write_bytes(blob[offsets[2] :])
+        if how.startswith("bad frame"):
+            at = offsets[1] + FRAME.size + 2
+            segment.write_bytes(blob[:at] + bytes([blob[at] ^ 0x80]) + blob[at + 1 : offsets[2]])
+            return segment, offsets[1]
+    return None
+
+
+def test_a_damaged_log_never_loses_an_acknowledged_change_quietly(tiny, tmp_path):
+    pristine = copy_index(tiny, tmp_path / "pristine")
+    server = Server(tiny.model_dir, pristine, AVSEARCH_WAL_SNAPSHOT_BYTES=str(2**30), AVSEARCH_WAL_SNAPSHOT_SECONDS="3600")
+    ids = [f"acked-{i}" for i in range(3)]
+    for i, item_id in enumerate(ids):  # one request each: three records, each acknowledged
+        vector = np.random.default_rng(i).standard_normal(DIMS["audio"]).round(5).tolist()
+        assert server.request("POST", "/v1/items/audio", {"items": [{"id": item_id, "vector": vector, "metadata": {"i": i}}]})[0] == 200
+    server.kill()
+    outcomes = {}
+    for how in DAMAGES:
+        index_dir = Path(shutil.copytree(pristine, tmp_path / how.replace(" ", "-")))
+        [segment] = (index_dir / "wal" / "audio").glob("*.wal")
+        refusal = _damage(segment, how)
+        try:
+            restarted = Server(tiny.model_dir, index_dir)
+        except AssertionError as err:  # it exited: the error line must say where the log is damaged
+            assert refusal is not None, f"{how}: refused to start although every change is readable: {err}"
+            path, offset = refusal
+            assert f"{path.resolve()}: bad record at byte {offset}" in str(err) and "not a torn tail" in str(err), (how, str(err)[-1500:])
+            outcomes[how] = f"refused, naming byte {offset}"
+            continue
+        assert refusal is None, f"{how}: started although the log is damaged"
+        for i, item_id in enumerate(ids):
+            status, body = restarted.request("GET", f"/v1/items/audio/{item_id}")
+            assert status == 200 and body["metadata"] == {"i": i}, (how, item_id, status, body)
+        restarted.kill()
+        outcomes[how] = "served all 3"
+    print("\ndamaged logs:", outcomes)

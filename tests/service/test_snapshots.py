@@ -18,8 +18,8 @@ from tests.service.conftest import copy_index, make_client, persisted, wait_read
 REPO = Path(__file__).resolve().parents[2]
 
 
-def restore_cli(tiny, file: Path, index: Path, model: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "service", "restore", str(file), "--model", str(model or tiny.model_dir), "--index", str(index)]
+def restore_cli(tiny, file: Path, index: Path, model: Path | None = None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "service", "restore", str(file), "--model", str(model or tiny.model_dir), "--index", str(index), *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
