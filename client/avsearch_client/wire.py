@@ -253,6 +253,9 @@ def upsert(
         raise ValueError(f"{len(ids)} ids for {len(rows)} vectors; give one id per vector")
     if metadata is not None and len(metadata) != len(ids):
         raise ValueError(f"{len(metadata)} metadata entries for {len(ids)} ids; give one per item (None for none)")
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):  # JSON has no NaN or Infinity (orjson would write null): say which rows here
+        raise ValueError(f"vectors hold NaN or Inf in {len(bad)} rows (first: row {bad[0]}, id {ids[bad[0]]!r})")
     repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:  # across batches the later one would silently replace the earlier
         raise ValueError(f"ids must be unique within one upsert; repeated: {repeated[:5]}")

@@ -190,5 +190,7 @@ def test_argument_mistakes_are_caught_before_sending(client):
         client.upsert("audio", ["a", "b"], rows(3, "audio", 0))
     with pytest.raises(ValueError, match="repeated"):
         client.upsert("audio", ["a", "a"], rows(2, "audio", 0))
+    with pytest.raises(ValueError, match="NaN or Inf in 1 rows .*'b'"):
+        client.upsert("audio", ["a", "b"], np.array([[0.0] * 128, [np.inf] * 128]))
     with pytest.raises(ValueError, match="numbers"):
         client.embed("audio", [["x"]])
