@@ -101,6 +101,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/scale_bench.py
 	$(PY) bench/http_bench.py
 	$(PY) bench/write_bench.py
+	$(PY) bench/client_bench.py
 
 clean:
 	rm -rf $(ARTIFACTS) data/synthetic

@@ -10,7 +10,7 @@ the answer). The callers run in this process and share the 2 cores with the serv
 client costs shows in both latency and throughput.
 
 Bulk upsert: ``--bulk`` new items (128 features, small metadata) in batches of 1000, through
-``Client.upsert`` (1 caller; and 4 ``AsyncClient`` callers), with and without orjson (the ``fast``
+``Client.upsert`` (1 request at a time, and ``concurrency=4``; and 4 ``AsyncClient`` callers), with and without orjson (the ``fast``
 extra), against the server's own write benchmark's bulk load (bench/write_bench.py: the same
 batches, pre-encoded before the clock starts, sent by 4 raw-socket clients) in the same run.
 
@@ -176,6 +176,12 @@ def bench_bulk(url: str, port: int, n: int) -> dict:
             out[f"Client.upsert, 1 caller{'' if fast else ', json (no orjson)'}"] = round(n / seconds, 1)
         finally:
             wire.orjson = saved
+    ids, vectors, metadata = bulk_items(n, 5)
+    with Client(url) as client:
+        client.info()
+        started = time.perf_counter()
+        assert client.upsert("audio", ids, vectors, metadata, batch_size=BATCH, concurrency=4).upserted == n
+        out["Client.upsert, concurrency=4"] = round(n / (time.perf_counter() - started), 1)
     ids, vectors, metadata = bulk_items(n, 4)
 
     async def four() -> float:

@@ -46,7 +46,7 @@ def _upsert(client: Client, args: argparse.Namespace) -> Any:
     metadata = None
     if args.metadata:
         metadata = [json.loads(line) for line in Path(args.metadata).read_text().splitlines() if line.strip()]
-    return client.upsert(modality, ids, vectors, metadata, batch_size=args.batch_size, progress=args.progress)
+    return client.upsert(modality, ids, vectors, metadata, batch_size=args.batch_size, progress=args.progress, concurrency=args.concurrency)
 
 
 def _embed(client: Client, args: argparse.Namespace) -> Any:
@@ -139,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", required=True, type=Path, help="text file, one id per line, one per vector")
     p.add_argument("--metadata", type=Path, help="JSON lines file, one object (or null) per item")
     p.add_argument("--batch-size", type=int, help="items per request (default: the server's limit)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
     p = sub.add_parser("embed", parents=[common, vectors], help="served embeddings of feature vectors, saved as .npy")
     p.add_argument("--out", required=True, type=Path)

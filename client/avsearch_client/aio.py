@@ -43,7 +43,11 @@ class AsyncClient:
         try:
             call = next(operation)
             while True:
-                call = operation.send(await self._send(call, retry or self._session.retry))
+                retry = retry or self._session.retry
+                if isinstance(call, list):
+                    call = operation.send(await asyncio.gather(*(self._send(c, retry) for c in call)))
+                else:
+                    call = operation.send(await self._send(call, retry))
         except StopIteration as done:
             return done.value
 
@@ -98,8 +102,9 @@ class AsyncClient:
         *,
         batch_size: int | None = None,
         progress: Progress | bool | None = None,
+        concurrency: int = 1,
     ) -> Upserted:
-        return await self._run(wire.upsert(self._session, modality, ids, vectors, metadata, batch_size, progress))
+        return await self._run(wire.upsert(self._session, modality, ids, vectors, metadata, batch_size, progress, concurrency))
 
     async def get(self, modality: str, item_id: str) -> Item:
         return await self._run(wire.get(self._session, modality, item_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,17 @@ class Client:
         try:
             call = next(operation)
             while True:
-                call = operation.send(self._send(call, retry or self._session.retry))
+                retry = retry or self._session.retry
+                call = operation.send(self._send_all(call, retry) if isinstance(call, list) else self._send(call, retry))
         except StopIteration as done:
             return done.value
+
+    def _send_all(self, calls: list[Call], retry: RetryPolicy) -> list[httpx.Response]:
+        """Calls sent concurrently (threads share the pool); an error is raised once all have ended."""
+        if len(calls) == 1:
+            return [self._send(calls[0], retry)]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(lambda call: self._send(call, retry), calls))
 
     def _send(self, call: Call, retry: RetryPolicy) -> httpx.Response:
         attempt = 0
@@ -109,12 +118,13 @@ class Client:
         *,
         batch_size: int | None = None,
         progress: Progress | bool | None = None,
+        concurrency: int = 1,
     ) -> Upserted:
         """Add or replace items (raw features, embedded by the server), split into requests under the
-        server's limits (``batch_size`` items at most). ``progress``: True prints to stderr, or a
-        callable ``(done, total)``. Each acknowledged request is in the server's log; when one fails
+        server's limits (``batch_size`` items at most), ``concurrency`` of them in flight at once.
+        ``progress``: True prints to stderr, or a callable ``(done, total)``. Each acknowledged request is in the server's log; when one fails
         the exception says nothing of the earlier ones, which stay: upsert again (it is idempotent)."""
-        return self._run(wire.upsert(self._session, modality, ids, vectors, metadata, batch_size, progress))
+        return self._run(wire.upsert(self._session, modality, ids, vectors, metadata, batch_size, progress, concurrency))
 
     def get(self, modality: str, item_id: str) -> Item:
         return self._run(wire.get(self._session, modality, item_id))

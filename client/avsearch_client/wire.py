@@ -8,6 +8,7 @@ A driver raises the typed error for an answer of 400 or more (unless the call li
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -35,7 +36,8 @@ API_VERSION = 1  # the /v1 routes; a server that states another `api_version` in
 JSON, NPY = "application/json", "application/x-npy"
 BODY_MARGIN = 256  # bytes kept under max_body_bytes for the envelope of a packed body
 T = TypeVar("T")
-Operation = Generator["Call", httpx.Response, T]
+# An operation yields one call and receives its answer, or a list of calls sent concurrently and their answers.
+Operation = Generator["Call | list[Call]", Any, T]
 Progress = Callable[[int, int], None]
 
 
@@ -244,7 +246,14 @@ def pack_items(ids: Sequence[str], rows: np.ndarray, metadata: Sequence[dict | N
 
 
 def upsert(
-    session: Session, modality: str, ids: Sequence[str], vectors: Any, metadata: Sequence[dict | None] | None, batch_size: int | None, progress: Progress | bool | None
+    session: Session,
+    modality: str,
+    ids: Sequence[str],
+    vectors: Any,
+    metadata: Sequence[dict | None] | None,
+    batch_size: int | None,
+    progress: Progress | bool | None,
+    concurrency: int = 1,
 ) -> Operation[Upserted]:
     limits = yield from server_limits(session)
     rows = as_rows(vectors)
@@ -259,13 +268,16 @@ def upsert(
     repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:  # across batches the later one would silently replace the earlier
         raise ValueError(f"ids must be unique within one upsert; repeated: {repeated[:5]}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
     report = progress_printer(len(ids)) if progress is True else progress or None
-    per_request = min(batch_size or limits.max_vectors, limits.max_vectors)
+    path = f"/v1/items/{_modality(modality)}"
+    batches = pack_items(ids, rows, metadata, min(batch_size or limits.max_vectors, limits.max_vectors), limits.max_body_bytes)
     done = requests = count = 0
-    for n, body in pack_items(ids, rows, metadata, per_request, limits.max_body_bytes):
-        call = Call("POST", f"/v1/items/{_modality(modality)}", content=body, headers={"Content-Type": JSON})
-        count = (yield call).json()["count"]
-        done, requests = done + n, requests + 1
+    while wave := list(itertools.islice(batches, concurrency)):  # up to `concurrency` requests in flight at once
+        answers = yield [Call("POST", path, content=body, headers={"Content-Type": JSON}) for _, body in wave]
+        count = max(answer.json()["count"] for answer in answers)  # the last one applied saw every earlier one
+        done, requests = done + sum(n for n, _ in wave), requests + len(wave)
         if report:
             report(done, len(ids))
     return Upserted(done, count, requests)

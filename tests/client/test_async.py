@@ -31,7 +31,7 @@ def test_every_route(server, tmp_path):
             assert by_id[0][0].id == "clip-000010"
             np.testing.assert_allclose(await client.embed("audio", queries), sync.embed("audio", queries), atol=1e-6)
             ids = [f"async-{i}" for i in range(70)]
-            done = await client.upsert("audio", ids, queries[:70], [{"i": i} for i in range(70)], progress=True)
+            done = await client.upsert("audio", ids, queries[:70], [{"i": i} for i in range(70)], progress=True, concurrency=2)
             assert (done.upserted, done.requests) == (70, 2)
             item = await client.get("audio", "async-5")
             assert item.metadata == {"i": 5}

@@ -144,6 +144,10 @@ def test_upsert_packs_by_count_and_by_bytes_and_reports_progress(client):
     assert visual.requests > 2  # ~22 KB of JSON an item: the 400 000-byte limit cuts first
     small = client.upsert("audio", [f"pb-{i}" for i in range(10)], rows(10, "audio", 11), batch_size=4)
     assert small.requests == 3
+    seen.clear()
+    many = client.upsert("audio", [f"pc-{i}" for i in range(300)], rows(300, "audio", 14), concurrency=3, progress=lambda done, total: seen.append(done))
+    assert many.requests == 5 and seen == [192, 300] and many.count == client.info().index_sizes["audio"]  # 64 a request, 3 at once
+    assert [client.get("audio", f"pc-{i}").id for i in (0, 63, 64, 191, 192, 299)] == [f"pc-{i}" for i in (0, 63, 64, 191, 192, 299)]
 
 
 def test_info_health_ready(client, raw):

@@ -35,9 +35,9 @@ def test_a_large_upload_arrives_whole(server):
     seen: list[int] = []
     with Client(server.url) as client:
         before = client.info().index_sizes["audio"]
-        done = client.upsert("audio", ids, vectors, metadata, progress=lambda n, total: seen.append(n))
+        done = client.upsert("audio", ids, vectors, metadata, progress=lambda n, total: seen.append(n), concurrency=4)
         assert (done.upserted, done.requests, done.count) == (N, N // PER_REQUEST, before + N)
-        assert seen == list(range(PER_REQUEST, N + 1, PER_REQUEST))
+        assert seen == list(range(4 * PER_REQUEST, N + 1, 4 * PER_REQUEST))  # after each wave of 4 requests
         assert upsert_requests(client) == N // PER_REQUEST  # no request sent twice
         assert client.info().index_sizes["audio"] == before + N  # no id lost (ids are unique: none counted twice)
         # Each batch's first and last item, and a random sample: its own metadata and its own vector's embedding.
