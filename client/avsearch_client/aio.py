@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -49,7 +49,7 @@ class AsyncClient:
                 else:
                     call = operation.send(await self._send(call, retry))
         except StopIteration as done:
-            return done.value
+            return cast(T, done.value)
 
     async def _send(self, call: Call, retry: RetryPolicy) -> httpx.Response:
         attempt = 0
@@ -137,7 +137,7 @@ class AsyncClient:
             await asyncio.sleep(interval)
 
     async def reload(self, model_dir: str | Path | None = None, index_dir: str | Path | None = None) -> Reloaded:
-        return await self._run(wire.reload(self._session, model_dir and str(model_dir), index_dir and str(index_dir)))
+        return await self._run(wire.reload(self._session, model_dir, index_dir))
 
     async def create_snapshot(self) -> Snapshot:
         return await self._run(wire.create_snapshot(self._session))

@@ -85,7 +85,7 @@ class ServerError(AvsearchError):
 
 
 BY_STATUS: dict[int, type[AvsearchError]] = {
-    cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType, InvalidRequest, Unavailable)  # type: ignore[misc]
+    cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType, InvalidRequest, Unavailable)
 }
 
 

@@ -29,7 +29,7 @@ class Hits(Sequence[Hit]):
     def __getitem__(self, i: int) -> Hit: ...
     @overload
     def __getitem__(self, i: slice) -> list[Hit]: ...
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> Any:
         return self._hits[i]
 
     def __len__(self) -> int:
@@ -60,7 +60,7 @@ class SearchResults(Sequence[Hits]):
     def __getitem__(self, i: int) -> Hits: ...
     @overload
     def __getitem__(self, i: slice) -> list[Hits]: ...
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> Any:
         return self._results[i]
 
     def __len__(self) -> int:
@@ -92,7 +92,7 @@ class SearchResults(Sequence[Hits]):
         return out
 
 
-def parse_results(body: dict) -> list[Hits]:
+def parse_results(body: dict[str, Any]) -> list[Hits]:
     return [Hits([Hit(h["id"], float(h["score"]), h.get("metadata")) for h in hits]) for hits in body["results"]]
 
 
@@ -104,7 +104,7 @@ class Item:
     embedding: np.ndarray  # (E,) float32, the stored embedding (raw features are not returned)
 
     @classmethod
-    def parse(cls, body: dict) -> Item:
+    def parse(cls, body: dict[str, Any]) -> Item:
         return cls(body["id"], body["modality"], body.get("metadata"), np.asarray(body["embedding"], dtype=np.float32))
 
 
@@ -143,7 +143,7 @@ class Info:
     raw: dict[str, Any] = field(repr=False)  # the whole answer, fields this client does not know included
 
     @classmethod
-    def parse(cls, body: dict) -> Info:
+    def parse(cls, body: dict[str, Any]) -> Info:
         limits = body["limits"]
         return cls(
             model=body["model"],
@@ -177,5 +177,5 @@ class Snapshot:
     items: dict[str, int]
 
     @classmethod
-    def parse(cls, body: dict) -> Snapshot:
+    def parse(cls, body: dict[str, Any]) -> Snapshot:
         return cls(**{k: body[k] for k in ("name", "bytes", "model", "model_sha256", "created", "lsn", "items")})

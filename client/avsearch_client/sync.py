@@ -6,7 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -50,7 +50,7 @@ class Client:
                 retry = retry or self._session.retry
                 call = operation.send(self._send_all(call, retry) if isinstance(call, list) else self._send(call, retry))
         except StopIteration as done:
-            return done.value
+            return cast(T, done.value)
 
     def _send_all(self, calls: list[Call], retry: RetryPolicy) -> list[httpx.Response]:
         """Calls sent concurrently (threads share the pool); an error is raised once all have ended."""
@@ -161,7 +161,7 @@ class Client:
 
     def reload(self, model_dir: str | Path | None = None, index_dir: str | Path | None = None) -> Reloaded:
         """Swap in a model + index version (default: the server's configured paths, re-read)."""
-        return self._run(wire.reload(self._session, model_dir and str(model_dir), index_dir and str(index_dir)))
+        return self._run(wire.reload(self._session, model_dir, index_dir))
 
     # --- snapshots -----------------------------------------------------------------------------------
     def create_snapshot(self) -> Snapshot:

@@ -87,7 +87,7 @@ class RetryPolicy:
         wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
         if response is not None and response.headers.get("retry-after", "").isdigit():
             wait = max(wait, min(float(response.headers["retry-after"]), self.max_backoff))
-        return wait
+        return float(wait)
 
 
 class Session:
@@ -229,7 +229,7 @@ def encode_item(item_id: str, row: np.ndarray, metadata: dict[str, Any] | None) 
     return json.dumps({"id": item_id, "vector": row.tolist(), "metadata": metadata}).encode()
 
 
-def pack_items(ids: Sequence[str], rows: np.ndarray, metadata: Sequence[dict | None] | None, per_request: int, max_bytes: int) -> Iterator[tuple[int, bytes]]:
+def pack_items(ids: Sequence[str], rows: np.ndarray, metadata: Sequence[dict[str, Any] | None] | None, per_request: int, max_bytes: int) -> Iterator[tuple[int, bytes]]:
     """(item count, upsert body) in order, each body of at most ``per_request`` items and
     ``max_bytes`` bytes; an item too large on its own goes alone (the server answers 413)."""
     parts: list[bytes] = []
@@ -250,7 +250,7 @@ def upsert(
     modality: str,
     ids: Sequence[str],
     vectors: Any,
-    metadata: Sequence[dict | None] | None,
+    metadata: Sequence[dict[str, Any] | None] | None,
     batch_size: int | None,
     progress: Progress | bool | None,
     concurrency: int = 1,
@@ -308,7 +308,7 @@ def delete(session: Session, modality: str, item_id: str) -> Operation[Deleted]:
 
 
 def health(session: Session) -> Operation[bool]:
-    return (yield Call("GET", "/healthz")).json().get("status") == "ok"
+    return bool((yield Call("GET", "/healthz")).json().get("status") == "ok")
 
 
 def ready(session: Session) -> Operation[str | None]:
@@ -321,7 +321,7 @@ def not_ready(url: str, timeout: float, reason: str) -> Unavailable:
     return Unavailable(f"{url} not ready after {timeout:g} s: {reason}", 503, "GET /readyz")
 
 
-def reload(session: Session, model_dir: str | None, index_dir: str | None) -> Operation[Reloaded]:
+def reload(session: Session, model_dir: str | Path | None, index_dir: str | Path | None) -> Operation[Reloaded]:
     yield from server_limits(session)
     body = {k: str(v) for k, v in (("model_dir", model_dir), ("index_dir", index_dir)) if v is not None}
     answer = (yield json_call("POST", "/v1/admin/reload", body, idempotent=False)).json()
@@ -355,12 +355,12 @@ class AtomicFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def __enter__(self):
+    def __enter__(self) -> io.BufferedWriter:
         fd, self.partial = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
         self.file = os.fdopen(fd, "wb")
         return self.file
 
-    def __exit__(self, kind, *exc) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         try:
             if kind is None:
                 self.file.flush()
