@@ -13,7 +13,7 @@ from avsearch_client.errors import (  # noqa: E402
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    ServerError,
+    UnexpectedStatus,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
@@ -25,5 +25,5 @@ from avsearch_client.wire import API_VERSION, RetryPolicy  # noqa: E402
 __all__ = [
     "API_VERSION", "AsyncClient", "AvsearchError", "BadRequest", "Client", "Conflict", "ConnectionFailed", "Deleted", "Forbidden",
     "Hit", "Hits", "IncompatibleServer", "Info", "InvalidRequest", "Item", "Limits", "NotFound", "PayloadTooLarge", "Reloaded",
-    "RetryPolicy", "SearchResults", "ServerError", "Snapshot", "Unauthorized", "Unavailable", "UnsupportedMediaType", "Upserted",
+    "RetryPolicy", "SearchResults", "UnexpectedStatus", "Snapshot", "Unauthorized", "Unavailable", "UnsupportedMediaType", "Upserted",
 ]

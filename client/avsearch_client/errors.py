@@ -80,8 +80,8 @@ class Unavailable(AvsearchError):
     status = 503
 
 
-class ServerError(AvsearchError):
-    """Any other status of 400 or more (a 500 is a server bug: report it)."""
+class UnexpectedStatus(AvsearchError):
+    """A status of 400 or more this client has no class for (a 500 is a server bug: report it)."""
 
 
 BY_STATUS: dict[int, type[AvsearchError]] = {
@@ -98,4 +98,4 @@ def error_from(response: httpx.Response) -> AvsearchError:
         message = response.text
     message = message.strip()[:2000] or response.reason_phrase
     request = f"{response.request.method} {response.request.url.path}"
-    return BY_STATUS.get(response.status_code, ServerError)(message, response.status_code, request)
+    return BY_STATUS.get(response.status_code, UnexpectedStatus)(message, response.status_code, request)

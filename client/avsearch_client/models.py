@@ -144,16 +144,17 @@ class Info:
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> Info:
+        """Needs ``model`` and the limits (what the client relies on); the rest is taken as given."""
         limits = body["limits"]
         return cls(
             model=body["model"],
-            model_sha256=body["model_sha256"],
-            model_dir=body["model_dir"],
-            index_dir=body["index_dir"],
-            manifest=body["manifest"],
-            index_sizes=body["index_sizes"],
-            index_factories=body["index_factories"],
-            providers=body["providers"],
+            model_sha256=body.get("model_sha256", ""),
+            model_dir=body.get("model_dir", ""),  # a read-only caller may be told the directory names only
+            index_dir=body.get("index_dir", ""),
+            manifest=body.get("manifest", {}),
+            index_sizes=body.get("index_sizes", {}),
+            index_factories=body.get("index_factories", {}),
+            providers=body.get("providers", {}),
             limits=Limits(int(limits["max_vectors"]), int(limits["max_top_k"]), int(limits["max_body_bytes"])),
             raw=body,
         )

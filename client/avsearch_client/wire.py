@@ -161,9 +161,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _rows_per_request(limits: Limits, width: int) -> int:
-    """Most float32 rows of ``width`` values one ``.npy`` request may hold under both limits."""
-    return max(1, min(limits.max_vectors, (limits.max_body_bytes - BODY_MARGIN) // (4 * width)))
+JSON_BYTES_PER_FLOAT = 26  # the longest repr of a float64 (-1.2345678901234567e-308) and ", "
+
+
+def _rows_per_request(limits: Limits, width: int, binary: bool = True) -> int:
+    """Most rows of ``width`` values one request may hold under both limits (.npy: 4 bytes a value)."""
+    per_value = 4 if binary else JSON_BYTES_PER_FLOAT
+    return max(1, min(limits.max_vectors, (limits.max_body_bytes - BODY_MARGIN) // (per_value * width)))
 
 
 def search(
@@ -196,7 +200,7 @@ def search(
             model = answer["model"]
         return SearchResults(results, model)
     rows = as_rows(queries, "queries")
-    step = _rows_per_request(limits, rows.shape[1])
+    step = _rows_per_request(limits, rows.shape[1], binary)
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         if binary:  # the options in the query string, the vectors as .npy

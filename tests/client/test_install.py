@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def test_installs_alone_into_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # no system site packages
     python = venv / "bin" / "python"
-    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(REPO / "client")], capture_output=True, text=True)
+    source = shutil.copytree(REPO / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # pip builds in the tree
+    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-3000:]
     checked = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert checked.returncode == 0 and checked.stdout.startswith("ok"), checked.stderr[-3000:]

@@ -82,6 +82,7 @@ def test_visual_queries_over_the_byte_limit_are_split_too(client, raw):
     for start in range(0, 120, 10):  # as JSON, 10 rows fit
         expected += reference_search(raw, {"modality": "visual", "vectors": queries[start : start + 10].tolist(), "top_k": 2})
     same_hits(got, expected)
+    same_hits(client.search("visual", queries, top_k=2, binary=False), expected)  # JSON: ~20 bytes a value, smaller requests
 
 
 def test_search_by_ids_target_threshold_and_filter(client, raw):
