@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 
 from avsearch_client import AsyncClient, Client, wire  # noqa: E402
 from bench.http_bench import stop  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 from bench.write_bench import AUDIO_DIM, build_index, latency_summary, run_requests, serve, tiny_model, upsert_request  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -65,11 +66,13 @@ def top_ids(answer: dict) -> list[str]:
     return [h["id"] for h in answer["results"][0]]
 
 
-def sync_caller(kind: str, binary: bool, url: str):
+def sync_caller(kind: str, binary: bool, url: str, transport: httpx.BaseTransport | None = None):
     if kind == "client":
         client = Client(url)
+        if transport is not None:  # the overhead measurement: the same client over an in-memory server
+            client._http = httpx.Client(base_url=url, transport=transport)
         return lambda q: client.search("audio", q, top_k=TOP_K, target="audio", binary=binary)[0].ids.tolist()
-    raw = httpx.Client(base_url=url)
+    raw = httpx.Client(base_url=url, transport=transport)
     return lambda q: top_ids(raw.post("/v1/search", **hand_made(q, binary)).json())
 
 
@@ -90,17 +93,18 @@ def async_caller(kind: str, binary: bool, url: str):
     return call_raw
 
 
-def time_sync(call, queries: np.ndarray, duration: float) -> dict:
+def time_sync(call, queries: np.ndarray, duration: float) -> tuple[list[float], float]:
+    """(latencies, elapsed seconds) of back-to-back calls for ``duration`` seconds."""
     latencies, started, i = [], time.perf_counter(), 0
     while time.perf_counter() - started < duration:
         t = time.perf_counter()
         call(queries[i % len(queries)])
         latencies.append(time.perf_counter() - t)
         i += 1
-    return latency_summary(latencies, 0, time.perf_counter() - started)
+    return latencies, time.perf_counter() - started
 
 
-async def time_async(kind: str, binary: bool, url: str, queries: np.ndarray, duration: float, callers: int) -> dict:
+async def time_async(kind: str, binary: bool, url: str, queries: np.ndarray, duration: float, callers: int) -> tuple[list[float], float]:
     call = async_caller(kind, binary, url)
     await asyncio.gather(*(call(queries[c]) for c in range(callers)))  # open the pool's connections first
     latencies: list[float] = []
@@ -115,21 +119,49 @@ async def time_async(kind: str, binary: bool, url: str, queries: np.ndarray, dur
             i += callers
 
     await asyncio.gather(*(caller(c) for c in range(callers)))
-    return latency_summary(latencies, 0, time.perf_counter() - started)
+    return latencies, time.perf_counter() - started
 
 
 VARIANTS = {"httpx JSON (hand-made)": ("httpx", False), "client JSON": ("client", False), "httpx .npy (hand-made)": ("httpx", True), "client .npy": ("client", True)}
 
 
-def bench_search(url: str, duration: float) -> dict:
+def bench_search(url: str, duration: float, rounds: int) -> dict:
+    """Each variant ``rounds`` times in turn (duration / rounds seconds each): a shared machine's
+    drift falls on every variant alike."""
     queries = np.random.default_rng(0).standard_normal((256, AUDIO_DIM)).astype(np.float32)
     reference = sync_caller("httpx", False, url)
+    calls = {name: sync_caller(kind, binary, url) for name, (kind, binary) in VARIANTS.items()}
+    for call in calls.values():
+        assert all(call(q) == reference(q) for q in queries[:8])  # the same answers; warm connections
+    pooled: dict = {name: {"1": ([], 0.0), "16": ([], 0.0)} for name in VARIANTS}
+    for _ in range(rounds):
+        for name, (kind, binary) in VARIANTS.items():
+            for callers, (lat, seconds) in (("1", time_sync(calls[name], queries, duration / rounds)), ("16", asyncio.run(time_async(kind, binary, url, queries, duration / rounds, 16)))):
+                pooled[name][callers] = (pooled[name][callers][0] + lat, pooled[name][callers][1] + seconds)
+    out = {name: {c: latency_summary(lat, 0, seconds) for c, (lat, seconds) in by.items()} for name, by in pooled.items()}
+    for name, figures in out.items():
+        print(name, json.dumps(figures), flush=True)
+    return out
+
+
+def bench_overhead(calls_per_variant: int = 2000) -> dict:
+    """Microseconds a call costs in this process over an in-memory transport (no server, no socket):
+    what the client adds to a hand-made httpx call, free of the server's and the machine's noise."""
+    answer = json.dumps({"results": [[{"id": f"base-{i}", "score": 0.5, "metadata": None} for i in range(TOP_K)]], "model": "x"}).encode()
+    info = json.dumps({"model": "x", "limits": {"max_vectors": 1000, "max_top_k": 1000, "max_body_bytes": 1 << 25}}).encode()
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=info if request.url.path == "/v1/info" else answer, headers={"Content-Type": "application/json"}))
+    q = np.random.default_rng(2).standard_normal(AUDIO_DIM).astype(np.float32)
     out = {}
     for name, (kind, binary) in VARIANTS.items():
-        call = sync_caller(kind, binary, url)
-        assert all(call(q) == reference(q) for q in queries[:8])  # the same answers; warm connections
-        out[name] = {"1": time_sync(call, queries, duration), "16": asyncio.run(time_async(kind, binary, url, queries, duration, 16))}
-        print(name, json.dumps(out[name]), flush=True)
+        call = sync_caller(kind, binary, "http://in-memory", transport)
+        call(q)
+
+        def run() -> None:
+            for _ in range(calls_per_variant):
+                call(q)
+
+        out[name] = round(best_time(run) / calls_per_variant * 1e6, 1)
+    print("overhead us", json.dumps(out), flush=True)
     return out
 
 
@@ -145,7 +177,8 @@ def bench_batch(url: str, duration: float, rows: int) -> dict:
     out = {}
     for name, call in calls.items():
         assert len(call()) == rows
-        out[name] = time_sync(lambda q: call(), queries, duration)
+        latencies, seconds = time_sync(lambda q: call(), queries, duration)
+        out[name] = latency_summary(latencies, 0, seconds)
         print(f"batch of {rows}: {name}", json.dumps(out[name]), flush=True)
     return out
 
@@ -205,7 +238,7 @@ def write_results(out: dict) -> None:
         "# Client benchmark (`bench/client_bench.py`)",
         "",
         f"{out['machine']}; model: tiny preset (embedding width 8); {out['items']:,}-item Flat audio index; one 128-feature audio query, top {TOP_K}, per request; "
-        f"{out['duration']} s per variant; callers in the benchmark's process (they share the cores with the server); load average {out['load_average_1min']}.",
+        f"{out['duration']} s per variant and caller count, in {out['rounds']} turns taken in rotation; callers in the benchmark's process (they share the cores with the server); load average {out['load_average_1min']}.",
         "",
         "| search | 1 caller p50 / p99 ms | 1 caller searches/s | 16 callers p50 / p99 ms | 16 callers searches/s |",
         "|---|---|---|---|---|",
@@ -213,12 +246,17 @@ def write_results(out: dict) -> None:
     for name, r in s.items():
         lines.append(f"| {name} | {r['1']['p50_ms']} / {r['1']['p99_ms']} | {r['1']['per_s']} | {r['16']['p50_ms']} / {r['16']['p99_ms']} | {r['16']['per_s']} |")
     ratio = lambda a, b, c, key: round(s[a][c][key] / s[b][c][key], 2)  # noqa: E731
+    o = out["overhead_us"]
     lines += [
         "",
-        f"Client over hand-made httpx, p50 at 1 caller: JSON {ratio('client JSON', 'httpx JSON (hand-made)', '1', 'p50_ms')}x, .npy {ratio('client .npy', 'httpx .npy (hand-made)', '1', 'p50_ms')}x; "
-        f"throughput at 16 callers: JSON {ratio('client JSON', 'httpx JSON (hand-made)', '16', 'per_s')}x, .npy {ratio('client .npy', 'httpx .npy (hand-made)', '16', 'per_s')}x.",
-        f"The client's .npy path (its default) over a hand-made httpx JSON call: p50 at 1 caller {ratio('client .npy', 'httpx JSON (hand-made)', '1', 'p50_ms')}x, "
-        f"throughput at 16 callers {ratio('client .npy', 'httpx JSON (hand-made)', '16', 'per_s')}x.",
+        f"Client ÷ hand-made httpx (same run; p50: above 1 = the client slower; searches/s: above 1 = the client faster): "
+        f"1 caller p50 JSON {ratio('client JSON', 'httpx JSON (hand-made)', '1', 'p50_ms')}, .npy {ratio('client .npy', 'httpx .npy (hand-made)', '1', 'p50_ms')}; "
+        f"16 callers searches/s JSON {ratio('client JSON', 'httpx JSON (hand-made)', '16', 'per_s')}, .npy {ratio('client .npy', 'httpx .npy (hand-made)', '16', 'per_s')}.",
+        "",
+        "What the client itself costs, free of the server and of the machine's noise: microseconds per call in one process over an in-memory transport "
+        f"(httpx.MockTransport answering a canned top-{TOP_K}; best of 3 x 2000 calls): "
+        + ", ".join(f"{name} {us} µs" for name, us in o.items())
+        + f"; the client adds {round(o['client JSON'] - o['httpx JSON (hand-made)'], 1)} µs (JSON) and {round(o['client .npy'] - o['httpx .npy (hand-made)'], 1)} µs (.npy) to a hand-made call.",
         "",
         f"A batch of {out['batch_rows']} queries in one call (one request), 1 caller:",
         "",
@@ -226,8 +264,8 @@ def write_results(out: dict) -> None:
         "|---|---|---|",
         *[f"| {name} | {r['p50_ms']} / {r['p99_ms']} | {round(r['per_s'] * out['batch_rows'], 1)} |" for name, r in out["batch"].items()],
         "",
-        f".npy over JSON for the batch, p50: over the client's JSON {round(out['batch']['client JSON']['p50_ms'] / out['batch']['client .npy']['p50_ms'], 2)}x faster, "
-        f"over the hand-made httpx JSON call {round(out['batch']['httpx JSON (hand-made)']['p50_ms'] / out['batch']['client .npy']['p50_ms'], 2)}x faster.",
+        f"The .npy path's gain on the batch, p50 of JSON ÷ p50 of .npy: the client's JSON {round(out['batch']['client JSON']['p50_ms'] / out['batch']['client .npy']['p50_ms'], 2)}x, "
+        f"a hand-made httpx JSON call {round(out['batch']['httpx JSON (hand-made)']['p50_ms'] / out['batch']['client .npy']['p50_ms'], 2)}x.",
         "",
         f"Bulk upsert: {out['bulk_items']:,} new audio items in batches of {BATCH} into the same index (items/s):",
         "",
@@ -244,7 +282,8 @@ def write_results(out: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=float, default=1e5, help="items in the served audio index")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per search variant and caller count")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per search variant and caller count (over all rounds)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each search variant takes (its duration split between them)")
     parser.add_argument("--batch", type=int, default=256, help="queries in the one-call batch search")
     parser.add_argument("--bulk", type=float, default=1e5, help="items per bulk upload (0: skip)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"), help="cache shared with bench/write_bench.py")
@@ -255,8 +294,9 @@ def main() -> None:
     proc, port = serve(model, index, None, snapshot_seconds=300)
     url = f"http://127.0.0.1:{port}"
     try:
-        out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "items": int(args.items), "duration": args.duration, "notes": args.note}
-        out["search"] = bench_search(url, args.duration)
+        out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "items": int(args.items), "duration": args.duration, "rounds": args.rounds, "notes": args.note}
+        out["overhead_us"] = bench_overhead()
+        out["search"] = bench_search(url, args.duration, args.rounds)
         out["batch_rows"] = args.batch
         out["batch"] = bench_batch(url, args.duration, args.batch)
         out["bulk_items"] = int(args.bulk)
