@@ -155,10 +155,11 @@ def as_rows(vectors: Any, what: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+def npy_bytes(rows: np.ndarray) -> bytes:
+    """``numpy.save`` of (n, D) float32 rows, byte for byte, without its header writer (60-70 µs a call)."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % rows.shape
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"  # the whole header a multiple of 64 bytes, as numpy pads it
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + rows.astype("<f4", copy=False).tobytes()
 
 
 JSON_BYTES_PER_FLOAT = 26  # the longest repr of a float64 (-1.2345678901234567e-308) and ", "
