@@ -288,10 +288,13 @@ def upsert(
     return Upserted(done, count, requests)
 
 
-def progress_printer(total: int) -> Progress:
+def progress_printer(total: int, width: int = 30) -> Progress:
+    """A bar on stderr, redrawn in place: ``upsert [#######.......]  25000/100000 items``."""
+
     def show(done: int, _total: int) -> None:
+        filled = width * done // max(total, 1)
         end = "\n" if done == total else ""
-        print(f"\rupserted {done}/{total} items", end=end, file=sys.stderr, flush=True)
+        print(f"\rupsert [{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(total))}}/{total} items", end=end, file=sys.stderr, flush=True)
 
     return show
 
