@@ -35,6 +35,22 @@ def test_orjson_and_json_items_decode_to_the_same_values():
     np.testing.assert_array_equal(np.array([f["vector"] for f in fast], np.float32), rows)
 
 
+def test_json_bodies_with_arrays_read_back_alike_with_and_without_orjson():
+    rows = np.random.default_rng(3).normal(size=(4, 32)).astype(np.float32)
+    body = {"modality": "audio", "vectors": rows, "top_k": 3}
+    fast = json.loads(wire.dumps(body))
+    saved, wire.orjson = wire.orjson, None
+    try:
+        slow = json.loads(wire.dumps(body))
+        with pytest.raises(TypeError, match="set is not JSON serializable"):
+            wire.dumps({"x": {1}})
+    finally:
+        wire.orjson = saved
+    assert fast.keys() == slow.keys() and fast["top_k"] == slow["top_k"] == 3
+    np.testing.assert_array_equal(np.array(fast["vectors"], np.float32), rows)
+    np.testing.assert_array_equal(np.array(slow["vectors"], np.float32), rows)
+
+
 def test_packing_keeps_order_and_both_limits():
     rows = np.random.default_rng(2).normal(size=(100, 8)).astype(np.float32)
     ids = [f"id-{i}" for i in range(100)]
