@@ -15,7 +15,7 @@ from avsearch_client import AsyncClient, Client, RetryPolicy, Unavailable
 from avsearch_client.wire import Call
 from tests.client.conftest import DIMS, start_server
 
-PATIENT = {"retries": 60, "backoff": 0.05, "max_backoff": 0.5}  # ~30 s: a restart of serve fits
+PATIENT = {"retries": 240, "backoff": 0.05, "max_backoff": 0.5}  # ~2 min: a restart of serve fits, even on a loaded machine
 
 
 def restart_soon(server, delay: float = 0.3) -> threading.Thread:
