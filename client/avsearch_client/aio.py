@@ -40,14 +40,14 @@ class AsyncClient:
 
     # --- the driver -------------------------------------------------------------------------------
     async def _run(self, operation: Operation[T], retry: RetryPolicy | None = None) -> T:
+        policy = retry or self._session.retry
         try:
             call = next(operation)
             while True:
-                retry = retry or self._session.retry
-                if isinstance(call, list):
-                    call = operation.send(await asyncio.gather(*(self._send(c, retry) for c in call)))
+                if isinstance(call, list):  # sent concurrently
+                    call = operation.send(await asyncio.gather(*(self._send(c, policy) for c in call)))
                 else:
-                    call = operation.send(await self._send(call, retry))
+                    call = operation.send(await self._send(call, policy))
         except StopIteration as done:
             return cast(T, done.value)
 

@@ -44,11 +44,11 @@ class Client:
 
     # --- the driver -------------------------------------------------------------------------------
     def _run(self, operation: Operation[T], retry: RetryPolicy | None = None) -> T:
+        policy = retry or self._session.retry
         try:
             call = next(operation)
             while True:
-                retry = retry or self._session.retry
-                call = operation.send(self._send_all(call, retry) if isinstance(call, list) else self._send(call, retry))
+                call = operation.send(self._send_all(call, policy) if isinstance(call, list) else self._send(call, policy))
         except StopIteration as done:
             return cast(T, done.value)
 
