@@ -29,10 +29,10 @@ def test_a_server_restarted_under_the_client(server):
     before = server.proc.pid
     calls = 0
     with Client(server.url, **PATIENT) as client:
-        expected = client.search("audio", ids=["clip-000007"], top_k=5).ids
+        expected = client.search("audio", ids=["clip-000007"], top_k=5, target="audio").ids  # the upserts below go to visual
         restart = restart_soon(server)
         while restart.is_alive() or calls < 20:
-            assert (client.search("audio", ids=["clip-000007"], top_k=5).ids == expected).all()
+            assert (client.search("audio", ids=["clip-000007"], top_k=5, target="audio").ids == expected).all()
             client.upsert("visual", [f"restart-{calls}"], rng.normal(size=DIMS["visual"]))  # idempotent: retried on a broken connection too
             calls += 1
         restart.join()
@@ -43,11 +43,11 @@ def test_a_server_restarted_under_the_client(server):
 def test_a_server_restarted_under_the_async_client(server):
     async def run() -> int:
         async with AsyncClient(server.url, **PATIENT) as client:
-            expected = (await client.search("audio", ids=["clip-000003"], top_k=5)).ids
+            expected = (await client.search("audio", ids=["clip-000003"], top_k=5, target="audio")).ids
             restart = restart_soon(server)
             calls = 0
             while restart.is_alive() or calls < 20:
-                hits = await asyncio.gather(*(client.search("audio", ids=["clip-000003"], top_k=5) for _ in range(4)))
+                hits = await asyncio.gather(*(client.search("audio", ids=["clip-000003"], top_k=5, target="audio") for _ in range(4)))
                 assert all((h.ids == expected).all() for h in hits)
                 calls += 1
             restart.join()
