@@ -25,10 +25,12 @@ $(VENV)/.run-installed: pyproject.toml
 	$(PIP) install -q -e '.[cpu,train]'
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml
+$(VENV)/.test-installed: pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[cpu,train,dev]'
+	@# The Python client (client/, its own package: httpx + numpy); tests/client runs it against a real serve.
+	$(PIP) install -q -e './client[fast]'
 	@# Debian's Chromium + chromedriver drive the web console in tests/service/test_ui.py (no browser download); no install, no test run.
 	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@# docker-compose (Debian's, no engine needed) validates the compose files in the tests.
@@ -99,6 +101,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/scale_bench.py
 	$(PY) bench/http_bench.py
 	$(PY) bench/write_bench.py
+	$(PY) bench/client_bench.py
 
 clean:
 	rm -rf $(ARTIFACTS) data/synthetic

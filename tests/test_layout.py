@@ -128,3 +128,10 @@ def test_index_and_service_never_import_torch_at_runtime():
 
 def test_index_and_service_sources_do_not_mention_torch():
     assert "torch" not in _imported_top_levels("index") | _imported_top_levels("service")
+
+
+def test_the_client_imports_nothing_of_ours():
+    """client/ installs alone (httpx + numpy): it speaks HTTP to the service, never imports it."""
+    imported = _imported_top_levels("client")
+    assert not imported & set(OURS), imported & set(OURS)
+    assert imported - {"avsearch_client"} <= {"__future__", "httpx", "numpy", "orjson"} | set(sys.stdlib_module_names), imported
