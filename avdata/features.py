@@ -13,7 +13,7 @@ Formats (see README "Data formats"):
   row, for the index); default ids are ``<name>:<row>``, so adding a shard renames nothing;
 * ``synthetic``: the embedded default generator (:mod:`avdata.synthetic`).
 
-uint8 features are 8-bit quantised (YouTube-8M style) and de-quantised as ``(q − 128) / 256``.
+uint8 features are 8-bit codes, de-quantised by YouTube-8M's rule ``q·4/255 + 4/512 − 2`` (:class:`Quantization`).
 Every problem raises :class:`DataError` with one message naming the file and what is wrong.
 This package imports no torch: training, the batch indexing jobs and the service all read data
 through it, and the service image carries it without ``training/``.

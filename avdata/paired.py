@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 __all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES",
-           "DataError", "PairedFeatures", "dequantize", "as_features"]
+           "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "as_features"]
 
 SPLIT_NAMES = ("train", "val", "test")
 AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
@@ -85,9 +85,41 @@ class PairedFeatures:
         return replace(self, split=split.astype(str))
 
 
-def dequantize(q: np.ndarray) -> np.ndarray:
-    """YouTube-8M 8-bit features back to floats: ``(q − 128) / 256``."""
-    return ((q.astype(np.float32) - 128.0) / 256.0).astype(np.float32)
+@dataclass(frozen=True)
+class Quantization:
+    """The 8-bit code of a feature range: YouTube-8M's ``Dequantize`` (its starter code, range
+    [−2, 2]): ``x = q·(high − low)/255 + (high − low)/512 + low``. The same rule made YouTube-8M's
+    float ``mean_rgb``/``mean_audio`` from its 8-bit frames, and AudioSet's embeddings use the same
+    range, so a model trained on float features and queried with 8-bit ones sees the same numbers."""
+
+    low: float = -2.0
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.high > self.low:
+            raise DataError(f"8-bit range [{self.low}, {self.high}]: high must be above low")
+
+    @property
+    def step(self) -> float:
+        return (self.high - self.low) / 255.0
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """(…) uint8 -> float32 by the rule above."""
+        span = self.high - self.low
+        return (q.astype(np.float32) * np.float32(span / 255.0) + np.float32(span / 512.0 + self.low)).astype(np.float32, copy=False)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float -> the nearest uint8 code (clipped to the range); ``dequantize`` inverts it within half a step."""
+        span = self.high - self.low
+        return np.clip(np.round((np.asarray(x, np.float32) - np.float32(span / 512.0 + self.low)) / np.float32(span / 255.0)), 0, 255).astype(np.uint8)
+
+
+YOUTUBE8M = Quantization()  # the default everywhere: readers, feature directories and the service
+
+
+def dequantize(q: np.ndarray, quantization: Quantization = YOUTUBE8M) -> np.ndarray:
+    """8-bit features back to floats by YouTube-8M's rule (see :class:`Quantization`)."""
+    return quantization.dequantize(q)
 
 
 def as_features(array: np.ndarray, name: str) -> np.ndarray:
