@@ -4,13 +4,16 @@ Formats (see README "Data formats"):
 
 * a **feature directory** holding ``audio_features.npy`` (N×D_a), ``visual_features.npy`` (N×D_v)
   and optionally ``labels.npy`` (N class ids, or N×C multi-hot), ``ids.txt`` (one id per line) and
-  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2);
+  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2) and ``metadata.jsonl`` (one JSON
+  object per clip, kept with each item in the index);
 * the authors' **HDF5 layout**: ``audio_train``, ``visual_train``, ``lab_train`` and the same three
   ``_test`` keys; a validation split is carved from the training rows (seeded), never the test rows;
 * a **shard folder** of many ``.npy`` shards, one shard = ``audio_features-<name>.npy`` and/or
   ``visual_features-<name>.npy`` (same rows) with optional ``ids-<name>.txt``,
   ``labels-<name>.npy``, ``split-<name>.npy`` and ``metadata-<name>.jsonl`` (one JSON object per
   row, for the index); default ids are ``<name>:<row>``, so adding a shard renames nothing;
+* **TFRecord** ``Example``/``SequenceExample`` shards (YouTube-8M, AudioSet) and **Parquet/Arrow**
+  tables (:mod:`avdata.collection`, which also writes down the detection rule);
 * ``synthetic``: the embedded default generator (:mod:`avdata.synthetic`).
 
 uint8 features are 8-bit codes, de-quantised by YouTube-8M's rule ``q·4/255 + 4/512 − 2`` (:class:`Quantization`).
@@ -22,6 +25,7 @@ through it, and the service image carries it without ``training/``.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import numpy as np
 from avdata.atomic import atomic_file, atomic_write
 from avdata.paired import (
     AUDIO_FILE,
+    METADATA_FILE,
     HDF5_SUFFIXES,
     IDS_FILE,
     LABELS_FILE,
@@ -46,13 +51,15 @@ __all__ = [
     "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
     "DataError", "PairedFeatures", "dequantize", "as_features", "make_paired",
     "load_directory", "load_hdf5", "shard_names", "load_shard", "shard_ids", "load_shard_folder", "load_features",
-    "atomic_file", "atomic_write", "save_directory",
+    "atomic_file", "atomic_write", "save_directory", "read_jsonl", "METADATA_FILE",
 ]
 
 
 def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
     if labels.ndim not in (1, 2) or labels.shape[0] != n:
         raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
+    if labels.ndim == 2 and labels.dtype == np.uint8:
+        return labels  # a multi-hot matrix kept compact (N·C bytes: YouTube-8M has 3,862 classes)
     if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
         if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
             return labels.astype(np.int64)
@@ -115,7 +122,21 @@ def load_directory(path: Path) -> PairedFeatures:
     labels = _load_npy(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
     ids = (path / IDS_FILE).read_text().splitlines() if (path / IDS_FILE).is_file() else None
     split = _load_npy(path / SPLIT_FILE) if (path / SPLIT_FILE).is_file() else None
-    return make_paired(audio, visual, labels, ids, split, source=str(path))
+    data = make_paired(audio, visual, labels, ids, split, source=str(path))
+    if (path / METADATA_FILE).is_file():
+        data.metadata = read_jsonl(path / METADATA_FILE, len(data))
+    return data
+
+
+def read_jsonl(path: Path, rows: int) -> list[dict | None]:
+    """One JSON object (or an empty line) per row."""
+    try:
+        metadata = [json.loads(line) if line.strip() else None for line in path.read_text().splitlines()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not JSON lines ({err})") from None
+    if len(metadata) != rows or any(m is not None and not isinstance(m, dict) for m in metadata):
+        raise DataError(f"{path}: needs one JSON object per row ({rows} rows)")
+    return metadata
 
 
 def load_hdf5(path: Path, val_fraction: float = 0.1, seed: int = 0) -> PairedFeatures:
@@ -218,22 +239,27 @@ def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
     return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path))
 
 
-def load_features(data: str | os.PathLike) -> PairedFeatures:
-    """Load ``synthetic``, a feature directory or an HDF5 file; always returns a train/val/test split."""
-    if str(data) == "synthetic":
+def load_features(data: str | os.PathLike, processes: int | None = None, **options) -> PairedFeatures:
+    """Load any collection of the detection rule (:func:`avdata.collection.detect`): ``synthetic``,
+    a feature directory, a shard folder, an HDF5 file, TFRecords or tables; always returns a
+    train/val/test split. ``options`` override the collection's read options (``avdata.json``);
+    record and table shards are read in ``processes`` processes (default: one per core)."""
+    from avdata.collection import detect, join_clips, open_collection
+
+    kind, _ = detect(data)
+    if kind == "synthetic":
         from avdata.synthetic import generate  # imported when asked for: most callers read files
 
         return generate()
     path = Path(data)
-    if path.is_dir():
-        if not (path / AUDIO_FILE).exists() and shard_names(path):
-            return load_shard_folder(path).with_default_split()
+    if kind == "npy-shards":
+        return load_shard_folder(path).with_default_split()
+    if kind == "directory":
         return load_directory(path).with_default_split()
-    if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
+    if kind == "hdf5":
         return load_hdf5(path)
-    if not path.exists():
-        raise DataError(f"{path}: does not exist (expected a feature directory, an HDF5 file or 'synthetic')")
-    raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+    collection = open_collection(data, **options)
+    return join_clips(collection, collection.read_all(processes))[0]
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -253,4 +279,6 @@ def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
     if data.split is not None:
         _atomic_save_npy(path / SPLIT_FILE, data.split.astype("U5"))
     atomic_write(path / IDS_FILE, "\n".join(data.ids) + "\n")
+    if data.metadata is not None:
+        atomic_write(path / METADATA_FILE, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in data.metadata))
     return path

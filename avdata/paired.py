@@ -10,12 +10,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES",
+__all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "METADATA_FILE", "HDF5_SUFFIXES",
            "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "as_features"]
 
 SPLIT_NAMES = ("train", "val", "test")
 AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
-LABELS_FILE, IDS_FILE, SPLIT_FILE = "labels.npy", "ids.txt", "split.npy"
+LABELS_FILE, IDS_FILE, SPLIT_FILE, METADATA_FILE = "labels.npy", "ids.txt", "split.npy", "metadata.jsonl"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 
 
@@ -33,6 +33,7 @@ class PairedFeatures:
     ids: list[str]  # N stable string ids
     split: np.ndarray | None  # (N,) str in SPLIT_NAMES, or None when the source has none
     source: str = ""  # where the data came from, for logs and cards
+    metadata: list[dict] | None = None  # N JSON objects kept with each item in the index (title, URL, labels ...)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -70,7 +71,20 @@ class PairedFeatures:
             labels=None if self.labels is None else self.labels[rows],
             ids=[self.ids[i] for i in rows],
             split=None if self.split is None else self.split[rows],
+            metadata=None if self.metadata is None else [self.metadata[i] for i in rows],
         )
+
+    def item_metadata(self, start: int, stop: int) -> list[dict] | None:
+        """The index's metadata of rows ``start:stop``: the source's own, plus ``label`` (the class
+        id, or the list of class ids of a multi-hot row) when there are labels; None without either."""
+        if self.metadata is None and self.labels is None:
+            return None
+        out = [dict(m) for m in self.metadata[start:stop]] if self.metadata is not None else [{} for _ in range(start, min(stop, len(self)))]
+        if self.labels is not None:
+            labels = self.labels[start:stop]
+            for item, label in zip(out, labels):
+                item.setdefault("label", int(label) if labels.ndim == 1 else np.flatnonzero(label).tolist())
+        return out
 
     def with_default_split(self, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> "PairedFeatures":
         """Keep an existing split; otherwise assign a seeded train/val/test split."""

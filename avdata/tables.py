@@ -1,0 +1,133 @@
+"""Parquet and Arrow tables: one row a clip, read through pyarrow.
+
+The two feature vectors are list, large-list or fixed-size-list columns of floats (or of uint8
+codes, de-quantised), or binary columns of 8-bit codes; the names are :class:`ReadOptions`'
+candidates (``audio``/``visual``, ``mean_audio``/``mean_rgb`` ...). The id column is the first of
+``options.ids`` present (with the start second when there is one); a ``labels`` list column is
+optional; every other column (title, URL, start second ...) is kept as item metadata. One file is
+one shard.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from avdata.clips import MODALITIES, ReadOptions, ShardClips, clip_id
+from avdata.paired import DataError
+
+__all__ = ["TABLE_SUFFIXES", "read_table_shard", "table_rows"]
+
+TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+
+
+def _read(path: Path):
+    import pyarrow as pa
+    import pyarrow.feather
+    import pyarrow.parquet
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pyarrow.parquet.read_table(path)
+        return pyarrow.feather.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable {'Parquet' if path.suffix.lower() == '.parquet' else 'Arrow'} file ({err})") from None
+
+
+def table_rows(path: str | os.PathLike) -> int:
+    """Rows of a table file (Parquet: from its footer, without reading the columns)."""
+    import pyarrow.parquet
+
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    return _read(path).num_rows
+
+
+def _matrix(column, name: str, path: Path, options: ReadOptions) -> np.ndarray:
+    """A list / fixed-size-list / binary column as (n, D) float32; a row of another width is an error naming it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    if column.null_count:
+        raise DataError(f"{path}: column {name!r} row {int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])}: no vector (null)")
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        lengths = pc.binary_length(column).to_numpy()
+        values = np.frombuffer(b"".join(column.to_pylist()), np.uint8) if n else np.zeros(0, np.uint8)
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        values = column.flatten()
+        if values.null_count:
+            raise DataError(f"{path}: column {name!r} holds null values inside a vector")
+        value_type = values.type
+        if not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+            raise DataError(f"{path}: column {name!r} holds {value_type} values; expected floats or uint8 codes")
+        values = values.to_numpy(zero_copy_only=False)
+    else:
+        raise DataError(f"{path}: column {name!r} is {kind}; expected a list of floats (or uint8 codes), or 8-bit bytes")
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    wrong = np.flatnonzero(lengths != lengths[0])
+    if len(wrong):
+        raise DataError(f"{path}: column {name!r} row {int(wrong[0])}: {int(lengths[wrong[0]])} values; row 0 has {int(lengths[0])}")
+    matrix = values.reshape(n, int(lengths[0]))
+    if matrix.dtype == np.uint8:
+        return options.quantization.dequantize(matrix)
+    if np.issubdtype(matrix.dtype, np.integer):
+        raise DataError(f"{path}: column {name!r} holds {matrix.dtype} integers; expected floats or uint8 codes")
+    matrix = matrix.astype(np.float32, copy=False)
+    bad = ~np.isfinite(matrix)
+    if bad.any():
+        raise DataError(f"{path}: column {name!r} row {int(np.argwhere(bad)[0][0])}: holds NaN/Inf")
+    return matrix
+
+
+def _jsonable(value):
+    """A cell as JSON: bytes as text (hex when not UTF-8), dates and decimals as their text."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value.hex()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def read_table_shard(path: str | os.PathLike, options: ReadOptions, modalities=MODALITIES) -> ShardClips:
+    """Every row of one Parquet/Arrow file as clips; the modalities not in ``modalities`` are not decoded."""
+    path = Path(path)
+    table = _read(path)
+    columns = set(table.column_names)
+    arrays, used, described = {}, set(), {}
+    for modality in MODALITIES:
+        name = next((c for c in options.names(modality) if c in columns), None)
+        if name is None:
+            raise DataError(f"{path}: no {modality} column (looked for {', '.join(options.names(modality))}; columns: {', '.join(table.column_names)})")
+        used.add(name)
+        described[modality] = f"{name!r} ({table.schema.field(name).type})"
+        if modality in modalities:
+            arrays[modality] = _matrix(table.column(name), name, path, options)
+    rows = table.select([c for c in table.column_names if c not in used]).to_pylist()
+    ids, metadata = [], []
+    for number, row in enumerate(rows):
+        try:
+            id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
+        except ValueError as err:
+            raise DataError(f"{path}: row {number}: {err}") from None
+        ids.append(item_id)
+        described.setdefault("id", repr(id_field) if id_field else "none: <file>:<row>")
+        metadata.append({k: _jsonable(v) for k, v in row.items() if k != id_field and v is not None})
+    labels = None
+    if options.labels in columns:
+        labels = [list(m.get(options.labels) or []) for m in metadata]
+        if any(not all(isinstance(x, int) for x in row) for row in labels):
+            raise DataError(f"{path}: column {options.labels!r} must hold lists of integer class ids")
+    return ShardClips(str(path), arrays.get("audio"), arrays.get("visual"), ids, labels, metadata, fields=described)
