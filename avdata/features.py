@@ -41,15 +41,19 @@ from avdata.paired import (
     SPLIT_FILE,
     SPLIT_NAMES,
     VISUAL_FILE,
+    YOUTUBE8M,
+    Quantization,
     DataError,
     PairedFeatures,
     as_features,
     dequantize,
+    dequantized,
+    feature_stats,
 )
 
 __all__ = [
     "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
-    "DataError", "PairedFeatures", "dequantize", "as_features", "make_paired",
+    "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "dequantized", "feature_stats", "as_features", "make_paired",
     "load_directory", "load_hdf5", "shard_names", "load_shard", "shard_ids", "load_shard_folder", "load_features",
     "atomic_file", "atomic_write", "save_directory", "read_jsonl", "METADATA_FILE",
 ]
@@ -81,10 +85,10 @@ def _check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
     return split
 
 
-def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays") -> PairedFeatures:
+def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays", keep_8bit: bool = False) -> PairedFeatures:
     """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
-    audio = as_features(audio, f"{source}: audio features")
-    visual = as_features(visual, f"{source}: visual features")
+    audio = as_features(audio, f"{source}: audio features", keep_8bit)
+    visual = as_features(visual, f"{source}: visual features", keep_8bit)
     n = audio.shape[0]
     if visual.shape[0] != n:
         raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
@@ -109,12 +113,12 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file ({err})") from None
 
 
-def load_directory(path: Path) -> PairedFeatures:
+def load_directory(path: Path, keep_8bit: bool = False) -> PairedFeatures:
     for required in (AUDIO_FILE, VISUAL_FILE):
         if not (path / required).is_file():
             raise DataError(f"{path / required}: missing; a feature directory needs {AUDIO_FILE} and {VISUAL_FILE}")
-    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE))
-    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE))
+    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE), keep_8bit)
+    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE), keep_8bit)
     if audio.shape[0] != visual.shape[0]:
         raise DataError(
             f"{path / VISUAL_FILE}: has {visual.shape[0]} rows but {AUDIO_FILE} has {audio.shape[0]}; rows must pair up"
@@ -122,7 +126,7 @@ def load_directory(path: Path) -> PairedFeatures:
     labels = _load_npy(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
     ids = (path / IDS_FILE).read_text().splitlines() if (path / IDS_FILE).is_file() else None
     split = _load_npy(path / SPLIT_FILE) if (path / SPLIT_FILE).is_file() else None
-    data = make_paired(audio, visual, labels, ids, split, source=str(path))
+    data = make_paired(audio, visual, labels, ids, split, source=str(path), keep_8bit=keep_8bit)
     if (path / METADATA_FILE).is_file():
         data.metadata = read_jsonl(path / METADATA_FILE, len(data))
     return data
@@ -193,8 +197,10 @@ def shard_names(path: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = True) -> tuple[np.ndarray | None, list[str] | None]:
-    """(features (N, D) float32 or None when the shard lacks ``modality``, ids or None for the default)."""
+def load_shard(
+    path: str | os.PathLike, name: str, modality: str, mmap: bool = True, keep_8bit: bool = False
+) -> tuple[np.ndarray | None, list[str] | None]:
+    """(features (N, D) float32, or uint8 codes with ``keep_8bit``, or None when the shard lacks ``modality``; ids or None for the default)."""
     path = Path(path)
     file = path / f"{SHARD_PREFIXES[modality]}{name}.npy"
     if not file.is_file():
@@ -203,7 +209,7 @@ def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = T
         raw = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{file}: not a readable .npy file ({err})") from None
-    features = as_features(np.asarray(raw), str(file))
+    features = as_features(np.asarray(raw), str(file), keep_8bit)
     ids_file = path / f"ids-{name}.txt"
     ids = ids_file.read_text().splitlines() if ids_file.is_file() else None
     if ids is not None and len(ids) != len(features):
@@ -216,7 +222,7 @@ def shard_ids(name: str, n: int) -> list[str]:
     return [f"{name}:{row}" for row in range(n)]
 
 
-def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
+def load_shard_folder(path: str | os.PathLike, keep_8bit: bool = False) -> PairedFeatures:
     """Every shard of a shard folder as one :class:`PairedFeatures` (each shard needs both modalities)."""
     path = Path(path)
     names = shard_names(path)
@@ -224,8 +230,8 @@ def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
         raise DataError(f"{path}: no shards ({SHARD_PREFIXES['audio']}<name>.npy / {SHARD_PREFIXES['visual']}<name>.npy)")
     audio, visual, ids, labels, splits = [], [], [], [], []
     for name in names:
-        a, a_ids = load_shard(path, name, "audio", mmap=False)
-        v, _ = load_shard(path, name, "visual", mmap=False)
+        a, a_ids = load_shard(path, name, "audio", mmap=False, keep_8bit=keep_8bit)
+        v, _ = load_shard(path, name, "visual", mmap=False, keep_8bit=keep_8bit)
         if a is None or v is None:
             raise DataError(f"{path}: shard {name!r} lacks {'audio' if a is None else 'visual'} features; training needs both")
         if len(a) != len(v):
@@ -236,14 +242,18 @@ def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
         splits.append(_check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
     all_labels = np.concatenate(labels) if all(x is not None for x in labels) else None
     all_split = np.concatenate(splits) if all(x is not None for x in splits) else None
-    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path))
+    if keep_8bit and len({a.dtype for a in audio} | {v.dtype for v in visual}) > 1:  # mixed: all as floats
+        audio, visual = [dequantized(a) for a in audio], [dequantized(v) for v in visual]
+    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path), keep_8bit=keep_8bit)
 
 
-def load_features(data: str | os.PathLike, processes: int | None = None, **options) -> PairedFeatures:
+def load_features(data: str | os.PathLike, processes: int | None = None, keep_8bit: bool = False, **options) -> PairedFeatures:
     """Load any collection of the detection rule (:func:`avdata.collection.detect`): ``synthetic``,
     a feature directory, a shard folder, an HDF5 file, TFRecords or tables; always returns a
     train/val/test split. ``options`` override the collection's read options (``avdata.json``);
-    record and table shards are read in ``processes`` processes (default: one per core)."""
+    record and table shards are read in ``processes`` processes (default: one per core).
+    ``keep_8bit``: uint8 feature files stay uint8 codes in memory (training de-quantises per batch,
+    see :func:`dequantized`); records and tables are always float32 (pooling leaves the 8-bit grid)."""
     from avdata.collection import detect, join_clips, open_collection
 
     kind, _ = detect(data)
@@ -253,9 +263,9 @@ def load_features(data: str | os.PathLike, processes: int | None = None, **optio
         return generate()
     path = Path(data)
     if kind == "npy-shards":
-        return load_shard_folder(path).with_default_split()
+        return load_shard_folder(path, keep_8bit).with_default_split()
     if kind == "directory":
-        return load_directory(path).with_default_split()
+        return load_directory(path, keep_8bit).with_default_split()
     if kind == "hdf5":
         return load_hdf5(path)
     collection = open_collection(data, **options)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 __all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "METADATA_FILE", "HDF5_SUFFIXES",
-           "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "as_features"]
+           "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "dequantized", "feature_stats", "as_features"]
 
 SPLIT_NAMES = ("train", "val", "test")
 AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
@@ -27,8 +27,8 @@ class DataError(ValueError):
 class PairedFeatures:
     """N paired clips. Row i of ``audio`` and of ``visual`` belong to the same clip."""
 
-    audio: np.ndarray  # (N, D_a) float32
-    visual: np.ndarray  # (N, D_v) float32
+    audio: np.ndarray  # (N, D_a) float32, or uint8 codes when loaded with keep_8bit (see dequantized)
+    visual: np.ndarray  # (N, D_v) float32, or uint8 codes likewise
     labels: np.ndarray | None  # (N,) int class ids or (N, C) multi-hot; evaluation only
     ids: list[str]  # N stable string ids
     split: np.ndarray | None  # (N,) str in SPLIT_NAMES, or None when the source has none
@@ -117,15 +117,17 @@ class Quantization:
     def step(self) -> float:
         return (self.high - self.low) / 255.0
 
+    @property
+    def bias(self) -> float:
+        return (self.high - self.low) / 512.0 + self.low
+
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        """(…) uint8 -> float32 by the rule above."""
-        span = self.high - self.low
-        return (q.astype(np.float32) * np.float32(span / 255.0) + np.float32(span / 512.0 + self.low)).astype(np.float32, copy=False)
+        """(…) uint8 -> float32 by the rule above: one float32 multiply and one add (torch batches do the same)."""
+        return (q.astype(np.float32) * np.float32(self.step) + np.float32(self.bias)).astype(np.float32, copy=False)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Float -> the nearest uint8 code (clipped to the range); ``dequantize`` inverts it within half a step."""
-        span = self.high - self.low
-        return np.clip(np.round((np.asarray(x, np.float32) - np.float32(span / 512.0 + self.low)) / np.float32(span / 255.0)), 0, 255).astype(np.uint8)
+        return np.clip(np.round((np.asarray(x, np.float32) - np.float32(self.bias)) / np.float32(self.step)), 0, 255).astype(np.uint8)
 
 
 YOUTUBE8M = Quantization()  # the default everywhere: readers, feature directories and the service
@@ -136,8 +138,28 @@ def dequantize(q: np.ndarray, quantization: Quantization = YOUTUBE8M) -> np.ndar
     return quantization.dequantize(q)
 
 
-def as_features(array: np.ndarray, name: str) -> np.ndarray:
-    """Validate one N×D feature matrix and return it as float32 (uint8 is de-quantised)."""
+def dequantized(x: np.ndarray) -> np.ndarray:
+    """Features as float32: uint8 codes de-quantised by YouTube-8M's rule, floats as they are.
+    Consumers of :class:`PairedFeatures` that may hold 8-bit codes (``keep_8bit``) call it per batch."""
+    return dequantize(x) if x.dtype == np.uint8 else x
+
+
+def feature_stats(x: np.ndarray, rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and (unbiased) std of de-quantised features, ``rows`` at a time in float64:
+    no float copy of an 8-bit matrix is ever made whole."""
+    total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for start in range(0, len(x), rows):
+        block = dequantized(x[start : start + rows]).astype(np.float64)
+        total += block.sum(0)
+        squares += np.square(block).sum(0)
+    mean = total / len(x)
+    var = np.maximum(squares - len(x) * np.square(mean), 0.0) / max(len(x) - 1, 1)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def as_features(array: np.ndarray, name: str, keep_8bit: bool = False) -> np.ndarray:
+    """Validate one N×D feature matrix and return it as float32 (uint8 is de-quantised, or kept as
+    uint8 codes with ``keep_8bit``: a quarter of the memory, de-quantised per batch by the user)."""
     if not isinstance(array, np.ndarray) or array.dtype == object:
         raise DataError(f"{name}: expected a numeric array, got {type(array).__name__}")
     if array.ndim != 2:
@@ -145,7 +167,7 @@ def as_features(array: np.ndarray, name: str) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise DataError(f"{name}: is empty (shape {array.shape})")
     if array.dtype == np.uint8:
-        return dequantize(array)
+        return array if keep_8bit else dequantize(array)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise DataError(f"{name}: unsupported dtype {array.dtype}; expected float or uint8 (8-bit quantised)")
     out = array.astype(np.float32, copy=False)
