@@ -144,7 +144,7 @@ def dequantized(x: np.ndarray) -> np.ndarray:
     return dequantize(x) if x.dtype == np.uint8 else x
 
 
-def feature_stats(x: np.ndarray, rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(x: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and (unbiased) std of de-quantised features, ``rows`` at a time in float64:
     no float copy of an 8-bit matrix is ever made whole."""
     total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
