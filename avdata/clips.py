@@ -179,6 +179,7 @@ def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalitie
     ids, labels, metadata, bad = [], [], [], []
     seen_labels = False
     described: dict[str, str] = {}
+    numbers: list[int] = []  # the record number of each row, for messages
     records = read_tfrecord(path, bad if options.skip_bad else None)
     for number, data in records:
         try:
@@ -190,8 +191,6 @@ def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalitie
                 want = vectors[modality][0].shape[0] if vectors[modality] else vector.shape[0]
                 if vector.shape[0] != want:
                     raise ValueError(f"{modality} feature {name!r} has {vector.shape[0]} values; earlier records of this file have {want}")
-                if not np.all(np.isfinite(vector)):
-                    raise ValueError(f"{modality} feature {name!r} holds NaN/Inf")
                 row[modality] = vector
                 used.add(name)
                 described.setdefault(modality, f"{name!r} ({kind})")
@@ -210,9 +209,21 @@ def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalitie
         for modality in modalities:
             vectors[modality].append(row[modality])
         ids.append(item_id)
+        numbers.append(number)
         described.setdefault("id", repr(id_field) if id_field else "none: <file>:<record>")
         seen_labels = seen_labels or label_list is not None
         labels.append(list(label_list or []))
         metadata.append({k: json_value(v) if k != options.labels else list(v) for k, v in record.context.items() if k not in used and k != id_field})
     arrays = {m: np.stack(vectors[m]) if vectors[m] else None for m in modalities}
+    for modality, array in arrays.items():  # one check per shard, not per record
+        bad_rows = [] if array is None else np.flatnonzero(~np.isfinite(array).all(axis=1))
+        if len(bad_rows):
+            messages = [f"{path}: record {numbers[r]}: {modality} feature holds NaN/Inf" for r in bad_rows]
+            if not options.skip_bad:
+                raise DataError(messages[0])
+            bad.extend(messages)
+            keep = np.setdiff1d(np.arange(len(ids)), bad_rows)
+            arrays = {m: a[keep] for m, a in arrays.items()}
+            ids, metadata, numbers = [ids[r] for r in keep], [metadata[r] for r in keep], [numbers[r] for r in keep]
+            labels = [labels[r] for r in keep]
     return ShardClips(path, arrays.get("audio"), arrays.get("visual"), ids, labels if seen_labels else None, metadata, bad, described)

@@ -139,13 +139,21 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int
     """(field number, wire type, value or start, end) of each field in ``buf[pos:end]``; for
     length-delimited fields (wire type 2) the value is the start of their bytes."""
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key = buf[pos]  # one-byte keys and lengths (< 128) are the common case: no call for them
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(buf, pos)
             yield number, 0, value, pos
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length = buf[pos]
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(buf, pos)
             if pos + length > end:
                 raise _WireError("a field runs past the end of its message")
             yield number, 2, pos, pos + length
@@ -166,8 +174,24 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _one_bytes_value(buf: bytes, pos: int, end: int) -> bytes | None:
+    """The value of a ``Feature`` that is a bytes_list of exactly one string (one 8-bit frame: the
+    bulk of a frame-level record), read without the general loop; None for any other Feature."""
+    if buf[pos] != 0x0A:  # field 1 (bytes_list), length-delimited
+        return None
+    _, inner = _varint(buf, pos + 1)
+    if inner >= end or buf[inner] != 0x0A:  # BytesList.value
+        return None
+    length, start = _varint(buf, inner + 1)
+    return buf[start : start + length] if start + length == end else None
+
+
 def _feature(buf: bytes, pos: int, end: int):
     """One ``Feature``: list[bytes] (bytes_list), float32 array (float_list) or list[int] (int64_list)."""
+    if pos < end:
+        value = _one_bytes_value(buf, pos, end)
+        if value is not None:
+            return [value]
     for kind, wire, start, stop in _fields(buf, pos, end):
         if wire != 2:
             raise _WireError(f"Feature field {kind} has wire type {wire}")

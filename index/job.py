@@ -149,7 +149,7 @@ class JobSummary:
             counts = ", ".join(f"{m} {n}" for m, n in self.replaced.items())
             lines.append(f"duplicates: {counts} rows replaced by a later row with the same id (last wins)")
         if self.bad_skipped is not None:
-            lines.append(f"skipped:    {self.bad_skipped} bad records/shards (--skip-bad; per modality, each read once for it)")
+            lines.append(f"skipped:    {self.bad_skipped} bad records/shards (--skip-bad)")
         return [*lines, f"written to: {self.out_dir}"]
 
 
@@ -347,6 +347,9 @@ def run_job(
                 summary.skipped += 1
             else:
                 pending.append((modality, p))
+    # Partition by partition, both modalities together: a record shard is parsed once for both
+    # (RecordShards keeps the last shard read), not once per modality.
+    pending.sort(key=lambda item: (item[1].name, item[0]))
     known = all(p.rows is not None for _, p in pending)  # record shards: counted as they are read
     total = sum(p.rows for _, p in pending) if known else None
     log.info("%s: %d partitions, %d to embed (%s clips), %d already done", source.description, summary.partitions, len(pending), total if known else "?", summary.skipped)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avdata.clips import ShardClips
 from avdata.collection import Collection, detect, open_collection
 from avdata.features import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
 
@@ -114,10 +115,12 @@ class InMemory:
 class RecordShards:
     """TFRecord or table shards (:mod:`avdata.collection`), one shard = one partition, streamed: a
     worker holds one shard's bytes and its decoded clips, never the collection. Row counts are
-    known only once a shard is read (``rows`` None); bad records are counted in ``Chunk.skipped``."""
+    known only once a shard is read (``rows`` None); bad records are counted in ``Chunk.skipped``
+    (on the audio partition only, so that each bad record counts once)."""
 
     def __init__(self, collection: Collection):
         self.collection = collection
+        self._last: tuple[str, ShardClips] | None = None  # the shard read last (one shard: the memory bound)
         self.description = f"{collection.kind} shards {collection.path} ({len(collection.shards)} shards)"
         names = [s.name for s in collection.shards]
         if len(set(names)) != len(names):
@@ -137,12 +140,14 @@ class RecordShards:
         return [Partition(shard.name, None) for shard in self.collection.shards]
 
     def read(self, partition: str, modality: str) -> Chunk:
-        shard = next(s for s in self.collection.shards if s.name == partition)
-        clips = self.collection.read(shard, (modality,))
-        if not clips.ids:  # every record bad (skipped): an empty partition of the right width comes from the others
-            return Chunk(np.zeros((0, 0), np.float32), [], [], len(clips.bad))
-        metadata = [dict(m) for m in clips.metadata]
-        return Chunk(getattr(clips, modality), clips.ids, metadata, len(clips.bad))
+        if self._last is None or self._last[0] != partition:  # the job asks for both modalities of a shard in a row
+            shard = next(s for s in self.collection.shards if s.name == partition)
+            self._last = (partition, self.collection.read(shard))
+        clips = self._last[1]
+        skipped = len(clips.bad) if modality == "audio" else 0
+        if not clips.ids:  # every record bad (skipped): an empty partition
+            return Chunk(np.zeros((0, 0), np.float32), [], [], skipped)
+        return Chunk(getattr(clips, modality), clips.ids, [dict(m) for m in clips.metadata], skipped)
 
 
 Source = ShardFolder | InMemory | RecordShards

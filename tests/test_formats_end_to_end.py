@@ -142,7 +142,7 @@ def test_index_build_names_a_corrupt_record_or_skips_it(tmp_path, tiny, clips, c
     assert not (tmp_path / "a" / "audio" / "info.json").exists()  # no index from part of the collection
     assert index_main([*args, "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
     out = capsys.readouterr().out
-    assert "audio 239 items" in out and "skipped:    2 bad records/shards" in out  # one record, read once per modality
+    assert "audio 239 items" in out and "visual 239 items" in out and "skipped:    1 bad records/shards" in out
 
 
 def _first_length(path) -> int:
