@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from avdata.clips import OPTIONS_FILE, POOLINGS
-from avdata.collection import detect, join_clips, open_collection
+from avdata.collection import RECORD_KINDS, detect, join_clips, open_collection
 from avdata.features import load_features, save_directory
 from avdata.paired import YOUTUBE8M, DataError, PairedFeatures
 from avdata.tfrecord import is_gzip
@@ -37,7 +37,7 @@ def _overrides(args) -> dict:
 def _load(args) -> tuple[PairedFeatures, str, list[str], dict]:
     """(data, a line on the format, bad-record messages, where each field came from)."""
     kind, shards = detect(args.path)
-    collection = open_collection(args.path, **_overrides(args)) if kind in ("tfrecord", "table") else None
+    collection = open_collection(args.path, **_overrides(args)) if kind in RECORD_KINDS else None
     if collection is None:
         data = load_features(args.path)
         return data, kind, [], {}
@@ -47,7 +47,7 @@ def _load(args) -> tuple[PairedFeatures, str, list[str], dict]:
     opts = collection.options
     line = f"{kind}, {len(shards)} shards" + (f" ({gz} gzip)" if gz else "")
     line += f"; pooling {opts.pooling}, 8-bit range [{opts.quantization.low:g}, {opts.quantization.high:g}]"
-    line += f"; options: {OPTIONS_FILE} " + ("found" if (Path(collection.shards[0]).parent / OPTIONS_FILE).is_file() else "absent (defaults)")
+    line += f"; options: {OPTIONS_FILE} " + ("found" if collection.options_file and collection.options_file.is_file() else "absent (defaults)")
     fields = next((p.fields for p in parts if p.fields), {})
     return data, line, bad, fields
 

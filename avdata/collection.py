@@ -5,7 +5,9 @@
 1. ``synthetic``: the embedded generator;
 2. a pattern with ``*``, ``?`` or ``[``: the files it matches, all TFRecord or all tables;
 3. a directory: ``audio_features.npy`` in it: a feature directory; ``audio_features-*.npy`` /
-   ``visual_features-*.npy``: a folder of ``.npy`` shards; files ending ``.parquet``, ``.arrow``,
+   ``visual_features-*.npy``: a folder of ``.npy`` shards; a ``metadata/`` folder of
+   ``metadata_<k>.parquet`` beside ``audio_emb/`` and ``visual_emb/`` (or ``img_emb/``):
+   clip-retrieval's layout; files ending ``.parquet``, ``.arrow``,
    ``.feather`` or ``.ipc``: a table collection; otherwise, when a file's first record header
    passes its CRC-32C, a TFRecord collection, every file in it a shard (hidden files and
    ``*.json``, ``*.txt``, ``*.md``, ``*.csv`` aside, so a corrupt shard is reported, not skipped);
@@ -35,13 +37,14 @@ import numpy as np
 
 from avdata.clips import MODALITIES, OPTIONS_FILE, ReadOptions, ShardClips, read_tfrecord_shard
 from avdata.paired import AUDIO_FILE, HDF5_SUFFIXES, DataError, PairedFeatures
-from avdata.tables import TABLE_SUFFIXES, read_table_shard
+from avdata.tables import TABLE_SUFFIXES, embedding_folders, embedding_shards, read_embedding_shard, read_table_shard
 from avdata.tfrecord import looks_like_tfrecord
 
 __all__ = ["detect", "Collection", "open_collection", "join_clips", "shard_split", "default_processes"]
 
 log = logging.getLogger(__name__)
 NOT_SHARDS = (".json", ".txt", ".md", ".csv")
+RECORD_KINDS = ("tfrecord", "table", "embeddings")  # the formats read shard by shard through a Collection
 SHARD_SPLITS = (("train", "train"), ("validate", "val"), ("valid", "val"), ("val", "val"), ("test", "test"))
 
 
@@ -65,7 +68,7 @@ def _shard_files(files: list[Path], where: str) -> tuple[str, list[Path]] | None
 
 def detect(data: str | os.PathLike) -> tuple[str, list[Path]]:
     """(format, shard files) by the rule above; format is one of ``synthetic``, ``directory``,
-    ``npy-shards``, ``hdf5``, ``table``, ``tfrecord``."""
+    ``npy-shards``, ``hdf5``, ``embeddings`` (clip-retrieval's), ``table``, ``tfrecord``."""
     text = str(data)
     if text == "synthetic":
         return "synthetic", []
@@ -80,6 +83,11 @@ def detect(data: str | os.PathLike) -> tuple[str, list[Path]]:
             return "directory", [path]
         if any(path.glob("audio_features-*.npy")) or any(path.glob("visual_features-*.npy")):
             return "npy-shards", [path]
+        if embedding_folders(path, ReadOptions()) is not None:
+            shards = embedding_shards(path)
+            if not shards:
+                raise DataError(f"{path}/metadata: no metadata_<k>.parquet shards beside the _emb folders")
+            return "embeddings", shards
         found = _shard_files(list(path.iterdir()), text)
         if found is None:
             raise DataError(
@@ -111,7 +119,7 @@ def default_processes(shards: int) -> int:
 
 def _read(job: tuple[str, str, ReadOptions, tuple[str, ...]]) -> ShardClips:
     kind, path, options, modalities = job
-    reader = read_table_shard if kind == "table" else read_tfrecord_shard
+    reader = {"table": read_table_shard, "embeddings": read_embedding_shard}.get(kind, read_tfrecord_shard)
     try:
         return reader(path, options, modalities)
     except DataError as err:
@@ -125,9 +133,10 @@ class Collection:
     """TFRecord or table shards read with one set of options; one shard is one unit of work."""
 
     path: str
-    kind: str  # "tfrecord" or "table"
+    kind: str  # "tfrecord", "table" or "embeddings"
     shards: list[Path]
     options: ReadOptions
+    options_file: Path | None = None  # the avdata.json that was (or would have been) read
 
     def read(self, shard: Path | str, modalities: tuple[str, ...] = MODALITIES) -> ShardClips:
         return _read((self.kind, str(shard), self.options, tuple(modalities)))
@@ -161,11 +170,12 @@ class Collection:
 def open_collection(data: str | os.PathLike, **overrides) -> Collection | None:
     """The record/table collection at ``data``, or None when ``data`` is another format."""
     kind, shards = detect(data)
-    if kind not in ("tfrecord", "table"):
+    if kind not in RECORD_KINDS:
         return None
     text = str(data)
     folder = Path(text) if Path(text).is_dir() else (Path(os.path.dirname(text) or ".") if _is_pattern(text) else Path(text).parent)
-    return Collection(text, kind, shards, ReadOptions.from_file(folder / OPTIONS_FILE, **overrides))
+    options = ReadOptions.from_file(folder / OPTIONS_FILE, **overrides)
+    return Collection(text, kind, shards, options, folder / OPTIONS_FILE)
 
 
 def _multi_hot(labels: list[list[int]], where: str) -> np.ndarray:

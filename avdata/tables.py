@@ -6,6 +6,11 @@ candidates (``audio``/``visual``, ``mean_audio``/``mean_rgb`` ...). The id colum
 ``options.ids`` present (with the start second when there is one); a ``labels`` list column is
 optional; every other column (title, URL, start second ...) is kept as item metadata. One file is
 one shard.
+
+**clip-retrieval's layout** (``<modality>_emb/<modality>_emb_<k>.npy`` embedding shards beside
+``metadata/metadata_<k>.parquet``, row k of one the row k of the other): shard k is the metadata
+file; the audio folder is ``audio_emb``, the visual one the first of ``visual_emb``, ``img_emb``,
+``video_emb`` (or ``<name>_emb`` for a feature name given in the options).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from avdata.clips import MODALITIES, ReadOptions, ShardClips, clip_id
 from avdata.paired import DataError
 
-__all__ = ["TABLE_SUFFIXES", "read_table_shard", "table_rows"]
+__all__ = ["TABLE_SUFFIXES", "read_table_shard", "table_rows", "embedding_folders", "embedding_shards", "read_embedding_shard"]
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 
@@ -101,6 +106,69 @@ def _jsonable(value):
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
+def embedding_folders(root: Path, options: ReadOptions) -> dict[str, Path] | None:
+    """The ``<name>_emb`` folder of each modality in clip-retrieval's layout, or None when ``root`` is not one."""
+    if not (root / "metadata").is_dir():
+        return None
+    found = {}
+    for modality, first in (("audio", ("audio",)), ("visual", ("visual", "img", "video"))):
+        found[modality] = next((root / f"{n}_emb" for n in (*first, *options.names(modality)) if (root / f"{n}_emb").is_dir()), None)
+    return found if all(found.values()) else None
+
+
+def embedding_shards(root: Path) -> list[Path]:
+    """``metadata/metadata_<k>.parquet`` in the order of k."""
+    files = [p for p in (root / "metadata").glob("metadata_*.parquet") if p.stem.removeprefix("metadata_").isdigit()]
+    return sorted(files, key=lambda p: int(p.stem.removeprefix("metadata_")))
+
+
+def read_embedding_shard(path: str | os.PathLike, options: ReadOptions, modalities=MODALITIES) -> ShardClips:
+    """Shard k of clip-retrieval's layout: the metadata table's rows with row k of each ``_emb`` shard."""
+    path = Path(path)
+    root, k = path.parent.parent, path.stem.removeprefix("metadata_")
+    folders = embedding_folders(root, options)
+    table = _read(path)
+    arrays = {}
+    for modality in modalities:
+        file = folders[modality] / f"{folders[modality].name}_{k}.npy"
+        try:
+            matrix = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{file}: not a readable .npy shard ({err}); it pairs with {path}") from None
+        if matrix.ndim != 2 or len(matrix) != table.num_rows:
+            raise DataError(f"{file}: shape {matrix.shape}; {path} has {table.num_rows} rows, one per embedding")
+        if not (np.issubdtype(matrix.dtype, np.floating) or matrix.dtype == np.uint8):
+            raise DataError(f"{file}: dtype {matrix.dtype}; expected floats (clip-retrieval writes float16) or uint8 codes")
+        arrays[modality] = options.quantization.dequantize(matrix) if matrix.dtype == np.uint8 else np.asarray(matrix, np.float32)
+        if not np.isfinite(arrays[modality]).all():
+            raise DataError(f"{file}: row {int(np.flatnonzero(~np.isfinite(arrays[modality]).all(1))[0])}: holds NaN/Inf")
+    clips = _rows_as_clips(path, table, set(), options)
+    clips.audio, clips.visual = arrays.get("audio"), arrays.get("visual")
+    clips.fields.update({m: f"{folders[m].name}/ (.npy shards)" for m in modalities})
+    return clips
+
+
+def _rows_as_clips(path: Path, table, used: set[str], options: ReadOptions) -> ShardClips:
+    """Ids, labels and metadata of a table's rows (its columns but ``used``); no vectors yet."""
+    columns = set(table.column_names)
+    rows = table.select([c for c in table.column_names if c not in used]).to_pylist()
+    ids, metadata, described = [], [], {}
+    for number, row in enumerate(rows):
+        try:
+            id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
+        except ValueError as err:
+            raise DataError(f"{path}: row {number}: {err}") from None
+        ids.append(item_id)
+        described.setdefault("id", repr(id_field) if id_field else "none: <file>:<row>")
+        metadata.append({k: _jsonable(v) for k, v in row.items() if k != id_field and v is not None})
+    labels = None
+    if options.labels in columns:
+        labels = [list(m.get(options.labels) or []) for m in metadata]
+        if any(not all(isinstance(x, int) for x in row) for row in labels):
+            raise DataError(f"{path}: column {options.labels!r} must hold lists of integer class ids")
+    return ShardClips(str(path), None, None, ids, labels, metadata, fields=described)
+
+
 def read_table_shard(path: str | os.PathLike, options: ReadOptions, modalities=MODALITIES) -> ShardClips:
     """Every row of one Parquet/Arrow file as clips; the modalities not in ``modalities`` are not decoded."""
     path = Path(path)
@@ -115,19 +183,7 @@ def read_table_shard(path: str | os.PathLike, options: ReadOptions, modalities=M
         described[modality] = f"{name!r} ({table.schema.field(name).type})"
         if modality in modalities:
             arrays[modality] = _matrix(table.column(name), name, path, options)
-    rows = table.select([c for c in table.column_names if c not in used]).to_pylist()
-    ids, metadata = [], []
-    for number, row in enumerate(rows):
-        try:
-            id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
-        except ValueError as err:
-            raise DataError(f"{path}: row {number}: {err}") from None
-        ids.append(item_id)
-        described.setdefault("id", repr(id_field) if id_field else "none: <file>:<row>")
-        metadata.append({k: _jsonable(v) for k, v in row.items() if k != id_field and v is not None})
-    labels = None
-    if options.labels in columns:
-        labels = [list(m.get(options.labels) or []) for m in metadata]
-        if any(not all(isinstance(x, int) for x in row) for row in labels):
-            raise DataError(f"{path}: column {options.labels!r} must hold lists of integer class ids")
-    return ShardClips(str(path), arrays.get("audio"), arrays.get("visual"), ids, labels, metadata, fields=described)
+    clips = _rows_as_clips(path, table, used, options)
+    clips.audio, clips.visual = arrays.get("audio"), arrays.get("visual")
+    clips.fields.update(described)
+    return clips

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from avdata.clips import ShardClips
-from avdata.collection import Collection, detect, open_collection
+from avdata.collection import RECORD_KINDS, Collection, detect, open_collection
 from avdata.features import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
 
 MODALITIES = ("audio", "visual")
@@ -160,6 +160,6 @@ def open_source(data: PairedFeatures | str | Path, partition_rows: int, **option
         kind, _ = detect(data)
         if kind == "npy-shards":
             return ShardFolder(Path(data))
-        if kind in ("tfrecord", "table"):
+        if kind in RECORD_KINDS:
             return RecordShards(open_collection(data, **options))
     return InMemory(data, partition_rows)

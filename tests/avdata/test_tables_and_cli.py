@@ -99,3 +99,20 @@ def test_convert_writes_a_feature_directory_atomically(tmp_path, clips, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert not (tmp_path / "new").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".new")]
+
+
+def test_clip_retrieval_layout(tmp_path, clips):
+    """``audio_emb/audio_emb_<k>.npy`` and ``img_emb/img_emb_<k>.npy`` (float16, as clip-retrieval writes) beside ``metadata/metadata_<k>.parquet``."""
+    for folder in ("audio_emb", "img_emb", "metadata"):
+        (tmp_path / folder).mkdir()
+    rows = [range(0, 25), range(25, 40)]
+    for k, part in enumerate(rows):
+        np.save(tmp_path / "audio_emb" / f"audio_emb_{k}.npy", np.stack([clips.mean_audio(i) for i in part]).astype(np.float16))
+        np.save(tmp_path / "img_emb" / f"img_emb_{k}.npy", np.stack([clips.mean_rgb(i) for i in part]).astype(np.float16))
+        pq.write_table(pa.table({"id": [clips.ids[i] for i in part], "caption": [f"clip {i}" for i in part]}), tmp_path / "metadata" / f"metadata_{k}.parquet")
+    data = load_features(tmp_path)
+    assert data.ids == clips.ids and data.metadata[30] == {"caption": "clip 30"}
+    np.testing.assert_array_equal(data.visual[30], clips.mean_rgb(30).astype(np.float16).astype(np.float32))
+    np.save(tmp_path / "img_emb" / "img_emb_1.npy", np.zeros((14, 1024), np.float16))  # a row short of its metadata
+    with pytest.raises(DataError, match=r"img_emb_1.npy: shape \(14, 1024\); .*metadata_1.parquet has 15 rows"):
+        load_features(tmp_path)
