@@ -154,8 +154,10 @@ def _kind(value) -> str:
     return "an int64 list" if value else "empty"
 
 
-def clip_id(fields: dict, options: ReadOptions, fallback: str) -> tuple[str | None, str]:
-    """(the field the id came from, the id): ``<id>`` or ``<id>:<start second>``; ``fallback`` without one."""
+def clip_id(fields: dict, options: ReadOptions, fallback: str) -> tuple[str, str | None, str]:
+    """(where the id came from, the field it used up or None, the id). The id is ``<id>``, or
+    ``<id>:<start second>`` (the id field then stays in the metadata, where the console finds a
+    YouTube id), or ``fallback`` (``<file>:<record>``) when no id field is there."""
     for name in options.ids:
         if name in fields:
             value = json_value(fields[name])
@@ -165,9 +167,9 @@ def clip_id(fields: dict, options: ReadOptions, fallback: str) -> tuple[str | No
             if start is not None:
                 start = json_value(start)
                 start = int(start) if float(start).is_integer() else start
-                return name, f"{value}:{start}"
-            return name, str(value)
-    return None, fallback
+                return f"{name!r}:{options.start!r}", None, f"{value}:{start}"
+            return repr(name), name, str(value)
+    return "none: <file>:<record>", None, fallback
 
 
 def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalities=MODALITIES) -> ShardClips:
@@ -196,7 +198,7 @@ def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalitie
                 described.setdefault(modality, f"{name!r} ({kind})")
             for modality in set(MODALITIES) - set(modalities):
                 used.update(options.names(modality))  # not decoded, and never metadata
-            id_field, item_id = clip_id(record.context, options, f"{stem}:{number}")
+            id_source, id_field, item_id = clip_id(record.context, options, f"{stem}:{number}")
             label_list = record.context.get(options.labels)
             if label_list is not None and (isinstance(label_list, np.ndarray) or (label_list and not isinstance(label_list[0], int))):
                 raise ValueError(f"labels {options.labels!r} must be an int64 list, got {_kind(label_list)}")
@@ -210,7 +212,7 @@ def read_tfrecord_shard(path: str | os.PathLike, options: ReadOptions, modalitie
             vectors[modality].append(row[modality])
         ids.append(item_id)
         numbers.append(number)
-        described.setdefault("id", repr(id_field) if id_field else "none: <file>:<record>")
+        described.setdefault("id", id_source)
         seen_labels = seen_labels or label_list is not None
         labels.append(list(label_list or []))
         metadata.append({k: json_value(v) if k != options.labels else list(v) for k, v in record.context.items() if k not in used and k != id_field})

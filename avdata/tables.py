@@ -155,11 +155,11 @@ def _rows_as_clips(path: Path, table, used: set[str], options: ReadOptions) -> S
     ids, metadata, described = [], [], {}
     for number, row in enumerate(rows):
         try:
-            id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
+            id_source, id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
         except ValueError as err:
             raise DataError(f"{path}: row {number}: {err}") from None
         ids.append(item_id)
-        described.setdefault("id", repr(id_field) if id_field else "none: <file>:<row>")
+        described.setdefault("id", id_source)
         metadata.append({k: _jsonable(v) for k, v in row.items() if k != id_field and v is not None})
     labels = None
     if options.labels in columns:

@@ -40,7 +40,7 @@ def test_arrow_file_with_uint8_codes_and_start_second(tmp_path):
     )
     pyarrow.feather.write_feather(table, tmp_path / "t.arrow")
     data = load_features(tmp_path / "t.arrow")
-    assert data.ids == ["a:0", "b:10", "c:2.5"]
+    assert data.ids == ["a:0", "b:10", "c:2.5"] and data.metadata[2] == {"video_id": "c", "start_time_seconds": 2.5}
     want = q.astype(np.float64) * 4 / 255 + 4 / 512 - 2
     np.testing.assert_allclose(data.audio, want, atol=1e-6)
     np.testing.assert_allclose(data.visual, want, atol=1e-6)

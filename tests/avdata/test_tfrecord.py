@@ -199,7 +199,7 @@ def test_audioset_layout_ids_metadata_and_max_pooling(tmp_path):
     collection = open_collection(tmp_path)
     clips = collection.read(collection.shards[0])
     assert clips.ids == ["vid0:0", "vid1:30", "vid2:60"]
-    assert clips.metadata[1] == {"start_time_seconds": 30.0, "end_time_seconds": 40.0, "labels": [1, 5]}
+    assert clips.metadata[1] == {"video_id": "vid1", "start_time_seconds": 30.0, "end_time_seconds": 40.0, "labels": [1, 5]}
     want = (audio[1].astype(np.float64) * 4 / 255 + 4 / 512 - 2).mean(0)
     np.testing.assert_allclose(clips.audio[1], want, atol=1e-5)
     (tmp_path / "avdata.json").write_text('{"pooling": "max", "range": [-1, 1]}')
