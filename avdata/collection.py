@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from avdata.clips import MODALITIES, OPTIONS_FILE, ReadOptions, ShardClips, read_tfrecord_shard
-from avdata.paired import AUDIO_FILE, HDF5_SUFFIXES, DataError, PairedFeatures
+from avdata.paired import AUDIO_FILE, HDF5_SUFFIXES, DataError, PairedFeatures, make_paired
 from avdata.tables import TABLE_SUFFIXES, embedding_folders, embedding_shards, read_embedding_shard, read_table_shard
 from avdata.tfrecord import looks_like_tfrecord
 
@@ -204,8 +204,6 @@ def _carve(split: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def join_clips(collection: Collection, parts: list[ShardClips]) -> tuple[PairedFeatures, list[str]]:
     """One :class:`PairedFeatures` of every shard's clips, and the messages of the records skipped."""
-    from avdata.features import make_paired
-
     bad = [m for p in parts for m in p.bad]
     parts_with_rows = [(shard, split, p) for shard, split, p in zip(collection.shards, collection.splits(), parts) if p.ids]
     if not parts_with_rows:

@@ -49,7 +49,9 @@ from avdata.paired import (
     dequantize,
     dequantized,
     feature_stats,
+    make_paired,
 )
+from avdata.paired import check_split
 
 __all__ = [
     "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
@@ -57,53 +59,6 @@ __all__ = [
     "load_directory", "load_hdf5", "shard_names", "load_shard", "shard_ids", "load_shard_folder", "load_features",
     "atomic_file", "atomic_write", "save_directory", "read_jsonl", "METADATA_FILE",
 ]
-
-
-def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
-    if labels.ndim not in (1, 2) or labels.shape[0] != n:
-        raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
-    if labels.ndim == 2 and labels.dtype == np.uint8:
-        return labels  # a multi-hot matrix kept compact (N·C bytes: YouTube-8M has 3,862 classes)
-    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
-        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
-            return labels.astype(np.int64)
-        raise DataError(f"{name}: labels must be integers (class ids or 0/1 multi-hot), got dtype {labels.dtype}")
-    return labels.astype(np.int64)
-
-
-def _check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
-    if split.ndim != 1 or split.shape[0] != n:
-        raise DataError(f"{name}: expected {n} split entries, got shape {split.shape}")
-    if np.issubdtype(split.dtype, np.integer):
-        if split.min() < 0 or split.max() > 2:
-            raise DataError(f"{name}: integer splits must be 0 (train), 1 (val) or 2 (test)")
-        return np.asarray(SPLIT_NAMES)[split]
-    split = split.astype(str)
-    unknown = set(np.unique(split)) - set(SPLIT_NAMES)
-    if unknown:
-        raise DataError(f"{name}: unknown split names {sorted(unknown)}; expected {SPLIT_NAMES}")
-    return split
-
-
-def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays", keep_8bit: bool = False) -> PairedFeatures:
-    """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
-    audio = as_features(audio, f"{source}: audio features", keep_8bit)
-    visual = as_features(visual, f"{source}: visual features", keep_8bit)
-    n = audio.shape[0]
-    if visual.shape[0] != n:
-        raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
-    if labels is not None:
-        labels = _check_labels(np.asarray(labels), n, f"{source}: labels")
-    if ids is None:
-        ids = [str(i) for i in range(n)]
-    ids = [str(i) for i in ids]
-    if len(ids) != n:
-        raise DataError(f"{source}: {len(ids)} ids for {n} clips")
-    if len(set(ids)) != n:
-        raise DataError(f"{source}: ids are not unique")
-    if split is not None:
-        split = _check_split(np.asarray(split), n, f"{source}: split")
-    return PairedFeatures(audio, visual, labels, ids, split, source)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -239,7 +194,7 @@ def load_shard_folder(path: str | os.PathLike, keep_8bit: bool = False) -> Paire
         audio.append(a), visual.append(v), ids.extend(a_ids or shard_ids(name, len(a)))
         labels.append(_load_npy(path / f"labels-{name}.npy") if (path / f"labels-{name}.npy").is_file() else None)
         split_file = path / f"split-{name}.npy"
-        splits.append(_check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
+        splits.append(check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
     all_labels = np.concatenate(labels) if all(x is not None for x in labels) else None
     all_split = np.concatenate(splits) if all(x is not None for x in splits) else None
     if keep_8bit and len({a.dtype for a in audio} | {v.dtype for v in visual}) > 1:  # mixed: all as floats

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 __all__ = ["SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "METADATA_FILE", "HDF5_SUFFIXES",
-           "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "dequantized", "feature_stats", "as_features"]
+           "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "dequantized", "feature_stats", "as_features", "make_paired"]
 
 SPLIT_NAMES = ("train", "val", "test")
 AUDIO_FILE, VISUAL_FILE = "audio_features.npy", "visual_features.npy"
@@ -176,3 +176,50 @@ def as_features(array: np.ndarray, name: str, keep_8bit: bool = False) -> np.nda
         row = int(np.argwhere(bad)[0][0])
         raise DataError(f"{name}: holds {int(bad.sum())} NaN/Inf values (first in row {row})")
     return out
+
+
+def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+    if labels.ndim not in (1, 2) or labels.shape[0] != n:
+        raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
+    if labels.ndim == 2 and labels.dtype == np.uint8:
+        return labels  # a multi-hot matrix kept compact (N·C bytes: YouTube-8M has 3,862 classes)
+    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            return labels.astype(np.int64)
+        raise DataError(f"{name}: labels must be integers (class ids or 0/1 multi-hot), got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
+    if split.ndim != 1 or split.shape[0] != n:
+        raise DataError(f"{name}: expected {n} split entries, got shape {split.shape}")
+    if np.issubdtype(split.dtype, np.integer):
+        if split.min() < 0 or split.max() > 2:
+            raise DataError(f"{name}: integer splits must be 0 (train), 1 (val) or 2 (test)")
+        return np.asarray(SPLIT_NAMES)[split]
+    split = split.astype(str)
+    unknown = set(np.unique(split)) - set(SPLIT_NAMES)
+    if unknown:
+        raise DataError(f"{name}: unknown split names {sorted(unknown)}; expected {SPLIT_NAMES}")
+    return split
+
+
+def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays", keep_8bit: bool = False) -> PairedFeatures:
+    """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
+    audio = as_features(audio, f"{source}: audio features", keep_8bit)
+    visual = as_features(visual, f"{source}: visual features", keep_8bit)
+    n = audio.shape[0]
+    if visual.shape[0] != n:
+        raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
+    if labels is not None:
+        labels = _check_labels(np.asarray(labels), n, f"{source}: labels")
+    if ids is None:
+        ids = [str(i) for i in range(n)]
+    ids = [str(i) for i in ids]
+    if len(ids) != n:
+        raise DataError(f"{source}: {len(ids)} ids for {n} clips")
+    if len(set(ids)) != n:
+        raise DataError(f"{source}: ids are not unique")
+    if split is not None:
+        split = check_split(np.asarray(split), n, f"{source}: split")
+    return PairedFeatures(audio, visual, labels, ids, split, source)

@@ -23,7 +23,7 @@ import numpy as np
 from avdata.clips import MODALITIES, ReadOptions, ShardClips, clip_id
 from avdata.paired import DataError
 
-__all__ = ["TABLE_SUFFIXES", "read_table_shard", "table_rows", "embedding_folders", "embedding_shards", "read_embedding_shard"]
+__all__ = ["TABLE_SUFFIXES", "read_table_shard", "embedding_folders", "embedding_shards", "read_embedding_shard"]
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 
@@ -39,16 +39,6 @@ def _read(path: Path):
         return pyarrow.feather.read_table(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable {'Parquet' if path.suffix.lower() == '.parquet' else 'Arrow'} file ({err})") from None
-
-
-def table_rows(path: str | os.PathLike) -> int:
-    """Rows of a table file (Parquet: from its footer, without reading the columns)."""
-    import pyarrow.parquet
-
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
-    return _read(path).num_rows
 
 
 def _matrix(column, name: str, path: Path, options: ReadOptions) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 
 from avdata.paired import DataError
 
-__all__ = ["MASK_DELTA", "masked_crc", "read_tfrecord", "count_records", "looks_like_tfrecord", "Record", "parse_record", "is_gzip"]
+__all__ = ["MASK_DELTA", "masked_crc", "read_tfrecord", "looks_like_tfrecord", "Record", "parse_record", "is_gzip"]
 
 MASK_DELTA = 0xA282EAD8  # TensorFlow's crc32c mask: rotate right by 15, add this
 _HEADER = struct.Struct("<QI")
@@ -92,17 +92,6 @@ def read_tfrecord(path: str | os.PathLike, bad: list[str] | None = None) -> Iter
         else:
             problem(f"{path}: record {number}: data CRC mismatch (bytes {start}..{start + length}); the record is corrupt")
         pos, number = start + length + 4, number + 1
-
-
-def count_records(path: str | os.PathLike) -> int:
-    """Records framed in a file (lengths only, no CRC or decoding): for a quick look."""
-    blob = _file_bytes(path)
-    pos, count = 0, 0
-    while pos + _HEADER.size <= len(blob):
-        (length,) = struct.unpack_from("<Q", blob, pos)
-        pos += _HEADER.size + length + 4
-        count += pos <= len(blob)
-    return count
 
 
 def looks_like_tfrecord(path: str | os.PathLike) -> bool:
