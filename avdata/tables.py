@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avdata.clips import MODALITIES, ReadOptions, ShardClips, clip_id
+from avdata.clips import MODALITIES, ReadOptions, ShardClips
 from avdata.paired import DataError
 
 __all__ = ["TABLE_SUFFIXES", "read_table_shard", "embedding_folders", "embedding_shards", "read_embedding_shard"]
@@ -138,19 +138,41 @@ def read_embedding_shard(path: str | os.PathLike, options: ReadOptions, modaliti
     return clips
 
 
+def _plain(kind) -> bool:
+    """Arrow types whose Python values are JSON already (no per-value conversion needed)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _plain(kind.value_type)
+    return any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null))
+
+
+def _column_ids(path: Path, table, options: ReadOptions) -> tuple[str, str | None, list[str]] | None:
+    """(source, column used up or None, ids) from a whole id column (and start column), or None
+    when no id column is there. Column-wise: a per-row :func:`clip_id` was most of a table's read."""
+    id_name = next((n for n in options.ids if n in table.column_names), None)
+    if id_name is None:
+        return None
+    column = table.column(id_name)
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{path}: row {row}: no id in column {id_name!r}")
+    values = [v.decode() if isinstance(v, bytes) else str(v) for v in column.to_pylist()] if not _plain(column.type) else [str(v) for v in column.to_pylist()]
+    if options.start not in table.column_names:
+        return repr(id_name), id_name, values
+    starts = [None if s is None else int(s) if float(s).is_integer() else s for s in table.column(options.start).to_pylist()]
+    return f"{id_name!r}:{options.start!r}", None, [v if s is None else f"{v}:{s}" for v, s in zip(values, starts)]
+
+
 def _rows_as_clips(path: Path, table, used: set[str], options: ReadOptions) -> ShardClips:
     """Ids, labels and metadata of a table's rows (its columns but ``used``); no vectors yet."""
     columns = set(table.column_names)
-    rows = table.select([c for c in table.column_names if c not in used]).to_pylist()
-    ids, metadata, described = [], [], {}
-    for number, row in enumerate(rows):
-        try:
-            id_source, id_field, item_id = clip_id({k: [v] for k, v in row.items() if v is not None}, options, f"{path.name}:{number}")
-        except ValueError as err:
-            raise DataError(f"{path}: row {number}: {err}") from None
-        ids.append(item_id)
-        described.setdefault("id", id_source)
-        metadata.append({k: _jsonable(v) for k, v in row.items() if k != id_field and v is not None})
+    found = _column_ids(path, table, options)
+    id_source, id_field, ids = found if found else ("none: <file>:<row>", None, [f"{path.name}:{n}" for n in range(table.num_rows)])
+    kept = table.select([c for c in table.column_names if c not in used and c != id_field])
+    convert = not all(_plain(kind) for kind in kept.schema.types)
+    metadata = [{k: _jsonable(v) if convert else v for k, v in row.items() if v is not None} for row in kept.to_pylist()]
+    described = {"id": id_source}
     labels = None
     if options.labels in columns:
         labels = [list(m.get(options.labels) or []) for m in metadata]

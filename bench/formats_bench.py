@@ -180,6 +180,40 @@ def index_jobs(work: Path, model: Path, sizes: list[int], shards_per_clip: float
     return rows
 
 
+INDEX_STAGE = """
+import sys
+from pathlib import Path
+from index.job import build_index_from_shards
+from index.sources import Partition
+out, n, rows, dim = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+parts = [Partition(f"p{k:05d}", min(rows, n - k * rows)) for k in range((n + rows - 1) // rows)]
+index = build_index_from_shards(out, "visual", parts, "Flat", dim, "bench", None)
+print(len(index))
+"""
+
+
+def index_stage(work: Path, n: int, rows: int, dim: int) -> dict:
+    """The job's index stage alone at ``n`` clips: embedding shards as the job writes them (random
+    ``dim``-d vectors, the bench's ids and labels metadata), then ``build_index_from_shards`` in a
+    child whose peak RSS is measured. The embedding stage holds one shard at a time whatever n is,
+    so the job's peak at n is the larger of the two stages."""
+    from index.job import shard_path, write_shard
+
+    out = work / f"stage-{n}"
+    rng = np.random.default_rng(0)
+    for k in range((n + rows - 1) // rows):
+        path = shard_path(out, "visual", f"p{k:05d}")
+        if not path.is_file():
+            a, b = k * rows, min(n, (k + 1) * rows)
+            vectors = rng.standard_normal((b - a, dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            write_shard(path, vectors, [f"v{i:08d}" for i in range(a, b)], [{"labels": [i % 3862, (i * 7) % 3862]} for i in range(a, b)])
+    shutil.rmtree(out / "visual", ignore_errors=True)
+    seconds, peak = run_measured([PY, "-c", INDEX_STAGE, str(out), str(n), str(rows), str(dim)], work / f"stage-{n}.log")
+    print(f"  index stage alone, {n} clips ({dim}-d Flat): {seconds:.1f} s, peak {peak:.2f} GiB", flush=True)
+    return {"clips": n, "dim": dim, "seconds": seconds, "peak_rss_gib": peak}
+
+
 def training_memory(work: Path, sizes: list[int]) -> list[dict]:
     rows = []
     for n in sizes:
@@ -219,6 +253,13 @@ def report(result: dict) -> str:
         lines.append(f"| {r['format']} | {r['clips']} | {r['shards']} | {r['seconds']:.1f} | {r['clips_per_s']:.0f} | {r['peak_rss_gib']:.2f} |")
     for kind, fit in result["index_fit"].items():
         lines.append(f"\n{kind}: peak ≈ {fit['base_gib']:.2f} GiB + {fit['bytes_per_clip']:.0f} B/clip → **{fit['at_1e7_gib']:.1f} GiB at 10^7 clips** (extrapolated, not run)")
+    if "index_stage" in result:
+        r = result["index_stage"]
+        lines.append(
+            f"\nIndex stage alone at {r['clips']:,} clips ({r['dim']}-d Flat, ids and labels metadata): {r['seconds']:.0f} s, "
+            f"**peak {r['peak_rss_gib']:.2f} GiB**; the embedding stage holds one shard whatever the size, so the job's peak at that "
+            "size is the larger of this and the embedding-stage peak above."
+        )
     lines += ["", "## Training memory (`python -m training train --config tiny`, uint8 feature directory kept 8-bit)", ""]
     lines += ["| clips | uint8 data GiB | seconds | peak RSS GiB |", "|---|---|---|---|"]
     for r in result["training"]:
@@ -236,7 +277,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=30, help="8-bit frames per frame-level clip")
     parser.add_argument("--index-clips", type=int, default=1_000_000)
     parser.add_argument("--train-clips", default="250000,500000,1000000")
-    parser.add_argument("--parts", default="readers,index,training")
+    parser.add_argument("--stage-clips", type=int, default=10_000_000, help="clips of the index-stage-alone measurement")
+    parser.add_argument("--parts", default="readers,index,stage,training")
     args = parser.parse_args()
     if args.quick:
         args.reader_clips, args.index_clips, args.train_clips = 2000, 20_000, "20000,40000"
@@ -258,6 +300,8 @@ def main() -> None:
         for kind in ("video", "parquet", "npy"):
             base, per_clip = slope([r for r in result["index"] if r["format"] == kind])
             result["index_fit"][kind] = {"base_gib": base, "bytes_per_clip": per_clip, "at_1e7_gib": base + per_clip * 1e7 / 2**30}
+    if "stage" in parts:
+        result["index_stage"] = index_stage(args.work, args.stage_clips if not args.quick else 100_000, 10_000, 8)
     if "training" in parts:
         result["training"] = training_memory(args.work, [int(x) for x in args.train_clips.split(",")])
         base, per_clip = slope(result["training"])
