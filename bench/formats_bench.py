@@ -252,7 +252,7 @@ def report(result: dict) -> str:
     for r in result["index"]:
         lines.append(f"| {r['format']} | {r['clips']} | {r['shards']} | {r['seconds']:.1f} | {r['clips_per_s']:.0f} | {r['peak_rss_gib']:.2f} |")
     for kind, fit in result["index_fit"].items():
-        lines.append(f"\n{kind}: peak ≈ {fit['base_gib']:.2f} GiB + {fit['bytes_per_clip']:.0f} B/clip → **{fit['at_1e7_gib']:.1f} GiB at 10^7 clips** (extrapolated, not run)")
+        lines.append(f"\n{kind}: two-size fit {fit['base_gib']:.2f} GiB + {fit['bytes_per_clip']:.0f} B/clip → {fit['at_1e7_gib']:.1f} GiB at 10^7 clips (extrapolated, not run)")
     if "index_stage" in result:
         r = result["index_stage"]
         lines.append(
