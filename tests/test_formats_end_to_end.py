@@ -89,13 +89,14 @@ def test_index_build_with_ray_engine_streams_record_shards(tmp_path, collections
 
 
 @pytest.mark.slow
-def test_make_run_serves_a_youtube8m_folder(tmp_path, collections, clips):
+@pytest.mark.parametrize("name", ["frame-gz", "table"])
+def test_make_run_serves_the_collection(tmp_path, collections, clips, name):
     from tests.test_make_run import _free_port
 
     port = _free_port()
     venv = Path(sys.executable).parents[1]
     (venv / ".run-installed").touch()
-    data = collections["frame-gz"]
+    data = collections[name]
     cmd = ["make", "--no-print-directory", "run", f"VENV={venv}", "CONFIG=tiny", f"DATA={data}", f"ARTIFACTS={tmp_path}/art", f"PORT={port}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     lines = []
@@ -110,7 +111,7 @@ def test_make_run_serves_a_youtube8m_folder(tmp_path, collections, clips):
                 break
         curl = next((l.strip() for l in lines if l.strip().startswith("curl ")), None)
         assert curl, "".join(lines)
-        assert not Path(data, "audio_features.npy").exists()  # make used the folder, wrote no synthetic data into it
+        assert not Path(data, "audio_features.npy").exists()  # make used the collection, wrote no synthetic data into it
         body = Path(curl.split("-d @")[1].strip()).read_bytes()
         for _ in range(150):
             try:
