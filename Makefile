@@ -14,6 +14,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/model)
+# DATA that exists is used as it is, in any format of the data layer (feature directory, .npy
+# shards, HDF5, TFRecord or Parquet shards: a folder, a file or a glob, see `python -m avdata inspect`);
+# a DATA that does not exist gets the synthetic default written there.
+DATA_FILES := $(or $(wildcard $(DATA)),$(DATA)/audio_features.npy)
 RUN_DIR := $(ARTIFACTS)/run
 
 .PHONY: run test docker-test bench compare realdata realdata-tuned install-run install-test clean
@@ -44,17 +48,17 @@ install-test: $(VENV)/.test-installed
 $(DATA)/audio_features.npy: | $(VENV)/.run-installed
 	$(PY) -m training make-data --config $(CONFIG) --out $(DATA)
 
-$(RUN_DIR)/checkpoint.pt: | $(DATA)/audio_features.npy
-	$(PY) -m training train --config $(CONFIG) --data $(DATA) --out $(RUN_DIR)
+$(RUN_DIR)/checkpoint.pt: | $(DATA_FILES)
+	$(PY) -m training train --config $(CONFIG) --data '$(DATA)' --out $(RUN_DIR)
 
 $(ARTIFACTS)/model/manifest.json: $(RUN_DIR)/checkpoint.pt
 	$(PY) -m training export --run $(RUN_DIR) --out $(ARTIFACTS)/model
 
-$(ARTIFACTS)/index/visual/info.json: $(MODEL_DIR)/manifest.json $(DATA)/audio_features.npy
-	$(PY) -m index build --model $(MODEL_DIR) --data $(DATA) --out $(ARTIFACTS)/index
+$(ARTIFACTS)/index/visual/info.json: $(MODEL_DIR)/manifest.json $(DATA_FILES)
+	$(PY) -m index build --model $(MODEL_DIR) --data '$(DATA)' --out $(ARTIFACTS)/index
 
-$(ARTIFACTS)/example_query.json: $(DATA)/audio_features.npy
-	$(PY) -m service example --data $(DATA) --out $@
+$(ARTIFACTS)/example_query.json: $(DATA_FILES)
+	$(PY) -m service example --data '$(DATA)' --out $@
 
 run: $(VENV)/.run-installed $(ARTIFACTS)/index/visual/info.json $(ARTIFACTS)/example_query.json
 	$(PY) -m service serve --model $(MODEL_DIR) --index $(ARTIFACTS)/index --host $(HOST) --port $(PORT) --example $(ARTIFACTS)/example_query.json

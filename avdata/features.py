@@ -4,16 +4,19 @@ Formats (see README "Data formats"):
 
 * a **feature directory** holding ``audio_features.npy`` (N×D_a), ``visual_features.npy`` (N×D_v)
   and optionally ``labels.npy`` (N class ids, or N×C multi-hot), ``ids.txt`` (one id per line) and
-  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2);
+  ``split.npy`` (N entries, ``train``/``val``/``test`` or 0/1/2) and ``metadata.jsonl`` (one JSON
+  object per clip, kept with each item in the index);
 * the authors' **HDF5 layout**: ``audio_train``, ``visual_train``, ``lab_train`` and the same three
   ``_test`` keys; a validation split is carved from the training rows (seeded), never the test rows;
 * a **shard folder** of many ``.npy`` shards, one shard = ``audio_features-<name>.npy`` and/or
   ``visual_features-<name>.npy`` (same rows) with optional ``ids-<name>.txt``,
   ``labels-<name>.npy``, ``split-<name>.npy`` and ``metadata-<name>.jsonl`` (one JSON object per
   row, for the index); default ids are ``<name>:<row>``, so adding a shard renames nothing;
+* **TFRecord** ``Example``/``SequenceExample`` shards (YouTube-8M, AudioSet) and **Parquet/Arrow**
+  tables (:mod:`avdata.collection`, which also writes down the detection rule);
 * ``synthetic``: the embedded default generator (:mod:`avdata.synthetic`).
 
-uint8 features are 8-bit quantised (YouTube-8M style) and de-quantised as ``(q − 128) / 256``.
+uint8 features are 8-bit codes, de-quantised by YouTube-8M's rule ``q·4/255 + 4/512 − 2`` (:class:`Quantization`).
 Every problem raises :class:`DataError` with one message naming the file and what is wrong.
 This package imports no torch: training, the batch indexing jobs and the service all read data
 through it, and the service image carries it without ``training/``.
@@ -22,6 +25,7 @@ through it, and the service image carries it without ``training/``.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -30,69 +34,31 @@ import numpy as np
 from avdata.atomic import atomic_file, atomic_write
 from avdata.paired import (
     AUDIO_FILE,
+    METADATA_FILE,
     HDF5_SUFFIXES,
     IDS_FILE,
     LABELS_FILE,
     SPLIT_FILE,
     SPLIT_NAMES,
     VISUAL_FILE,
+    YOUTUBE8M,
+    Quantization,
     DataError,
     PairedFeatures,
     as_features,
     dequantize,
+    dequantized,
+    feature_stats,
+    make_paired,
 )
+from avdata.paired import check_split
 
 __all__ = [
     "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
-    "DataError", "PairedFeatures", "dequantize", "as_features", "make_paired",
+    "DataError", "PairedFeatures", "Quantization", "YOUTUBE8M", "dequantize", "dequantized", "feature_stats", "as_features", "make_paired",
     "load_directory", "load_hdf5", "shard_names", "load_shard", "shard_ids", "load_shard_folder", "load_features",
-    "atomic_file", "atomic_write", "save_directory",
+    "atomic_file", "atomic_write", "save_directory", "read_jsonl", "METADATA_FILE",
 ]
-
-
-def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
-    if labels.ndim not in (1, 2) or labels.shape[0] != n:
-        raise DataError(f"{name}: expected {n} class ids or an {n}×C multi-hot matrix, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
-        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
-            return labels.astype(np.int64)
-        raise DataError(f"{name}: labels must be integers (class ids or 0/1 multi-hot), got dtype {labels.dtype}")
-    return labels.astype(np.int64)
-
-
-def _check_split(split: np.ndarray, n: int, name: str) -> np.ndarray:
-    if split.ndim != 1 or split.shape[0] != n:
-        raise DataError(f"{name}: expected {n} split entries, got shape {split.shape}")
-    if np.issubdtype(split.dtype, np.integer):
-        if split.min() < 0 or split.max() > 2:
-            raise DataError(f"{name}: integer splits must be 0 (train), 1 (val) or 2 (test)")
-        return np.asarray(SPLIT_NAMES)[split]
-    split = split.astype(str)
-    unknown = set(np.unique(split)) - set(SPLIT_NAMES)
-    if unknown:
-        raise DataError(f"{name}: unknown split names {sorted(unknown)}; expected {SPLIT_NAMES}")
-    return split
-
-
-def make_paired(audio, visual, labels=None, ids=None, split=None, source: str = "arrays") -> PairedFeatures:
-    """Validate arrays into :class:`PairedFeatures`; every message names ``source``."""
-    audio = as_features(audio, f"{source}: audio features")
-    visual = as_features(visual, f"{source}: visual features")
-    n = audio.shape[0]
-    if visual.shape[0] != n:
-        raise DataError(f"{source}: audio has {n} rows but visual has {visual.shape[0]}; rows must pair up")
-    if labels is not None:
-        labels = _check_labels(np.asarray(labels), n, f"{source}: labels")
-    if ids is None:
-        ids = [str(i) for i in range(n)]
-    ids = [str(i) for i in ids]
-    if len(ids) != n:
-        raise DataError(f"{source}: {len(ids)} ids for {n} clips")
-    if len(set(ids)) != n:
-        raise DataError(f"{source}: ids are not unique")
-    if split is not None:
-        split = _check_split(np.asarray(split), n, f"{source}: split")
-    return PairedFeatures(audio, visual, labels, ids, split, source)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -102,12 +68,12 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file ({err})") from None
 
 
-def load_directory(path: Path) -> PairedFeatures:
+def load_directory(path: Path, keep_8bit: bool = False) -> PairedFeatures:
     for required in (AUDIO_FILE, VISUAL_FILE):
         if not (path / required).is_file():
             raise DataError(f"{path / required}: missing; a feature directory needs {AUDIO_FILE} and {VISUAL_FILE}")
-    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE))
-    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE))
+    audio = as_features(_load_npy(path / AUDIO_FILE), str(path / AUDIO_FILE), keep_8bit)
+    visual = as_features(_load_npy(path / VISUAL_FILE), str(path / VISUAL_FILE), keep_8bit)
     if audio.shape[0] != visual.shape[0]:
         raise DataError(
             f"{path / VISUAL_FILE}: has {visual.shape[0]} rows but {AUDIO_FILE} has {audio.shape[0]}; rows must pair up"
@@ -115,7 +81,21 @@ def load_directory(path: Path) -> PairedFeatures:
     labels = _load_npy(path / LABELS_FILE) if (path / LABELS_FILE).is_file() else None
     ids = (path / IDS_FILE).read_text().splitlines() if (path / IDS_FILE).is_file() else None
     split = _load_npy(path / SPLIT_FILE) if (path / SPLIT_FILE).is_file() else None
-    return make_paired(audio, visual, labels, ids, split, source=str(path))
+    data = make_paired(audio, visual, labels, ids, split, source=str(path), keep_8bit=keep_8bit)
+    if (path / METADATA_FILE).is_file():
+        data.metadata = read_jsonl(path / METADATA_FILE, len(data))
+    return data
+
+
+def read_jsonl(path: Path, rows: int) -> list[dict | None]:
+    """One JSON object (or an empty line) per row."""
+    try:
+        metadata = [json.loads(line) if line.strip() else None for line in path.read_text().splitlines()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not JSON lines ({err})") from None
+    if len(metadata) != rows or any(m is not None and not isinstance(m, dict) for m in metadata):
+        raise DataError(f"{path}: needs one JSON object per row ({rows} rows)")
+    return metadata
 
 
 def load_hdf5(path: Path, val_fraction: float = 0.1, seed: int = 0) -> PairedFeatures:
@@ -172,8 +152,10 @@ def shard_names(path: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
-def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = True) -> tuple[np.ndarray | None, list[str] | None]:
-    """(features (N, D) float32 or None when the shard lacks ``modality``, ids or None for the default)."""
+def load_shard(
+    path: str | os.PathLike, name: str, modality: str, mmap: bool = True, keep_8bit: bool = False
+) -> tuple[np.ndarray | None, list[str] | None]:
+    """(features (N, D) float32, or uint8 codes with ``keep_8bit``, or None when the shard lacks ``modality``; ids or None for the default)."""
     path = Path(path)
     file = path / f"{SHARD_PREFIXES[modality]}{name}.npy"
     if not file.is_file():
@@ -182,7 +164,7 @@ def load_shard(path: str | os.PathLike, name: str, modality: str, mmap: bool = T
         raw = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{file}: not a readable .npy file ({err})") from None
-    features = as_features(np.asarray(raw), str(file))
+    features = as_features(np.asarray(raw), str(file), keep_8bit)
     ids_file = path / f"ids-{name}.txt"
     ids = ids_file.read_text().splitlines() if ids_file.is_file() else None
     if ids is not None and len(ids) != len(features):
@@ -195,7 +177,7 @@ def shard_ids(name: str, n: int) -> list[str]:
     return [f"{name}:{row}" for row in range(n)]
 
 
-def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
+def load_shard_folder(path: str | os.PathLike, keep_8bit: bool = False) -> PairedFeatures:
     """Every shard of a shard folder as one :class:`PairedFeatures` (each shard needs both modalities)."""
     path = Path(path)
     names = shard_names(path)
@@ -203,8 +185,8 @@ def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
         raise DataError(f"{path}: no shards ({SHARD_PREFIXES['audio']}<name>.npy / {SHARD_PREFIXES['visual']}<name>.npy)")
     audio, visual, ids, labels, splits = [], [], [], [], []
     for name in names:
-        a, a_ids = load_shard(path, name, "audio", mmap=False)
-        v, _ = load_shard(path, name, "visual", mmap=False)
+        a, a_ids = load_shard(path, name, "audio", mmap=False, keep_8bit=keep_8bit)
+        v, _ = load_shard(path, name, "visual", mmap=False, keep_8bit=keep_8bit)
         if a is None or v is None:
             raise DataError(f"{path}: shard {name!r} lacks {'audio' if a is None else 'visual'} features; training needs both")
         if len(a) != len(v):
@@ -212,28 +194,37 @@ def load_shard_folder(path: str | os.PathLike) -> PairedFeatures:
         audio.append(a), visual.append(v), ids.extend(a_ids or shard_ids(name, len(a)))
         labels.append(_load_npy(path / f"labels-{name}.npy") if (path / f"labels-{name}.npy").is_file() else None)
         split_file = path / f"split-{name}.npy"
-        splits.append(_check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
+        splits.append(check_split(_load_npy(split_file), len(a), str(split_file)) if split_file.is_file() else None)
     all_labels = np.concatenate(labels) if all(x is not None for x in labels) else None
     all_split = np.concatenate(splits) if all(x is not None for x in splits) else None
-    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path))
+    if keep_8bit and len({a.dtype for a in audio} | {v.dtype for v in visual}) > 1:  # mixed: all as floats
+        audio, visual = [dequantized(a) for a in audio], [dequantized(v) for v in visual]
+    return make_paired(np.vstack(audio), np.vstack(visual), all_labels, ids, all_split, source=str(path), keep_8bit=keep_8bit)
 
 
-def load_features(data: str | os.PathLike) -> PairedFeatures:
-    """Load ``synthetic``, a feature directory or an HDF5 file; always returns a train/val/test split."""
-    if str(data) == "synthetic":
+def load_features(data: str | os.PathLike, processes: int | None = None, keep_8bit: bool = False, **options) -> PairedFeatures:
+    """Load any collection of the detection rule (:func:`avdata.collection.detect`): ``synthetic``,
+    a feature directory, a shard folder, an HDF5 file, TFRecords or tables; always returns a
+    train/val/test split. ``options`` override the collection's read options (``avdata.json``);
+    record and table shards are read in ``processes`` processes (default: one per core).
+    ``keep_8bit``: uint8 feature files stay uint8 codes in memory (training de-quantises per batch,
+    see :func:`dequantized`); records and tables are always float32 (pooling leaves the 8-bit grid)."""
+    from avdata.collection import detect, join_clips, open_collection
+
+    kind, _ = detect(data)
+    if kind == "synthetic":
         from avdata.synthetic import generate  # imported when asked for: most callers read files
 
         return generate()
     path = Path(data)
-    if path.is_dir():
-        if not (path / AUDIO_FILE).exists() and shard_names(path):
-            return load_shard_folder(path).with_default_split()
-        return load_directory(path).with_default_split()
-    if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
+    if kind == "npy-shards":
+        return load_shard_folder(path, keep_8bit).with_default_split()
+    if kind == "directory":
+        return load_directory(path, keep_8bit).with_default_split()
+    if kind == "hdf5":
         return load_hdf5(path)
-    if not path.exists():
-        raise DataError(f"{path}: does not exist (expected a feature directory, an HDF5 file or 'synthetic')")
-    raise DataError(f"{path}: not a feature directory or an HDF5 file ({', '.join(HDF5_SUFFIXES)})")
+    collection = open_collection(data, **options)
+    return join_clips(collection, collection.read_all(processes))[0]
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -253,4 +244,6 @@ def save_directory(data: PairedFeatures, path: str | os.PathLike) -> Path:
     if data.split is not None:
         _atomic_save_npy(path / SPLIT_FILE, data.split.astype("U5"))
     atomic_write(path / IDS_FILE, "\n".join(data.ids) + "\n")
+    if data.metadata is not None:
+        atomic_write(path / METADATA_FILE, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in data.metadata))
     return path

@@ -16,8 +16,8 @@ real clips hard to align without labels:
   clip, are strong, and are independent across the two modalities;
 * **different nonlinear maps**: each modality observes its latent through its own random
   two-layer tanh network (visual features are rectified, like pooled CNN activations), plus noise;
-* **8-bit quantisation** (optional) like YouTube-8M features: ``q = round(256·x + 128)`` clipped
-  to [0, 255], de-quantised by the loader as ``(q − 128) / 256``.
+* **8-bit quantisation** (optional) like YouTube-8M features: scaled into [−2, 2] and coded by
+  YouTube-8M's rule (:class:`avdata.paired.Quantization`), de-quantised by the loader the same way.
 
 The combination keeps linear CCA on raw features far from perfect (see ``tests/training``), so
 method differences show. Labels are the primary event's class; they are for evaluation only.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from avdata.paired import SPLIT_NAMES, PairedFeatures, dequantize
+from avdata.paired import SPLIT_NAMES, YOUTUBE8M, PairedFeatures, dequantize
 
 __all__ = ["SyntheticConfig", "World", "make_world", "draw_clips", "generate", "generate_chunks"]
 
@@ -73,9 +73,9 @@ def _apply_map(u: np.ndarray, weights) -> np.ndarray:
 
 
 def _quantize(x: np.ndarray) -> np.ndarray:
-    # Scale into [-0.5, 0.5) so that the YouTube-8M convention (q-128)/256 recovers it.
-    scale = 0.5 / max(np.percentile(np.abs(x), 99.9), 1e-12)
-    return np.clip(np.round(x * scale * 256.0 + 128.0), 0, 255).astype(np.uint8)
+    # Scale into YouTube-8M's range [-2, 2] (99.9th percentile at 1.9), then its 8-bit code.
+    scale = 1.9 / max(np.percentile(np.abs(x), 99.9), 1e-12)
+    return YOUTUBE8M.quantize(x * scale)
 
 
 @dataclass

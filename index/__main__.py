@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="embed a feature collection and build its FAISS indexes (resumable)")
     p.add_argument("--model", required=True, help="exported model directory (manifest.json + ONNX)")
-    p.add_argument("--data", required=True, help="feature directory, HDF5 file, folder of .npy shards, or 'synthetic'")
+    p.add_argument("--data", required=True, help="feature directory, HDF5 file, folder of .npy shards, TFRecord or Parquet/Arrow shards (a folder, a file or a glob), or 'synthetic'")
     p.add_argument("--out", required=True, help="job directory: gets job.json, embeddings/, audio/ and visual/")
     p.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact, default), IVF4096,Flat, IVF4096,PQ16, HNSW32 ...")
     p.add_argument("--search-param", action="append", type=_name_value, default=[], metavar="NAME=VALUE", help="kept with the index, e.g. nprobe=32 or efSearch=128")
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--on-duplicate", default="refuse", choices=["refuse", "last-wins"],
         help="an id in two rows: refuse the collection (default, exit 2 naming both rows) or keep the later row and count the replaced ones",
+    )
+    p.add_argument(
+        "--skip-bad", action="store_true", default=None,
+        help="TFRecord/table shards: skip a bad record (or unreadable shard) and count it in the summary, instead of stopping at the first",
     )
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_job(
             args.model, args.data, args.out, args.factory, args.device, not args.no_progress, args.engine, args.partition_rows,
             batch_size=args.batch_size, workers=args.workers, search_params=dict(args.search_param), build_params=dict(args.build_param),
-            on_duplicate=args.on_duplicate,
+            on_duplicate=args.on_duplicate, skip_bad=args.skip_bad,
         )
     except (ValueError, RuntimeError, FileNotFoundError, IndexLoadError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

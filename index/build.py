@@ -22,12 +22,14 @@ def build_job(
     progress: bool = True,
     engine: str = "local",
     partition_rows: int = PARTITION_ROWS,
+    skip_bad: bool | None = None,
     **options,
 ) -> JobSummary:
-    """Run the resumable batch job over ``data`` (any data-layer format or a shard folder)."""
+    """Run the resumable batch job over ``data`` (any data-layer format); ``skip_bad`` skips and
+    counts bad records of TFRecord/table shards (None: as the collection's ``avdata.json`` says)."""
     if partition_rows < 1:
         raise ValueError(f"partition rows must be ≥ 1, got {partition_rows}")
-    return run_job(model_dir, open_source(data, partition_rows), out_dir, factory, device, engine, progress=progress, **options)
+    return run_job(model_dir, open_source(data, partition_rows, skip_bad=skip_bad), out_dir, factory, device, engine, progress=progress, **options)
 
 
 def build_indexes(model_dir: str | Path, data: str | Path, out_dir: str | Path, factory: str = "Flat", device: str = "auto", progress: bool = True) -> dict[str, VectorIndex]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from avdata.atomic import atomic_write
 from index.embedder import Embedder
 from index.items import RepeatedIdError
-from index.sources import InMemory, Partition, ShardFolder
+from index.sources import Partition, Source
 from index.store import VectorIndex, apply_build_params
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,13 @@ def shard_path(out_dir: Path, modality: str, partition: str) -> Path:
     return out_dir / "embeddings" / modality / f"{partition}.npz"
 
 
-def embed_partition(embedder: Embedder, source: ShardFolder | InMemory, partition: str, modality: str, out_dir: Path, batch_size: int) -> int:
-    """Read, embed and atomically write one partition; returns its row count."""
+def embed_partition(embedder: Embedder, source: Source, partition: str, modality: str, out_dir: Path, batch_size: int) -> tuple[int, int]:
+    """Read, embed and atomically write one partition; returns its row count and the bad records it skipped."""
     chunk = source.read(partition, modality)
-    embeddings = np.concatenate([embedder.embed(modality, chunk.features[i : i + batch_size]) for i in range(0, len(chunk.features), batch_size)])
+    batches = [embedder.embed(modality, chunk.features[i : i + batch_size]) for i in range(0, len(chunk.features), batch_size)]
+    embeddings = np.concatenate(batches) if batches else np.zeros((0, embedder.embedding_dim), np.float32)  # every record skipped
     write_shard(shard_path(out_dir, modality, partition), embeddings, chunk.ids, chunk.metadata)
-    return len(embeddings)
+    return len(embeddings), chunk.skipped
 
 
 def write_shard(path: Path, embeddings: np.ndarray, ids: list[str], metadata: list[dict | None] | None) -> None:
@@ -88,10 +89,16 @@ def read_shard(path: Path) -> tuple[np.ndarray, list[str], list[dict | None] | N
         return z["embeddings"], ids, json.loads(str(z["metadata"]))
 
 
-def _is_done(path: Path, rows: int) -> bool:
+def _shard_rows(path: Path) -> int:
+    with np.load(path, allow_pickle=False) as z:
+        return int(z["id_ends"].shape[0]) if "id_ends" in z else int(z["embeddings"].shape[0])
+
+
+def _is_done(path: Path, rows: int | None) -> bool:
+    """A readable shard of ``rows`` rows (any count when the source knows it only once read)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return z["embeddings"].shape[0] == rows
+            return rows is None or z["embeddings"].shape[0] == rows
     except (OSError, ValueError, KeyError, EOFError):
         return False  # missing or unreadable: embed it (again)
 
@@ -99,16 +106,17 @@ def _is_done(path: Path, rows: int) -> bool:
 class PartitionEmbedder:
     """Ray Data callable class: one ONNX session per worker, each batch a list of partitions."""
 
-    def __init__(self, model_dir: str, source: ShardFolder | InMemory, out_dir: str, device: str, batch_size: int):
+    def __init__(self, model_dir: str, source: Source, out_dir: str, device: str, batch_size: int):
         self.embedder = Embedder(model_dir, device=device, intra_op_threads=1)  # one core per worker
         self.source, self.out_dir, self.batch_size = source, Path(out_dir), batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [
+        done = [
             embed_partition(self.embedder, self.source, str(p), str(m), self.out_dir, self.batch_size)
             for p, m in zip(batch["partition"], batch["modality"])
         ]
-        return {"partition": batch["partition"], "modality": batch["modality"], "rows": np.array(rows)}
+        rows, skipped = zip(*done)
+        return {"partition": batch["partition"], "modality": batch["modality"], "rows": np.array(rows), "skipped": np.array(skipped)}
 
 
 @dataclass
@@ -127,6 +135,7 @@ class JobSummary:
     items: dict[str, int] = field(default_factory=dict)
     on_duplicate: str = "refuse"
     replaced: dict[str, int] = field(default_factory=dict)  # rows replaced by a later row with the same id (last-wins)
+    bad_skipped: int | None = None  # bad records (or whole shards) skipped by this run; None: not asked to skip
 
     def lines(self) -> list[str]:
         rate = self.rows_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
@@ -139,6 +148,8 @@ class JobSummary:
         if self.on_duplicate == "last-wins":  # said even when 0: the reader asked for it
             counts = ", ".join(f"{m} {n}" for m, n in self.replaced.items())
             lines.append(f"duplicates: {counts} rows replaced by a later row with the same id (last wins)")
+        if self.bad_skipped is not None:
+            lines.append(f"skipped:    {self.bad_skipped} bad records/shards (--skip-bad)")
         return [*lines, f"written to: {self.out_dir}"]
 
 
@@ -241,7 +252,7 @@ def _index_from_shards(
     """The saved index of one modality and the count of rows replaced by a later row with the same id."""
     paths = [shard_path(out_dir, modality, p.name) for p in partitions]
     wanted = _check_factory(factory, dim)
-    sample = _training_sample(paths, [p.rows for p in partitions], wanted) if wanted else None
+    sample = _training_sample(paths, [p.rows if p.rows is not None else _shard_rows(path) for p, path in zip(partitions, paths)], wanted) if wanted else None
     index = VectorIndex.empty(dim, factory, manifest_hash, training_vectors=sample, build_params=build_params)
     if search_params:
         index.set_search_params(**search_params)
@@ -262,14 +273,19 @@ def build_index_from_shards(
     return _index_from_shards(out_dir, modality, partitions, factory, dim, manifest_hash, search_params, build_params, on_duplicate)[0]
 
 
-def _embed_local(embedder: Embedder, source, pending, out_dir, batch_size, bar, on_partition) -> None:
+def _embed_local(embedder: Embedder, source, pending, out_dir, batch_size, bar, on_partition) -> tuple[int, int]:
+    """(rows embedded, bad records skipped)."""
+    total = [0, 0]
     for modality, partition in pending:
-        bar.update(embed_partition(embedder, source, partition.name, modality, out_dir, batch_size))
+        rows, skipped = embed_partition(embedder, source, partition.name, modality, out_dir, batch_size)
+        bar.update(rows)
+        total[0], total[1] = total[0] + rows, total[1] + skipped
         if on_partition is not None:
             on_partition(modality, partition.name)
+    return total[0], total[1]
 
 
-def _embed_ray(model_dir: Path, source, pending, out_dir: Path, device: str, batch_size: int, workers: int, bar) -> None:
+def _embed_ray(model_dir: Path, source, pending, out_dir: Path, device: str, batch_size: int, workers: int, bar) -> tuple[int, int]:
     import ray
 
     if not ray.is_initialized():
@@ -278,13 +294,16 @@ def _embed_ray(model_dir: Path, source, pending, out_dir: Path, device: str, bat
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     kwargs = {"model_dir": str(model_dir), "source": source, "out_dir": str(out_dir), "device": device, "batch_size": batch_size}
     embedded = dataset.map_batches(PartitionEmbedder, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=workers, num_cpus=1)
+    rows = skipped = 0
     for row in embedded.iter_rows():
         bar.update(int(row["rows"]))
+        rows, skipped = rows + int(row["rows"]), skipped + int(row["skipped"])
+    return rows, skipped
 
 
 def run_job(
     model_dir: str | Path,
-    source: ShardFolder | InMemory,
+    source: Source,
     out_dir: str | Path,
     factory: str = "Flat",
     device: str = "auto",
@@ -328,14 +347,20 @@ def run_job(
                 summary.skipped += 1
             else:
                 pending.append((modality, p))
-    summary.rows_embedded = sum(p.rows for _, p in pending)
-    log.info("%s: %d partitions, %d to embed (%d clips), %d already done", source.description, summary.partitions, len(pending), summary.rows_embedded, summary.skipped)
+    # Partition by partition, both modalities together: a record shard is parsed once for both
+    # (RecordShards keeps the last shard read), not once per modality.
+    pending.sort(key=lambda item: (item[1].name, item[0]))
+    known = all(p.rows is not None for _, p in pending)  # record shards: counted as they are read
+    total = sum(p.rows for _, p in pending) if known else None
+    log.info("%s: %d partitions, %d to embed (%s clips), %d already done", source.description, summary.partitions, len(pending), total if known else "?", summary.skipped)
     start = time.perf_counter()
-    with tqdm(total=summary.rows_embedded, desc="embed", unit="clip", disable=not progress) as bar:
+    with tqdm(total=total, desc="embed", unit="clip", disable=not progress) as bar:
         if engine == "ray" and pending:
-            _embed_ray(model_dir, source, pending, out_dir, device, batch_size, workers, bar)
-        elif engine == "local":
-            _embed_local(embedder, source, pending, out_dir, batch_size, bar, on_partition)
+            summary.rows_embedded, bad = _embed_ray(model_dir, source, pending, out_dir, device, batch_size, workers, bar)
+        else:
+            summary.rows_embedded, bad = _embed_local(embedder, source, pending, out_dir, batch_size, bar, on_partition)
+    if getattr(source, "skip_bad", False):
+        summary.bad_skipped = bad
     summary.embedded = len(pending)
     summary.embed_seconds = time.perf_counter() - start
     start = time.perf_counter()

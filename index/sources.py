@@ -2,6 +2,7 @@
 
 * a **shard folder** (many ``.npy`` shards, see :mod:`avdata.features`): one shard = one partition,
   read memory-mapped, so a worker only ever holds one shard;
+* **TFRecord or table shards** (:mod:`avdata.collection`): one file = one partition, streamed;
 * every other data-layer format (feature directory, HDF5 file, ``synthetic``): loaded once, cut
   into row ranges of ``partition_rows`` rows named ``rows-<first row>``.
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avdata.clips import ShardClips
+from avdata.collection import RECORD_KINDS, Collection, detect, open_collection
 from avdata.features import DataError, PairedFeatures, load_features, load_shard, shard_ids, shard_names
 
 MODALITIES = ("audio", "visual")
@@ -25,7 +28,7 @@ MODALITIES = ("audio", "visual")
 @dataclass
 class Partition:
     name: str  # unique and sortable: the order of items in the index
-    rows: int
+    rows: int | None  # None: known once read (record shards)
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Chunk:
     features: np.ndarray  # (n, D) float32
     ids: list[str]  # n string ids
     metadata: list[dict | None] | None  # n JSON objects, or None when the source has none
+    skipped: int = 0  # bad records left out of this partition (skip_bad)
 
 
 class ShardFolder:
@@ -105,13 +109,57 @@ class InMemory:
     def read(self, partition: str, modality: str) -> Chunk:
         start = int(partition.removeprefix("rows-"))
         stop = start + self.partition_rows
-        return Chunk(getattr(self.data, modality)[start:stop], self.data.ids[start:stop], None)
+        return Chunk(getattr(self.data, modality)[start:stop], self.data.ids[start:stop], self.data.item_metadata(start, stop))
 
 
-def open_source(data: PairedFeatures | str | Path, partition_rows: int) -> ShardFolder | InMemory:
-    """The reader for ``data``: a shard folder, or any format of the data layer."""
-    if not isinstance(data, PairedFeatures) and str(data) != "synthetic":
-        path = Path(data)
-        if path.is_dir() and not (path / "audio_features.npy").exists() and shard_names(path):
-            return ShardFolder(path)
+class RecordShards:
+    """TFRecord or table shards (:mod:`avdata.collection`), one shard = one partition, streamed: a
+    worker holds one shard's bytes and its decoded clips, never the collection. Row counts are
+    known only once a shard is read (``rows`` None); bad records are counted in ``Chunk.skipped``
+    (on the audio partition only, so that each bad record counts once)."""
+
+    def __init__(self, collection: Collection):
+        self.collection = collection
+        self._last: tuple[str, ShardClips] | None = None  # the shard read last (one shard: the memory bound)
+        self.description = f"{collection.kind} shards {collection.path} ({len(collection.shards)} shards)"
+        names = [s.name for s in collection.shards]
+        if len(set(names)) != len(names):
+            raise DataError(f"{collection.path}: two shards share a file name; partitions are named by it")
+
+    @property
+    def skip_bad(self) -> bool:
+        return self.collection.options.skip_bad
+
+    def fingerprint(self) -> str:
+        return self.collection.fingerprint()
+
+    def modalities(self) -> list[str]:
+        return list(MODALITIES)
+
+    def partitions(self, modality: str) -> list[Partition]:
+        return [Partition(shard.name, None) for shard in self.collection.shards]
+
+    def read(self, partition: str, modality: str) -> Chunk:
+        if self._last is None or self._last[0] != partition:  # the job asks for both modalities of a shard in a row
+            shard = next(s for s in self.collection.shards if s.name == partition)
+            self._last = (partition, self.collection.read(shard))
+        clips = self._last[1]
+        skipped = len(clips.bad) if modality == "audio" else 0
+        if not clips.ids:  # every record bad (skipped): an empty partition
+            return Chunk(np.zeros((0, 0), np.float32), [], [], skipped)
+        return Chunk(getattr(clips, modality), clips.ids, [dict(m) for m in clips.metadata], skipped)
+
+
+Source = ShardFolder | InMemory | RecordShards
+
+
+def open_source(data: PairedFeatures | str | Path, partition_rows: int, **options) -> Source:
+    """The reader for ``data`` by the data layer's detection rule: a shard folder, record or table
+    shards (streamed), or any other format loaded whole. ``options`` override ``avdata.json``."""
+    if not isinstance(data, PairedFeatures):
+        kind, _ = detect(data)
+        if kind == "npy-shards":
+            return ShardFolder(Path(data))
+        if kind in RECORD_KINDS:
+            return RecordShards(open_collection(data, **options))
     return InMemory(data, partition_rows)

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="build the index for the model unless an up-to-date one exists")
     p.add_argument("--model", type=Path, help="exported model directory (default: $AVSEARCH_MODEL_DIR)")
     p.add_argument("--index", type=Path, help="index directory (default: $AVSEARCH_INDEX_DIR)")
-    p.add_argument("--data", required=True, help="feature directory, HDF5 file or 'synthetic'")
+    p.add_argument("--data", required=True, help="any collection of the data layer (feature directory, .npy shards, HDF5, TFRecord or Parquet shards) or 'synthetic'")
     p.add_argument("--factory", default="Flat", help="FAISS factory string (default: exact inner product)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if the index is up to date (drops API item changes)")
     p.set_defaults(func=_prepare)

@@ -16,6 +16,8 @@ from fastapi import HTTPException, Request
 from numpy.lib import format as npy_format
 from pydantic import BaseModel, ValidationError
 
+from avdata.paired import dequantize
+
 JSON, NPY = "application/json", "application/x-npy"
 M = TypeVar("M", bound=BaseModel)
 OPENAPI_MODELS: list[type[BaseModel]] = []
@@ -86,8 +88,8 @@ def parse_npy(body: bytes) -> np.ndarray:
     if len(data) != expected:
         raise HTTPException(400, f".npy header says shape {shape} of {dtype} ({expected} bytes) but {len(data)} data bytes follow")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    if dtype == np.uint8:  # 8-bit quantised features: de-quantised as the data layer does, (q - 128) / 256
-        array = (array.astype(np.float32) - 128.0) / 256.0
+    if dtype == np.uint8:  # 8-bit codes: de-quantised by the data layer's rule (YouTube-8M's, q·4/255 + 4/512 − 2)
+        array = dequantize(array)
     with np.errstate(over="ignore"):  # float64 1e39 -> inf, reported by validate()
         array = np.ascontiguousarray(array, dtype=np.float32)
     return array.reshape(1, -1) if array.ndim == 1 else array

@@ -38,7 +38,8 @@ def _load_data(spec: str, cfg):
     from training.data import load_features
     from training.synthetic import generate
 
-    return generate(cfg.synthetic) if spec == "synthetic" else load_features(spec)
+    # 8-bit feature files stay 8-bit in memory (a quarter of float32's); batches are de-quantised.
+    return generate(cfg.synthetic) if spec == "synthetic" else load_features(spec, keep_8bit=True)
 
 
 def _cmd_train(args) -> None:

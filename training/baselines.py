@@ -13,7 +13,7 @@ import numpy as np
 
 from training.cca import fit_linear_cca
 from training.config import Config
-from training.data import PairedFeatures
+from training.data import PairedFeatures, dequantized
 from training.metrics import retrieval_metrics
 
 _NO_HSC = {"dcca": False, "soft_nce": False, "distill": False, "recon_intra": False, "recon_cross": False}
@@ -86,10 +86,10 @@ def linear_cca_on_raw(data: PairedFeatures, cfg: Config) -> dict:
     Returns {"val": metrics, "test": metrics} (no training, so no epoch to select).
     """
     train = data.subset("train")
-    stats = {m: (getattr(train, m).mean(0), getattr(train, m).std(0).clip(1e-6)) for m in ("audio", "visual")}
+    stats = {m: (dequantized(getattr(train, m)).mean(0), dequantized(getattr(train, m)).std(0).clip(1e-6)) for m in ("audio", "visual")}
 
     def scaled(split: PairedFeatures, m: str) -> np.ndarray:
-        return (getattr(split, m) - stats[m][0]) / stats[m][1]
+        return (dequantized(getattr(split, m)) - stats[m][0]) / stats[m][1]
 
     cca = fit_linear_cca(scaled(train, "audio"), scaled(train, "visual"), cfg.cca.n_components, cfg.cca.ridge)
     out = {}

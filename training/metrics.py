@@ -102,6 +102,9 @@ def cross_modal_metrics(audio_emb, visual_emb, labels, max_queries: int = 0, see
     return out
 
 
+SCORE_BLOCK = 2**24  # similarity scores held at once by partner_ranks
+
+
 def partner_ranks(queries: np.ndarray, gallery: np.ndarray, partners: np.ndarray, chunk: int = 1024) -> np.ndarray:
     """(Q,) 1-based rank of each query's own partner ``gallery[partners[q]]`` by cosine similarity.
 
@@ -110,6 +113,9 @@ def partner_ranks(queries: np.ndarray, gallery: np.ndarray, partners: np.ndarray
     """
     q, g = _normalise(queries), _normalise(gallery)
     ranks = np.empty(len(q), dtype=np.int64)
+    # A block of scores is chunk × G float64: bounded (128 MB), so a 10^6-clip test split does not
+    # ask for 8 GB per block (1,024 queries × 10^6); the ranks do not depend on the block size.
+    chunk = max(1, min(chunk, SCORE_BLOCK // max(len(g), 1)))
     for start in range(0, len(q), chunk):
         scores = q[start : start + chunk] @ g.T
         own = scores[np.arange(len(scores)), partners[start : start + chunk]]

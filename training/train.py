@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from training.cca import LinearCCA, fit_linear_cca
 from training.config import Config, TrainConfig, config_from_dict, config_to_dict
-from training.data import PairedFeatures, atomic_write
+from training.data import YOUTUBE8M, PairedFeatures, atomic_write, dequantized, feature_stats
 from training.hscmae import TaskWeights, active_terms, ema_update, hscmae_step, momentum_at
 from training.metrics import SELECTION_METRICS, retrieval_metrics
 from training.model import AVModel
@@ -40,7 +40,7 @@ def embed_all(model: AVModel, modality: str, x: np.ndarray, batch_size: int = 20
     """(N, D) features -> (N, E) embeddings, in eval mode, in batches."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model.embed(modality, torch.from_numpy(x[i : i + batch_size]).to(device)).cpu() for i in range(0, len(x), batch_size)]
+    out = [model.embed(modality, torch.from_numpy(dequantized(x[i : i + batch_size])).to(device)).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()
 
 
@@ -208,9 +208,20 @@ def _selection_rows(data: PairedFeatures, limit: int, seed: int) -> PairedFeatur
 def _scaled_model(cfg: Config, data: PairedFeatures, train_split: PairedFeatures) -> AVModel:
     model = AVModel(data.audio_dim, data.visual_dim, cfg.model)
     for modality in ("audio", "visual"):
-        x = torch.from_numpy(getattr(train_split, modality))
-        model.towers[modality].set_scaling(x.mean(0), x.std(0))
+        x = getattr(train_split, modality)
+        if x.dtype == np.uint8:  # 8-bit codes: statistics a block at a time, never a float copy of them all
+            mean, std = (torch.from_numpy(s) for s in feature_stats(x))
+        else:
+            mean, std = torch.from_numpy(x).mean(0), torch.from_numpy(x).std(0)
+        model.towers[modality].set_scaling(mean, std)
     return model
+
+
+def _as_floats(x: torch.Tensor) -> torch.Tensor:
+    """A batch of features as float32: uint8 codes (``keep_8bit``) de-quantised here, per batch."""
+    if x.dtype != torch.uint8:
+        return x
+    return x.float() * YOUTUBE8M.step + YOUTUBE8M.bias  # float32 multiply, then add: as avdata.dequantize
 
 
 def _rng_states() -> dict:
@@ -300,7 +311,8 @@ def train(
     def step_fn(rows):
         student.train()
         with _autocast(device, cfg.train.amp):
-            return hscmae_step(student, teacher, task_weights, obj, audio[rows.to(device)], visual[rows.to(device)], generator, global_step)
+            a, v = _as_floats(audio[rows.to(device)]), _as_floats(visual[rows.to(device)])
+            return hscmae_step(student, teacher, task_weights, obj, a, v, generator, global_step)
 
     def after_step(out):
         nonlocal global_step

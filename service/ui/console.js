@@ -132,7 +132,7 @@ function parseNpy(buffer) {
   const types = { "<f4": Float32Array, "<f8": Float64Array, "<i4": Int32Array, "|u1": Uint8Array, "<u1": Uint8Array };
   if (!types[descr] || fortran || shape.length < 1 || shape.length > 2) return { shape, descr, vectors: null };
   const flat = Array.from(new types[descr](buffer.slice(start)));
-  const values = descr.endsWith("u1") ? flat.map((q) => (q - 128) / 256) : flat; // 8-bit quantised, as the service reads it
+  const values = descr.endsWith("u1") ? flat.map((q) => q * 4 / 255 + 4 / 512 - 2) : flat; // 8-bit codes, YouTube-8M's rule, as the service reads them
   const width = shape[shape.length - 1];
   const vectors = [];
   for (let i = 0; i < values.length; i += width) vectors.push(values.slice(i, i + width));

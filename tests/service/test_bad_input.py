@@ -245,7 +245,7 @@ def test_incoherent_settings_are_refused(settings, message):
 
 
 def test_uint8_npy_is_dequantised_like_the_data_layer(client):
-    """8-bit features embed as the loader de-quantises them, (q - 128) / 256, not as raw 0..255."""
+    """8-bit features embed as the loader de-quantises them (YouTube-8M's rule), not as raw 0..255."""
     from avdata.features import dequantize
 
     q = np.random.default_rng(0).integers(0, 256, size=(2, 128), dtype=np.uint8)

@@ -72,10 +72,13 @@ def test_corrupt_npy_is_a_data_error(tmp_path):
         load_features(tmp_path)
 
 
-def test_uint8_features_are_dequantised():
-    q = np.array([[0, 128, 255]], dtype=np.uint8)
+def test_uint8_features_are_dequantised_by_youtube8m_rule():
+    q = np.arange(256, dtype=np.uint8)[None, :]
     data = make_paired(q, q)
-    np.testing.assert_allclose(data.audio, [[-0.5, 0.0, 127 / 256]])
+    # YouTube-8M starter code's Dequantize(feat, max=2, min=-2): feat * 4/255 + 4/512 - 2, in float64.
+    want = q.astype(np.float64) * (4 / 255) + 4 / 512 - 2
+    np.testing.assert_allclose(data.audio, want, rtol=0, atol=1e-6)
+    assert data.audio[0, 0] == np.float32(-2 + 4 / 512) and data.audio[0, 255] == np.float32(2 + 4 / 512)
     np.testing.assert_allclose(dequantize(q), data.audio)
 
 
@@ -112,9 +115,9 @@ def test_synthetic_is_seeded_and_quantisable():
     np.testing.assert_array_equal(a.visual, b.visual)
     assert not np.allclose(a.visual, c.visual)
     q = generate(SyntheticConfig(n_clips=100, n_classes=4, hidden_dim=16, quantize=True))
-    steps = q.audio * 256 + 128
-    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
-    assert (q.visual >= -0.5).all() and (q.visual < 0.5).all()
+    steps = (q.audio.astype(np.float64) + 2 - 4 / 512) * 255 / 4  # back to the 8-bit codes
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert (q.visual >= -2).all() and (q.visual <= 2 + 4 / 512).all()
     assert a.audio.shape == (100, 128) and a.visual.shape == (100, 1024)
 
 

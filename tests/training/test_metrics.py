@@ -141,3 +141,15 @@ def test_retrieval_metrics_add_class_figures_only_with_labels():
     assert "avg" not in unlabelled and "pair_mrr" in unlabelled
     labelled = retrieval_metrics(a, v, rng.integers(0, 3, 30))
     assert labelled["pair_mrr"] == unlabelled["pair_mrr"] and 0 < labelled["avg"] <= 1
+
+
+def test_partner_ranks_in_small_score_blocks_match_loops():
+    """The score block shrinks with the gallery (bounded memory at 10^6 clips); ranks must not change."""
+    import training.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    audio, visual = rng.standard_normal((40, 6)), rng.standard_normal((40, 6))
+    rows = np.arange(40)
+    want = _partner_ranks_by_loops(audio, visual, rows)
+    for chunk in (1, 3, 7, 1024):
+        np.testing.assert_array_equal(metrics.partner_ranks(audio, visual, rows, chunk=chunk), want)
