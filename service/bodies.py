@@ -6,9 +6,12 @@ take JSON or ``application/x-npy``, and every failure becomes a 4xx whose messag
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -17,6 +20,12 @@ from numpy.lib import format as npy_format
 from pydantic import BaseModel, ValidationError
 
 JSON, NPY = "application/json", "application/x-npy"
+PARSE_ON_LOOP_BYTES = 64 * 1024
+PARSE_THREADS = 2  # at most this many large bodies are validated at once (each holds ~16x its size while it is)
+# Bounds of a JSON body, from what its rows can need (the body-size limit alone allows 32 MB of anything).
+NUMBER_BYTES = 32  # the longest JSON number of a float ('-1.2345678901234567e-308') with a separator and a space
+ID_BYTES = 256 * 6 + 4  # an id of the longest kind, every character escaped (\uXXXX), quoted, with a separator
+FIXED_BYTES = 64 * 1024  # the other fields (options, a filter) and whitespace
 M = TypeVar("M", bound=BaseModel)
 OPENAPI_MODELS: list[type[BaseModel]] = []
 # What numpy.save writes for a 1-D or 2-D array, read without numpy's literal_eval (5x faster).
@@ -48,13 +57,46 @@ def validation_error(err: ValidationError, prefix: str = "body") -> HTTPExceptio
     return HTTPException(422, readable(err, prefix))
 
 
-async def parse_json(request: Request, model: type[M], body: bytes | None = None) -> M:
+def rows_limit(rows: int, row_bytes: int) -> int:
+    """The most bytes a body of ``rows`` rows of ``row_bytes`` each can need, with room for the other fields."""
+    return rows * row_bytes + FIXED_BYTES
+
+
+async def read_body(request: Request, limit: int, why: str) -> bytes:
+    """The body, or 413 when it is longer than ``limit`` (said by Content-Length, or found while it
+    streams in): then the rest is read and dropped, not kept, so the client gets the answer (the
+    body-size middleware bounds how much)."""
+    declared = request.headers.get("content-length", "")
+    over = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        over = over or size > limit
+        if not over:
+            chunks.append(chunk)
+    if over:
+        raise HTTPException(413, f"request body over {limit} bytes, more than {why}; send fewer vectors per request")
+    return b"".join(chunks)
+
+
+async def parse_json(request: Request, model: type[M], body: bytes | None = None, limit: int | None = None, why: str = "") -> M:
+    """``body`` (default: the request's, up to ``limit`` bytes) checked by ``model``; a large body is
+    validated in a worker thread, so the event loop (every other request, /healthz included) never
+    waits for it: a 4 MB body of floats takes about a second to validate."""
     if body is None:
-        body = await request.body()
+        body = await request.body() if limit is None else await read_body(request, limit, why)
     try:
-        return model.model_validate_json(body)
+        if len(body) <= PARSE_ON_LOOP_BYTES:  # a thread hop costs more than these take
+            return model.model_validate_json(body)
+        return await asyncio.get_running_loop().run_in_executor(_parser(), model.model_validate_json, body)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+@functools.cache
+def _parser() -> ThreadPoolExecutor:
+    """Threads of their own, so parsing waits for neither item changes nor console work in the default executor."""
+    return ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="avsearch-parse")
 
 
 def parse_query(request: Request, model: type[M]) -> M:
