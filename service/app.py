@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
 from service.bodies import OPENAPI_MODELS
 from service.engine import Engine
+from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
 from service.live_stats import SearchStats
 from service.routers import console, items, ops, search, snapshots
@@ -129,8 +130,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return app.openapi_schema
 
     app.openapi = openapi
-    # Added innermost first: metrics see every answer, the 401/403/413 of the others included.
+    # Added innermost first: metrics see every answer, the 401/403/413/421 of the others included.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, drain_bytes=settings.max_drain_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, read_api_key=settings.read_api_key, refuse_anonymous_writes=settings.anonymous_writes_refused())
+    app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_host_names())  # after the keys: a wrong key hears 401/403 first
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key=settings.api_key,
+        read_api_key=settings.read_api_key,
+        refuse_anonymous_writes=settings.anonymous_writes_refused(),
+        allow_anonymous_writes=settings.allow_anonymous_writes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
