@@ -112,7 +112,8 @@ async def item_ids(
     limit: int = Query(20, ge=1, le=SUGGEST_MAX_LIMIT, description="most ids returned"),
 ) -> ItemIds:
     engine = _state(request).ready_engine()
-    found = await asyncio.to_thread(_console(request).suggester.suggest, engine, modality, prefix, limit)
+    suggester = _console(request).suggester
+    found = await asyncio.get_running_loop().run_in_executor(suggester.executor, suggester.suggest, engine, modality, prefix, limit)
     return ItemIds(modality=modality, prefix=prefix, ids=found.ids, complete=found.complete)
 
 
