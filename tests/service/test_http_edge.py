@@ -312,3 +312,21 @@ def test_paths_are_shown_only_to_the_read_write_key(keyed_app):
     assert full["index_dir"].startswith("/")
     assert not limited["index_dir"].startswith("/") and not limited["model_dir"].startswith("/")
     assert limited["index_dir"] == Path(full["index_dir"]).name
+
+
+def test_suggestions_of_a_large_index_are_not_sorted_again_after_every_write(tiny, tmp_path):
+    from service.suggest import IdSuggester
+
+    engine = Engine.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu")
+    try:
+        suggester = IdSuggester(rebuild_always_below=0, rebuild_seconds=3600)  # every index counts as large here
+        assert suggester.suggest(engine, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000001", "clip-000002"]
+        sorted_list = suggester._sorted["audio"][3]
+        engine.upsert("audio", np.asarray([A], np.float32), ["clip-000000a"], [None])
+        engine.delete("audio", "clip-000001")
+        # The same list (not sorted again): the new id waits for the next rebuild, the deleted one is dropped at once.
+        assert suggester.suggest(engine, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000002", "clip-000003"]
+        assert suggester._sorted["audio"][3] is sorted_list
+        assert IdSuggester().suggest(engine, "audio", "clip-00000", 2).ids == ["clip-000000", "clip-000000a"]  # small: rebuilt at once
+    finally:
+        engine.close()
