@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import OPENAPI_MODELS
+from service.bodies import OPENAPI_MODELS, state_widths
 from service.engine import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
@@ -113,20 +113,25 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return JSONResponse({"detail": str(err)}, status_code=413)
 
     def openapi() -> dict:
-        """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy)."""
-        if app.openapi_schema is None:
+        """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy), with the loaded
+        model's vector widths (built again after a version swap)."""
+        engine = state.engine
+        version = engine.version if engine is not None else None
+        if app.openapi_schema is None or app.state.openapi_version != version:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in OPENAPI_MODELS:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
+            if engine is not None:
+                state_widths(components, engine.embedder.input_dims)
             schema["components"]["securitySchemes"] = SCHEME
             for path, operations in schema["paths"].items():
                 for method, operation in operations.items():
                     if access_needed(method.upper(), path):
                         operation["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
+            app.openapi_schema, app.state.openapi_version = schema, version
         return app.openapi_schema
 
     app.openapi = openapi

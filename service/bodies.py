@@ -163,3 +163,37 @@ def query_spec(model: type[BaseModel]) -> list[dict]:
         {"name": name, "in": "query", "required": name in required, "schema": prop, "description": prop.get("description", "") + " (with a .npy body)"}
         for name, prop in schema["properties"].items()
     ]
+
+
+def _fix_width(node: object, width: int) -> object:
+    """A copy of a schema node whose arrays of numbers (feature vectors) hold exactly ``width``."""
+    if isinstance(node, list):
+        return [_fix_width(child, width) for child in node]
+    if not isinstance(node, dict):
+        return node
+    fixed = {key: _fix_width(value, width) for key, value in node.items()}
+    if fixed.get("type") == "array" and fixed.get("items") == {"type": "number"}:
+        fixed.update(minItems=width, maxItems=width)
+    return fixed
+
+
+def state_widths(components: dict, widths: dict[str, int]) -> None:
+    """Say in the OpenAPI components how long each modality's vectors are (the loaded model's
+    widths), so that clients, and a fuzzer generating bodies from the schema, can send valid ones:
+    a body naming its modality becomes one variant per modality; an item (whose modality is in the
+    path) takes a vector of any of the widths."""
+    for name in ("SearchRequest", "EmbedRequest"):
+        if name in components:
+            body = components[name]
+            variants = []
+            for modality, width in widths.items():
+                variant = _fix_width(body, width)
+                variant["properties"]["modality"] = {"type": "string", "enum": [modality], "title": "Modality"}
+                variant["title"] = f"{body.get('title', name)} ({modality})"
+                variants.append(variant)
+            components[name] = {"title": body.get("title", name), "description": body.get("description", ""), "anyOf": variants}
+    item = components.get("ItemIn", {}).get("properties", {})
+    if "vector" in item:
+        described = {key: value for key, value in item["vector"].items() if key in ("title", "description")}
+        item["vector"] = {**described, "anyOf": [_fix_width({"type": "array", "items": {"type": "number"}}, width) for width in sorted(set(widths.values()))]}
+
