@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import OPENAPI_MODELS, state_widths
+from service.bodies import OPENAPI_MODELS, start_parsers, state_widths
 from service.engine import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start_batcher()
+        start_parsers()
         loader = None if state.engine is not None else asyncio.get_running_loop().create_task(state.load_in_background())
         watching = _watch_sighup(state)
         try:
