@@ -4,10 +4,11 @@ No key configured: every route is open when the server is bound to loopback and 
 this machine (or ``AVSEARCH_ALLOW_ANONYMOUS_WRITES`` is set); bound to any other address, or asked by
 another machine (through a same-host proxy: a forwarding header, or the address uvicorn takes from
 one), changes answer 403 with a message naming the setting, since anyone who reaches the port could
-otherwise rewrite the index. With keys, every ``/v1`` route needs one: changes
-(``POST``/``DELETE`` under ``/v1/items`` and ``/v1/admin``) need the read-write key, everything else
-either key. Probes, metrics, the docs and the console's static files stay open to reads; any other
-path needs a key (fail closed: a route added later is not open by accident). Missing or malformed
+otherwise rewrite the index. With keys, every ``/v1`` route needs one: changes (any method but
+``GET``/``HEAD``, except the read-only ``POST``s of search, embed and locate) and everything under
+``/v1/admin`` need the read-write key, everything else either key. Probes, metrics, the docs and
+the console's static files stay open to reads; any other path needs a key (fail closed: a route
+added later is not open by accident). Missing or malformed
 header: 401; a key that is not accepted here (unknown, or the read-only key on a write route): 403.
 
 The decision is on the routed path (``root_path`` stripped, as Starlette's router does), so the
