@@ -343,3 +343,15 @@ def test_suggestions_of_a_large_index_are_not_sorted_again_after_every_write(tin
         assert IdSuggester().suggest(engine, "audio", "clip-00000", 2).ids == ["clip-000000", "clip-000000a"]  # small: rebuilt at once
     finally:
         engine.close()
+
+
+def test_a_failed_loads_reason_is_for_the_read_write_key(tiny, tmp_path):
+    missing = tmp_path / "no-index"
+    with make_client(tiny, missing, api_key="rw-key", read_api_key="ro-key") as c:
+        deadline = time.monotonic() + 30
+        while "loading failed" not in c.get("/readyz").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        anonymous = c.get("/readyz")
+        assert anonymous.status_code == 503 and str(tmp_path) not in anonymous.text and "server log" in anonymous.json()["detail"]
+        assert str(tmp_path) not in c.get("/readyz", headers={"Authorization": "Bearer ro-key"}).text
+        assert str(missing) in c.get("/readyz", headers={"Authorization": "Bearer rw-key"}).json()["detail"]
