@@ -95,7 +95,7 @@ def healthy(url: str, header: str | None) -> dict[str, int]:
     return {"healthz": requests.get(url + "/healthz", timeout=5).status_code, "readyz": requests.get(url + "/readyz", timeout=5).status_code, "search": search.status_code}
 
 
-def fuzz(url: str, header: str | None, examples: int, statuses: collections.Counter, errors: list[dict]) -> int:
+def fuzz(url: str, header: str | None, examples: int, statuses: collections.Counter, by_operation: dict, errors: list[dict]) -> int:
     """One round over every operation; returns the number of requests sent."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
@@ -112,6 +112,7 @@ def fuzz(url: str, header: str | None, examples: int, statuses: collections.Coun
             response = case.call(headers={"Authorization": header} if header else None, timeout=60)
             sent += 1
             statuses[response.status_code] += 1
+            by_operation[f"{operation.method.upper()} {operation.path}"][response.status_code // 100] += 1
             if response.status_code >= 500:
                 errors.append({"method": case.method, "path": case.formatted_path, "status": response.status_code, "answer": response.text[:300]})
 
@@ -137,6 +138,7 @@ def main() -> int:
         servers[name] = (*start_server(model, copy, copy.parent / "server.log", env), copy.parent / "server.log")
     variants = [("no keys", "no key"), *(("keys", h) for h in HEADERS)]
     per_variant = {variant: collections.Counter() for variant in variants}
+    by_operation: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # status class (2, 4, 5) counts
     errors: list[dict] = []
     sent, rounds, start = 0, 0, time.perf_counter()
     try:
@@ -145,7 +147,7 @@ def main() -> int:
             for server, header_name in variants:
                 if sent >= args.requests:
                     break
-                sent += fuzz(servers[server][1], HEADERS[header_name], args.examples, per_variant[(server, header_name)], errors)
+                sent += fuzz(servers[server][1], HEADERS[header_name], args.examples, per_variant[(server, header_name)], by_operation, errors)
                 print(f"round {rounds}: {sent} requests, {len(errors)} answers >= 500", flush=True)
         seconds = time.perf_counter() - start
         after = {name: healthy(url, HEADERS["read-write key"] if name == "keys" else None) for name, (_, url, _) in servers.items()}
@@ -155,12 +157,12 @@ def main() -> int:
             process.terminate()
             process.wait(60)
     tracebacks = {name: log.read_text().count("Traceback") for name, (_, _, log) in servers.items()}
-    write_results(sent, seconds, rounds, per_variant, errors, after, alive, tracebacks)
+    write_results(sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks)
     ok = not errors and all(alive.values()) and all(v == 200 for checks in after.values() for v in checks.values())
     return 0 if ok else 1
 
 
-def write_results(sent, seconds, rounds, per_variant, errors, after, alive, tracebacks) -> None:
+def write_results(sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     card = {
         "requests": sent,
@@ -168,6 +170,7 @@ def write_results(sent, seconds, rounds, per_variant, errors, after, alive, trac
         "rounds": rounds,
         "answers_500_or_more": len(errors),
         "statuses": {f"{server}, {header}": dict(sorted(counts.items())) for (server, header), counts in per_variant.items()},
+        "by_operation": {name: {f"{k}xx": n for k, n in sorted(counts.items())} for name, counts in sorted(by_operation.items())},
         "errors": errors[:50],
         "after": after,
         "servers_alive": alive,
@@ -186,6 +189,10 @@ def write_results(sent, seconds, rounds, per_variant, errors, after, alive, trac
     ]
     for (server, header), counts in per_variant.items():
         lines.append(f"| {server}, {header} | {sum(counts.values())} | {', '.join(f'{code}: {n}' for code, n in sorted(counts.items()))} |")
+    lines += ["", "Per operation (all servers and keys): a 2xx means the generated request got through validation to the work.", "",
+              "| operation | requests | 2xx | 4xx | >= 500 |", "|---|---:|---:|---:|---:|"]
+    for name, counts in sorted(by_operation.items()):
+        lines.append(f"| `{name}` | {sum(counts.values())} | {counts[2]} | {counts[4]} | {counts[5]} |")
     if errors:
         lines += ["", "Answers >= 500:", ""] + [f"- {e['method']} {e['path']} -> {e['status']}: {e['answer']}" for e in errors[:50]]
     (RESULTS / "fuzz.md").write_text("\n".join(lines) + "\n")

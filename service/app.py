@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import OPENAPI_MODELS, start_parsers, state_widths
+from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_widths
 from service.engine import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
@@ -132,6 +132,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 for method, operation in operations.items():
                     if access_needed(method.upper(), path):
                         operation["security"] = [{"bearer": []}]
+                    if method == "post" and path.startswith("/v1/admin/") and "requestBody" not in operation:  # JSON only (service.origin)
+                        operation["requestBody"] = {"required": False, "content": {JSON: {"schema": {"type": "object", "maxProperties": 0}}}}
             app.openapi_schema, app.state.openapi_version = schema, version
         return app.openapi_schema
 
