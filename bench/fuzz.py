@@ -87,9 +87,9 @@ def healthy(url: str, header: str | None) -> dict[str, int]:
     """Status of /healthz, /readyz and one valid search (with ``header``)."""
     import requests
 
-    widths = requests.get(url + "/openapi.json", timeout=10).json()["components"]["schemas"]["SearchRequest"]["anyOf"]
-    audio = next(v for v in widths if v["properties"]["modality"]["enum"] == ["audio"])
-    width = audio["properties"]["vectors"]["anyOf"][0]["items"]["maxItems"]
+    variants = requests.get(url + "/openapi.json", timeout=10).json()["components"]["schemas"]["SearchRequest"]["anyOf"]
+    audio = next(v for v in variants if v["properties"]["modality"]["enum"] == ["audio"] and "vectors" in v["properties"])
+    width = audio["properties"]["vectors"]["items"]["maxItems"]
     headers = {"Authorization": header} if header else {}
     search = requests.post(url + "/v1/search", json={"modality": "audio", "vectors": [[0.1] * width], "top_k": 3}, headers=headers, timeout=10)
     return {"healthz": requests.get(url + "/healthz", timeout=5).status_code, "readyz": requests.get(url + "/readyz", timeout=5).status_code, "search": search.status_code}

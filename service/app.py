@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_widths
+from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits
 from service.engine import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     def openapi() -> dict:
         """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy), with the loaded
-        model's vector widths (built again after a version swap)."""
+        model's vector widths and the request limits (built again after a version swap)."""
         engine = state.engine
         version = engine.version if engine is not None else None
         if app.openapi_schema is None or app.state.openapi_version != version:
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
             if engine is not None:
-                state_widths(components, engine.embedder.input_dims)
+                state_limits(components, engine.embedder.input_dims, settings.max_vectors, settings.max_top_k)
             schema["components"]["securitySchemes"] = SCHEME
             for path, operations in schema["paths"].items():
                 for method, operation in operations.items():

@@ -7,6 +7,7 @@ take JSON or ``application/x-npy``, and every failure becomes a 4xx whose messag
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import io
 import math
@@ -206,35 +207,44 @@ def query_spec(model: type[BaseModel]) -> list[dict]:
     ]
 
 
-def _fix_width(node: object, width: int) -> object:
-    """A copy of a schema node whose arrays of numbers (feature vectors) hold exactly ``width``."""
-    if isinstance(node, list):
-        return [_fix_width(child, width) for child in node]
-    if not isinstance(node, dict):
-        return node
-    fixed = {key: _fix_width(value, width) for key, value in node.items()}
-    if fixed.get("type") == "array" and fixed.get("items") == {"type": "number"}:
-        fixed.update(minItems=width, maxItems=width)
-    return fixed
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger values overflow to inf and are refused
 
 
-def state_widths(components: dict, widths: dict[str, int]) -> None:
-    """Say in the OpenAPI components how long each modality's vectors are (the loaded model's
-    widths), so that clients, and a fuzzer generating bodies from the schema, can send valid ones:
-    a body naming its modality becomes one variant per modality; an item (whose modality is in the
-    path) takes a vector of any of the widths."""
+def _vector(width: int) -> dict:
+    return {"type": "array", "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}, "minItems": width, "maxItems": width}
+
+
+def state_limits(components: dict, widths: dict[str, int], max_vectors: int, max_top_k: int) -> None:
+    """Say in the OpenAPI components what the loaded model and the settings accept, so that clients,
+    and a fuzzer generating bodies from the schema, can send valid ones: each modality's vector
+    width, ``max_vectors`` rows, ``top_k`` up to ``max_top_k``. A body naming its modality becomes
+    one variant per modality (and per query kind, vectors or ids: exactly one is given); an item,
+    whose modality is in the path, takes a vector of any of the widths."""
     for name in ("SearchRequest", "EmbedRequest"):
-        if name in components:
-            body = components[name]
-            variants = []
-            for modality, width in widths.items():
-                variant = _fix_width(body, width)
-                variant["properties"]["modality"] = {"type": "string", "enum": [modality], "title": "Modality"}
-                variant["title"] = f"{body.get('title', name)} ({modality})"
+        body = components.get(name)
+        if body is None:
+            continue
+        variants = []
+        for modality, width in widths.items():
+            for source in ("vectors", "ids"):
+                if source not in body["properties"]:
+                    continue
+                variant = copy.deepcopy(body)
+                properties = variant["properties"]
+                properties["modality"] = {"type": "string", "enum": [modality], "title": "Modality"}
+                if "top_k" in properties:
+                    properties["top_k"]["maximum"] = max_top_k
+                properties.pop("ids" if source == "vectors" else "vectors", None)
+                row = _vector(width) if source == "vectors" else {"type": "string", "minLength": 1, "maxLength": 256}
+                described = {key: value for key, value in properties[source].items() if key in ("title", "description")}
+                properties[source] = {**described, "type": "array", "items": row, "minItems": 1, "maxItems": max_vectors}
+                variant["required"] = sorted({*variant.get("required", ()), source})
+                variant["title"] = f"{body.get('title', name)} ({modality}, {source})"
                 variants.append(variant)
-            components[name] = {"title": body.get("title", name), "description": body.get("description", ""), "anyOf": variants}
+        components[name] = {"title": body.get("title", name), "description": body.get("description", ""), "anyOf": variants}
+    if "UpsertRequest" in components:
+        components["UpsertRequest"]["properties"]["items"]["maxItems"] = max_vectors
     item = components.get("ItemIn", {}).get("properties", {})
     if "vector" in item:
         described = {key: value for key, value in item["vector"].items() if key in ("title", "description")}
-        item["vector"] = {**described, "anyOf": [_fix_width({"type": "array", "items": {"type": "number"}}, width) for width in sorted(set(widths.values()))]}
-
+        item["vector"] = {**described, "anyOf": [_vector(width) for width in sorted(set(widths.values()))]}

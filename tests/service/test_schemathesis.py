@@ -55,12 +55,16 @@ def _fuzz(schema, examples: int, header: str | None) -> int:
     return calls
 
 
-def test_the_schema_states_each_modalitys_width(open_api):
+def test_the_schema_states_each_modalitys_width_and_the_limits(open_api):
     schema, app = open_api
     components = app.openapi()["components"]["schemas"]
-    widths = {v["properties"]["modality"]["enum"][0]: v["properties"]["vectors"]["anyOf"][0]["items"]["maxItems"] for v in components["SearchRequest"]["anyOf"]}
+    variants = components["SearchRequest"]["anyOf"]
+    widths = {v["properties"]["modality"]["enum"][0]: v["properties"]["vectors"]["items"]["maxItems"] for v in variants if "vectors" in v["properties"]}
     assert widths == {"audio": 128, "visual": 1024}
+    assert sorted(v["required"] for v in variants) == [["ids", "modality"]] * 2 + [["modality", "vectors"]] * 2  # exactly one of them
+    assert all(v["properties"]["top_k"]["maximum"] == 1000 for v in variants)
     assert [v["minItems"] for v in components["ItemIn"]["properties"]["vector"]["anyOf"]] == [128, 1024]
+    assert components["UpsertRequest"]["properties"]["items"]["maxItems"] == 16
 
 
 def test_no_input_makes_a_server_error(open_api):
