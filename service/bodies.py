@@ -137,7 +137,9 @@ def start_parsers() -> None:
 
 @functools.cache
 def _parser() -> ProcessPoolExecutor:
-    """Started on first use (spawned: a fork would copy the page tables of a large index)."""
+    """Spawned, not forked: a fork would copy the page tables of a large index, and the locks other
+    threads hold. As with any spawned process, a script that creates the app must guard its entry
+    point (``if __name__ == "__main__":``); ``python -m service serve`` and uvicorn's CLI do."""
     return ProcessPoolExecutor(PARSE_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
 
 
