@@ -85,8 +85,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if loader is not None:
                 await loader
             await state.batcher.stop()
-            if state.engine is not None:
-                await asyncio.to_thread(state.engine.close)  # the log holds every acknowledged change; the next start replays it
+            if state.engine is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
+                engine, state.engine = state.engine, None
+                await asyncio.to_thread(engine.close)  # the log holds every acknowledged change; the next start replays it
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state

@@ -355,3 +355,13 @@ def test_a_failed_loads_reason_is_for_the_read_write_key(tiny, tmp_path):
         assert anonymous.status_code == 503 and str(tmp_path) not in anonymous.text and "server log" in anonymous.json()["detail"]
         assert str(tmp_path) not in c.get("/readyz", headers={"Authorization": "Bearer ro-key"}).text
         assert str(missing) in c.get("/readyz", headers={"Authorization": "Bearer rw-key"}).json()["detail"]
+
+
+def test_an_app_started_again_serves_writes(keyed_app):
+    """A lifespan that ended closed its version; one started again (a second TestClient, an ASGI
+    server restarting the app) must not write into that closed version's log."""
+    for round_ in range(2):
+        with TestClient(keyed_app, base_url="http://localhost", client=LOCAL_CLIENT) as c:
+            wait_ready(c)
+            r = c.post("/v1/items/audio", json=upsert(f"again-{round_}"), headers={"Authorization": "Bearer rw-key"})
+            assert r.status_code == 200, r.text

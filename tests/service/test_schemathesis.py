@@ -6,6 +6,8 @@ admin included, with and without keys, in-process.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -38,7 +40,18 @@ def keyed_api(tiny, tmp_path_factory):
     return _schema(tiny, tmp_path_factory, api_key="fuzz-rw", read_api_key="fuzz-ro")
 
 
+def _wait_ready(schema) -> None:
+    """schemathesis ends the app's lifespan after each test (closing its version); the next request
+    starts it again, and the version loads again in the background."""
+    readyz = schema["/readyz"]["GET"]
+    deadline = time.monotonic() + 60
+    while readyz.Case().call().status_code != 200:
+        assert time.monotonic() < deadline, "not ready after 60 s"
+        time.sleep(0.05)
+
+
 def _fuzz(schema, examples: int, header: str | None) -> int:
+    _wait_ready(schema)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 20  # every route is fuzzed, the console's and the admin's included
     calls = 0
