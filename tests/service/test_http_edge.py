@@ -57,9 +57,18 @@ def keyed_app(tiny, tmp_path_factory):
     return create_app(settings, Engine.load(settings.model_dir, settings.index_dir, device="cpu"))
 
 
+def _ready(client: TestClient, prefix: str = "") -> None:
+    """Each TestClient of the shared app starts its lifespan again, which loads the version again."""
+    deadline = time.monotonic() + 30
+    while client.get(prefix + "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready after 30 s"
+        time.sleep(0.02)
+
+
 def test_keys_hold_when_the_app_is_mounted_under_a_prefix(keyed_app):
     outer = Starlette(routes=[Mount("/api", app=keyed_app)])
     with TestClient(outer, base_url="http://localhost", client=LOCAL_CLIENT) as c:
+        _ready(c, "/api")
         assert c.get("/api/v1/info").status_code == 401
         assert c.post("/api/v1/admin/reload", json={}).status_code == 401
         assert c.post("/api/v1/items/audio", json=upsert("p1")).status_code == 401
@@ -70,6 +79,7 @@ def test_keys_hold_when_the_app_is_mounted_under_a_prefix(keyed_app):
 
 def test_keys_hold_under_uvicorns_root_path(keyed_app):
     with TestClient(keyed_app, base_url="http://localhost", client=LOCAL_CLIENT, root_path="/api") as c:  # uvicorn --root-path /api
+        _ready(c, "/api")
         assert c.get("/api/v1/info").status_code == 401
         assert c.post("/api/v1/admin/reload", json={}).status_code == 401
         assert c.get("/api/v1/info", headers={"Authorization": "Bearer ro-key"}).status_code == 200
@@ -320,6 +330,7 @@ def test_anonymous_writes_follow_the_client_address(tiny, tmp_path):
 
 def test_paths_are_shown_only_to_the_read_write_key(keyed_app):
     with TestClient(keyed_app, base_url="http://localhost", client=LOCAL_CLIENT) as c:
+        _ready(c)
         full = c.get("/v1/info", headers={"Authorization": "Bearer rw-key"}).json()
         limited = c.get("/v1/info", headers={"Authorization": "Bearer ro-key"}).json()
     assert full["index_dir"].startswith("/")
@@ -362,6 +373,6 @@ def test_an_app_started_again_serves_writes(keyed_app):
     server restarting the app) must not write into that closed version's log."""
     for round_ in range(2):
         with TestClient(keyed_app, base_url="http://localhost", client=LOCAL_CLIENT) as c:
-            wait_ready(c)
+            _ready(c)
             r = c.post("/v1/items/audio", json=upsert(f"again-{round_}"), headers={"Authorization": "Bearer rw-key"})
             assert r.status_code == 200, r.text
