@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits
+from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits, stop_parsers
 from service.engine import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if loader is not None:
                 await loader
             await state.batcher.stop()
+            await asyncio.to_thread(stop_parsers)
             if state.engine is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
                 engine, state.engine = state.engine, None
                 await asyncio.to_thread(engine.close)  # the log holds every acknowledged change; the next start replays it

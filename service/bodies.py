@@ -12,7 +12,10 @@ import functools
 import io
 import math
 import multiprocessing
+import os
 import re
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -129,10 +132,37 @@ def _as_arrays(parsed: M) -> M:
     return parsed
 
 
+_parser_users = 0  # apps (lifespans) running in this process: the last one to stop stops the processes
+
+
 def start_parsers() -> None:
     """Start the parser processes now (at app start-up), not in the first large request (~1 s)."""
+    global _parser_users
+    _parser_users += 1
     for _ in range(PARSE_PROCESSES):
         _parser().submit(math.sqrt, 1.0)
+
+
+def stop_parsers() -> None:
+    """At app shutdown: the last app running stops the parser processes (they hold the server's
+    stdout and stderr; left running, whoever waits for those to close waits forever)."""
+    global _parser_users
+    _parser_users -= 1
+    if _parser_users <= 0 and _parser.cache_info().currsize:
+        _parser().shutdown(wait=True, cancel_futures=True)
+        _parser.cache_clear()
+
+
+def _exit_with(parent: int) -> None:
+    """In a parser process: exit once the server is gone (a kill tells the pool nothing; the
+    queue's other ends, held by the sibling processes, never close)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="avsearch-parser-watch").start()
 
 
 @functools.cache
@@ -140,7 +170,7 @@ def _parser() -> ProcessPoolExecutor:
     """Spawned, not forked: a fork would copy the page tables of a large index, and the locks other
     threads hold. As with any spawned process, a script that creates the app must guard its entry
     point (``if __name__ == "__main__":``); ``python -m service serve`` and uvicorn's CLI do."""
-    return ProcessPoolExecutor(PARSE_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(PARSE_PROCESSES, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with, initargs=(os.getpid(),))
 
 
 def parse_query(request: Request, model: type[M]) -> M:

@@ -267,7 +267,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
         return True
 
 
-def test_slow_clients_are_cut_off(tiny, tmp_path):
+def test_slow_clients_are_cut_off_and_parsers_go_with_the_server(tiny, tmp_path):
     port = _free_port()
     env = {**os.environ, "AVSEARCH_HEADER_TIMEOUT": "1", "AVSEARCH_BODY_TIMEOUT": "1", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "service", "serve", "--model", str(tiny.model_dir), "--index", str(copy_index(tiny, tmp_path / "index")), "--port", str(port)]
@@ -293,6 +293,15 @@ def test_slow_clients_are_cut_off(tiny, tmp_path):
             fine.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             fine.settimeout(5)
             assert fine.recv(4096).startswith(b"HTTP/1.1 200")
+        # The JSON parser processes go with the server, even when it is killed.
+        children = [int(pid) for pid in subprocess.run(["ps", "--ppid", str(server.pid), "-o", "pid="], capture_output=True, text=True).stdout.split()]
+        assert children, "no parser processes"
+        server.kill()
+        server.wait(30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < deadline, "parser processes outlived the server"
+            time.sleep(0.2)
     finally:
         server.terminate()
         try:
