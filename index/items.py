@@ -305,11 +305,14 @@ class ItemTable:
         if self._meta_offsets is None:
             return np.zeros(0, np.int64)
         offsets = self._meta_offsets.values
-        scalar = [(k, v) for k, v in conditions.items() if isinstance(v, (str, int)) or v is None]  # floats: -0.0 == 0.0 but prints apart
+        scalar = [(k, v) for k, v in conditions.items() if isinstance(v, (str, int, float)) or v is None]
         if scalar:
-            needle = canonical_json(dict(scalar[:1]))[1:-1]  # '"key":value' exactly as stored
+            key, value = scalar[0]
+            # '"key":value' exactly as stored; a float equal to zero is stored as 0.0 or -0.0, which compare equal
+            spellings = (0.0, -0.0) if isinstance(value, float) and value == 0 else (value,)
+            pattern = b"|".join(re.escape(canonical_json({key: v})[1:-1]) for v in spellings)
             text = memoryview(self._meta_bytes.values)
-            starts = np.fromiter((m.start() for m in re.finditer(b"(?=" + re.escape(needle) + b")", text)), np.int64)
+            starts = np.fromiter((m.start() for m in re.finditer(b"(?=" + pattern + b")", text)), np.int64)
             candidates = np.unique(np.searchsorted(offsets, starts, "right") - 1)
         else:
             candidates = np.flatnonzero(np.diff(offsets) > 0)

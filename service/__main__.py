@@ -39,6 +39,7 @@ def _serve(args) -> int:
 
     from service.app import create_app, limit_threads
     from service.engine import Engine
+    from service.timeouts import deadline_protocol
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
@@ -55,7 +56,15 @@ def _serve(args) -> int:
     # One process: the index lives in memory and item changes must be seen by every request.
     if settings.anonymous_writes_refused():
         print(f"no API key and bound to {settings.host}: item changes and reloads answer 403 (set AVSEARCH_API_KEY)", flush=True)
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=args.port, log_level="info", access_log=settings.access_log)
+    uvicorn.run(
+        create_app(settings, engine),
+        host=settings.host,
+        port=args.port,
+        log_level="info",
+        access_log=settings.access_log,
+        http=deadline_protocol(settings.header_timeout, settings.body_timeout),  # slow clients cannot hold sockets
+        limit_concurrency=settings.max_connections,
+    )
     return 0
 
 

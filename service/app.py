@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from index.embedder import InputError
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
-from service.bodies import OPENAPI_MODELS
+from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits, stop_parsers
 from service.engine import Engine
+from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
 from service.live_stats import SearchStats
 from service.routers import console, items, ops, search, snapshots
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start_batcher()
+        start_parsers()
         loader = None if state.engine is not None else asyncio.get_running_loop().create_task(state.load_in_background())
         watching = _watch_sighup(state)
         try:
@@ -84,8 +86,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if loader is not None:
                 await loader
             await state.batcher.stop()
-            if state.engine is not None:
-                await asyncio.to_thread(state.engine.close)  # the log holds every acknowledged change; the next start replays it
+            await asyncio.to_thread(stop_parsers)
+            if state.engine is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
+                engine, state.engine = state.engine, None
+                await asyncio.to_thread(engine.close)  # the log holds every acknowledged change; the next start replays it
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
@@ -118,25 +122,39 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return JSONResponse({"detail": str(err)}, status_code=413)
 
     def openapi() -> dict:
-        """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy)."""
-        if app.openapi_schema is None:
+        """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy), with the loaded
+        model's vector widths and the request limits (built again after a version swap)."""
+        engine = state.engine
+        version = engine.version if engine is not None else None
+        if app.openapi_schema is None or app.state.openapi_version != version:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in OPENAPI_MODELS:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
+            if engine is not None:
+                state_limits(components, engine.embedder.input_dims, settings.max_vectors, settings.max_top_k)
             schema["components"]["securitySchemes"] = SCHEME
             for path, operations in schema["paths"].items():
                 for method, operation in operations.items():
                     if access_needed(method.upper(), path):
                         operation["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
+                    if method == "post" and path.startswith("/v1/admin/") and "requestBody" not in operation:  # JSON only (service.origin)
+                        operation["requestBody"] = {"required": False, "content": {JSON: {"schema": {"type": "object", "maxProperties": 0}}}}
+            app.openapi_schema, app.state.openapi_version = schema, version
         return app.openapi_schema
 
     app.openapi = openapi
-    # Added innermost first: metrics see every answer, the 401/403/413 of the others included.
+    # Added innermost first: metrics see every answer, the 401/403/413/421 of the others included.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, drain_bytes=settings.max_drain_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, read_api_key=settings.read_api_key, refuse_anonymous_writes=settings.anonymous_writes_refused())
+    app.add_middleware(OriginMiddleware, allowed_hosts=settings.allowed_host_names())  # after the keys: a wrong key hears 401/403 first
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key=settings.api_key,
+        read_api_key=settings.read_api_key,
+        refuse_anonymous_writes=settings.anonymous_writes_refused(),
+        allow_anonymous_writes=settings.allow_anonymous_writes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

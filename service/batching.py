@@ -80,11 +80,20 @@ class MicroBatcher:
                 engine, jobs = entries[0][0], [job for _, job, _ in entries]
                 if self.on_batch is not None:
                     self.on_batch(sum(job.size for job in jobs), len(jobs))
-                try:
-                    results = await loop.run_in_executor(self._executor, engine.run_batch, jobs)
-                except Exception as err:  # a bug, not bad input (routes check input first): fail this batch only
-                    log.exception("batch of %d requests failed", len(jobs))
-                    results = [err] * len(jobs)
+                results = await self._run_batch(loop, engine, jobs)
                 for (_, _, future), result in zip(entries, results):
                     if not future.done():  # the client may have gone
                         future.set_result(result)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, engine: Engine, jobs: list[Job]) -> list[object]:
+        """Results aligned with ``jobs``. When the batch call itself fails (a bug, not bad input: routes
+        check input first), each job runs again alone, so only the one that fails gets the error."""
+        try:
+            return await loop.run_in_executor(self._executor, engine.run_batch, jobs)
+        except Exception as err:
+            if len(jobs) == 1:
+                log.exception("a batch of one request failed")
+                return [err]
+            log.warning("a batch of %d requests failed (%s: %s); running them one by one", len(jobs), type(err).__name__, err)
+        return [(await self._run_batch(loop, engine, [job]))[0] for job in jobs]
+

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,15 +210,14 @@ class Engine:
                 if job.filter is None:
                     plain[job.target].append(i)
                 else:  # metadata filter: JSON types must match too, so true does not match 1
-                    hits = self.indexes[job.target].search_with_metadata(queries[i], job.top_k, where=job.filter)
-                    results[i] = self._format(job, *hits)
+                    results[i] = _caught(lambda: self._format(job, *self.indexes[job.target].search_with_metadata(queries[i], job.top_k, where=job.filter)))
             for target, rows in plain.items():
                 k = max(jobs[i].top_k for i in rows)
                 scores, ids, metadata = self.indexes[target].search_with_metadata(np.concatenate([queries[i] for i in rows]), k)
                 start = 0
                 for i in rows:
                     stop = start + jobs[i].size
-                    results[i] = self._format(jobs[i], scores[start:stop], ids[start:stop], metadata[start:stop])
+                    results[i] = _caught(self._format, jobs[i], scores[start:stop], ids[start:stop], metadata[start:stop])
                     start = stop
         return results
 
@@ -273,6 +273,15 @@ class Engine:
             "index_factories": {m: str(ix.info.get("factory")) for m, ix in self.indexes.items()},
             "providers": dict(self.embedder.providers),
         }
+
+
+def _caught(function: Callable[..., object], *args: object) -> object:
+    """``function(*args)``, or the exception it raised: one job's failure is that job's answer, not its batch's."""
+    try:
+        return function(*args)
+    except Exception as err:
+        log.exception("one job of a batch failed")
+        return err
 
 
 def _replay(modality: str, index: VectorIndex, index_dir: Path, embedder: Embedder, durability: Durability) -> ChangeLog:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_
 
 Modality = Literal["audio", "visual"]
 MetadataValue = str | int | float | bool | None
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class SearchRequest(BaseModel):
@@ -80,6 +81,8 @@ class ItemIn(BaseModel):
         def walk(v: Any) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError("metadata numbers must be finite (no NaN or Infinity): they are stored and returned as JSON")
+            if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX:  # the JSON encoder refuses them when a search returns the item
+                raise ValueError(f"metadata integers must fit in 64 bits ({INT64_MIN}..{INT64_MAX}); send larger numbers as strings")
             for child in v.values() if isinstance(v, dict) else v if isinstance(v, list) else ():
                 walk(child)
 

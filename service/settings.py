@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="ONNX Runtime device; auto = CUDA when present")
     max_vectors: int = Field(1024, gt=0, description="most vectors (or ids, or items) in one request; more: HTTP 413")
     max_top_k: int = Field(1000, gt=0, description="largest top_k accepted; more: HTTP 422")
-    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body in bytes; more: HTTP 413")
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="largest request body in bytes; more: HTTP 413 (a JSON body is also bounded by what max_vectors rows of the model's widths can need)")
+    max_hits: int = Field(100_000, gt=0, description="most hits one search may ask for (queries x top_k); more: HTTP 413")
+    max_metadata_bytes: int = Field(64 * 1024, gt=0, description="largest metadata of one item, in bytes of compact JSON; more: HTTP 422")
     api_key: SecretStr | None = Field(None, description="read-write API key (Authorization: Bearer <key>); unset = no auth")
     read_api_key: SecretStr | None = Field(None, description="read-only API key: search, embed, get items, info; needs api_key set")
     batch_window_ms: float = Field(0.2, ge=0, le=100, description="under concurrent load, how long a batch waits for more requests (0: only those queued while the previous batch ran)")
@@ -27,6 +29,10 @@ class Settings(BaseSettings):
     report_dir: Path | None = Field(None, description="training report folder (python -m training compare --out) whose plots the console shows; unset = none")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
     host: str = Field("127.0.0.1", description="address `serve` binds (--host overrides); off loopback, writes need a key unless allow_anonymous_writes")
+    allowed_hosts: str | None = Field(None, description="Host header values (names or addresses, ',' separated, '*' = any) the server answers; unset = the loopback names when bound to loopback (no DNS rebinding onto a keyless server), any otherwise; others: HTTP 421")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send a request's head (from connecting, or after its previous answer's keep-alive); then it is closed")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a request may take to send its body once its head is in; then it is closed")
+    max_connections: int = Field(1000, gt=0, description="open connections and requests uvicorn serves at once; more: HTTP 503 (a reverse proxy in front should queue instead)")
     allow_anonymous_writes: bool = Field(False, description="let anyone who reaches a non-loopback address write, delete and reload when no API key is set")
     reload_roots: str | None = Field(None, description="directories (separated by ':') under which /v1/admin/reload may load a version; unset = the parents of model_dir and index_dir (never '/': a directory at the top is its own root)")
     max_drain_bytes: int = Field(256 * 1024 * 1024, ge=0, description="of an over-limit body, how much is read and dropped so the client (which may send it all before reading) gets its 413")
@@ -58,6 +64,13 @@ class Settings(BaseSettings):
             roots = [path.parent if path.parent != Path(path.anchor) else path for path in (Path(self.model_dir).absolute(), Path(self.index_dir).absolute())]
         return list(dict.fromkeys(root.resolve() for root in roots))
 
+    def allowed_host_names(self) -> set[str] | None:
+        """Host names (no port, lower case) requests may name; None: any."""
+        if self.allowed_hosts is not None:
+            names = {part.strip().lower() for part in self.allowed_hosts.split(",") if part.strip()}
+            return None if "*" in names else names
+        return set(LOOPBACK_NAMES) | {self.host.strip("[]").lower()} if is_loopback(self.host) else None
+
     def anonymous_writes_refused(self) -> bool:
         """No key, bound off loopback, and not explicitly allowed: writes and admin routes answer 403."""
         return self.api_key is None and not self.allow_anonymous_writes and not is_loopback(self.host)
@@ -65,7 +78,9 @@ class Settings(BaseSettings):
     @field_validator("api_key", "read_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value  # AVSEARCH_API_KEY= (as compose passes an unset variable) means no key
+        if value == "":
+            return None  # AVSEARCH_API_KEY= (as compose passes an unset variable) means no key
+        return value.strip() if isinstance(value, str) else value  # a key file's trailing newline would never match
 
     @model_validator(mode="after")
     def _keys_are_coherent(self) -> "Settings":
@@ -78,6 +93,9 @@ class Settings(BaseSettings):
             if key is not None and not key.get_secret_value().strip():
                 raise ValueError(f"AVSEARCH_{name.upper()} is blank; unset it or give a key")
         return self
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def is_loopback(host: str) -> bool:

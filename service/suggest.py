@@ -1,22 +1,30 @@
 """Id suggestions for the console: stored ids that start with a prefix, from a sorted copy of the ids.
 
-The item table finds ids by hash, not in order, so a prefix lookup needs a sorted list: built once
-per index generation (O(n log n), in a worker thread, never on the search path) and bisected per
-keystroke. Above ``SUGGEST_MAX_ITEMS`` items the copy would cost too much memory for a typing aid,
-so only the exact id is offered there.
+The item table finds ids by hash, not in order, so a prefix lookup needs a sorted list, bisected per
+keystroke. It is built in the suggester's own thread (not the default executor, where item changes
+run), the ids copied under the read lock and sorted outside it, so writers never wait for a sort.
+On a small index it is rebuilt after every change; on a larger one at most every
+``REBUILD_SECONDS`` (sorting 10^6 ids takes about a second), so a burst of writes does not sort
+once per write: until then new ids are missing from suggestions and deleted ones are filtered out.
+Above ``SUGGEST_MAX_ITEMS`` items the copy would cost too much memory for a typing aid, so only the
+exact id is offered there.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from service.engine import Engine
 
 SUGGEST_MAX_ITEMS = 1_000_000
 SUGGEST_MAX_LIMIT = 100
+REBUILD_ALWAYS_BELOW = 10_000  # items: a sort of fewer takes under ~10 ms
+REBUILD_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,20 +34,27 @@ class Suggestions:
 
 
 class IdSuggester:
-    def __init__(self) -> None:
+    def __init__(self, rebuild_always_below: int = REBUILD_ALWAYS_BELOW, rebuild_seconds: float = REBUILD_SECONDS) -> None:
+        self.rebuild_always_below, self.rebuild_seconds = rebuild_always_below, rebuild_seconds
         self._lock = threading.Lock()
-        self._sorted: dict[str, tuple[weakref.ref, tuple[int, int], list[str]]] = {}
+        self._sorted: dict[str, tuple[weakref.ref, tuple[int, int], float, list[str]]] = {}  # engine, index state, built at, ids
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="avsearch-suggest")
 
-    def _sorted_ids(self, engine: Engine, modality: str) -> list[str]:
+    def _sorted_ids(self, engine: Engine, modality: str) -> tuple[list[str], bool]:
+        """(sorted ids, whether the index changed since they were listed)."""
+        index = engine.indexes[modality]
         with engine.lock.read():
-            index = engine.indexes[modality]
             key = (index.items.rows, len(index))
             cached = self._sorted.get(modality)
-            if cached is not None and cached[0]() is engine and cached[1] == key:
-                return cached[2]
-            ids = sorted(index.ids())
-        self._sorted[modality] = (weakref.ref(engine), key, ids)
-        return ids
+            same_engine = cached is not None and cached[0]() is engine
+            if same_engine and cached[1] == key:
+                return cached[3], False
+            if same_engine and len(index) >= self.rebuild_always_below and time.monotonic() - cached[2] < self.rebuild_seconds:
+                return cached[3], True
+            ids = index.ids()
+        ids.sort()
+        self._sorted[modality] = (weakref.ref(engine), key, time.monotonic(), ids)
+        return ids, False
 
     def suggest(self, engine: Engine, modality: str, prefix: str, limit: int) -> Suggestions:
         """Up to ``limit`` stored ids of ``modality`` starting with ``prefix``, in sorted order."""
@@ -49,11 +64,17 @@ class IdSuggester:
                 found = bool(prefix) and prefix in index
             return Suggestions([prefix] if found else [], complete=False)
         with self._lock:
-            ids = self._sorted_ids(engine, modality)
+            ids, stale = self._sorted_ids(engine, modality)
         start = bisect.bisect_left(ids, prefix)
-        out = []
-        for item_id in ids[start : start + limit]:
-            if not item_id.startswith(prefix):
-                break
-            out.append(item_id)
+        out: list[str] = []
+        while len(out) < limit and start < len(ids) and ids[start].startswith(prefix):
+            stop = start
+            while stop < len(ids) and stop - start < limit - len(out) and ids[stop].startswith(prefix):
+                stop += 1
+            found = ids[start:stop]
+            if stale:  # some may have been deleted since the list was built
+                with engine.lock.read():
+                    found = [item_id for item_id in found if item_id in index]
+            out += found
+            start = stop
         return Suggestions(out, complete=True)

@@ -5,7 +5,6 @@ the caller's access level and the training report. Read routes only; none touche
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,6 +14,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from index.embedder import MODALITIES
+from service.auth import caller_access
+from service.bodies import ID_BYTES, JSON, body_spec, content_type, parse_json, rows_limit, unsupported
 from service.engine import Engine, ItemNotFound
 from service.live_stats import SearchStats
 from service.projection import MAP_SAMPLE_MAX, MapCache
@@ -111,7 +112,8 @@ async def item_ids(
     limit: int = Query(20, ge=1, le=SUGGEST_MAX_LIMIT, description="most ids returned"),
 ) -> ItemIds:
     engine = _state(request).ready_engine()
-    found = await asyncio.to_thread(_console(request).suggester.suggest, engine, modality, prefix, limit)
+    suggester = _console(request).suggester
+    found = await asyncio.get_running_loop().run_in_executor(suggester.executor, suggester.suggest, engine, modality, prefix, limit)
     return ItemIds(modality=modality, prefix=prefix, ids=found.ids, complete=found.complete)
 
 
@@ -131,10 +133,20 @@ def _locate(console: ConsoleState, engine: Engine, modality: str, ids: list[str]
     return [LocatedPoint(id=i, x=float(x), y=float(y)) for i, (x, y) in zip(ids, xy.tolist())]
 
 
-@router.post("/map/locate", response_model=LocateResponse, summary="Map coordinates of stored items (the hits of a search)", responses={404: {"description": "unknown id"}})
-async def locate(body: LocateRequest, request: Request) -> LocateResponse:
+@router.post(
+    "/map/locate",
+    response_model=LocateResponse,
+    summary="Map coordinates of stored items (the hits of a search)",
+    responses={404: {"description": "unknown id"}},
+    openapi_extra=body_spec(LocateRequest),
+)
+async def locate(request: Request) -> LocateResponse:
     state = _state(request)
     engine = state.ready_engine()
+    if content_type(request) != JSON:
+        raise unsupported(request, (JSON,))
+    max_ids = state.settings.max_vectors
+    body = await parse_json(request, LocateRequest, limit=rows_limit(max_ids, ID_BYTES), why=f"{max_ids} ids (AVSEARCH_MAX_VECTORS) can need")
     if len(body.ids) > state.settings.max_vectors:
         raise HTTPException(413, f"{len(body.ids)} ids in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS)")
     try:
@@ -175,13 +187,8 @@ async def stats(request: Request) -> dict:
 
 @router.get("/access", response_model=Access, summary="What the key sent may do: read-write, read-only, or open (no keys configured)")
 async def access(request: Request) -> Access:
-    settings = _state(request).settings
-    if settings.api_key is None:  # off loopback without a key, writes are refused: the page hides its write controls
-        return Access(access="read-only" if settings.anonymous_writes_refused() else "open")
-    # The key middleware already refused unknown keys; only which of the two came is left to tell.
-    token = request.headers.get("authorization", "").partition(" ")[2].strip().encode()
-    writes = hmac.compare_digest(token, settings.api_key.get_secret_value().encode())
-    return Access(access="read-write" if writes else "read-only")
+    # Read-only also without keys when anonymous writes are refused (off loopback, or another machine's): the page hides its write controls.
+    return Access(access=caller_access(request.scope, _state(request).settings))
 
 
 @router.get("/report", response_model=Report, summary="The training report's plots (AVSEARCH_REPORT_DIR), if one is configured")

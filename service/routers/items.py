@@ -8,7 +8,8 @@ from collections import Counter
 from fastapi import APIRouter, HTTPException, Request
 
 from index.embedder import InputError
-from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
+from service.bodies import ID_BYTES, JSON, NUMBER_BYTES, body_spec, content_type, parse_json, rows_limit, unsupported
+from service.encoding import dumps
 from service.engine import ItemNotFound
 from service.routers import ERRORS
 from service.schemas import DeleteResponse, ItemOut, Modality, UpsertRequest, UpsertResponse
@@ -33,9 +34,16 @@ async def upsert(modality: Modality, request: Request) -> UpsertResponse:
     state.ready_engine()
     if content_type(request) != JSON:
         raise unsupported(request, (JSON,))
-    body = await parse_json(request, UpsertRequest)
-    if len(body.items) > state.settings.max_vectors:
-        raise HTTPException(413, f"{len(body.items)} items in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS): split it")
+    settings, width = state.settings, max(state.ready_engine().embedder.input_dims.values())
+    row_bytes = width * NUMBER_BYTES + ID_BYTES + 3 * settings.max_metadata_bytes  # metadata sent with \u escapes is up to 3x its compact size
+    why = f"{settings.max_vectors} items (AVSEARCH_MAX_VECTORS) of {width} values and metadata can need"
+    body = await parse_json(request, UpsertRequest, limit=rows_limit(settings.max_vectors, row_bytes), why=why)
+    if len(body.items) > settings.max_vectors:
+        raise HTTPException(413, f"{len(body.items)} items in one request; the limit is {settings.max_vectors} (AVSEARCH_MAX_VECTORS): split it")
+    for i, item in enumerate(body.items):
+        size = 0 if item.metadata is None else len(dumps(item.metadata))
+        if size > settings.max_metadata_bytes:
+            raise HTTPException(422, f"body.items.{i}.metadata: {size} bytes of JSON; the limit is {settings.max_metadata_bytes} (AVSEARCH_MAX_METADATA_BYTES)")
     ids = [item.id for item in body.items]
     repeated = [item_id for item_id, n in Counter(ids).items() if n > 1]
     if repeated:
@@ -50,7 +58,8 @@ async def upsert(modality: Modality, request: Request) -> UpsertResponse:
     return UpsertResponse(upserted=len(ids), modality=modality, count=count)
 
 
-@router.get("/{modality}/{item_id}", response_model=ItemOut, responses=NOT_FOUND)
+# {item_id:path}: an id holding '/' (accepted by upsert) can be read and deleted too.
+@router.get("/{modality}/{item_id:path}", response_model=ItemOut, responses=NOT_FOUND)
 async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOut:
     engine = request.app.state.avsearch.ready_engine()
     try:
@@ -60,7 +69,7 @@ async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOu
     return ItemOut(id=item.id, modality=modality, metadata=item.metadata, embedding=item.vector.tolist())
 
 
-@router.delete("/{modality}/{item_id}", response_model=DeleteResponse, responses=NOT_FOUND)
+@router.delete("/{modality}/{item_id:path}", response_model=DeleteResponse, responses=NOT_FOUND)
 async def delete_item(modality: Modality, item_id: str, request: Request) -> DeleteResponse:
     state: ServiceState = request.app.state.avsearch
     state.ready_engine()

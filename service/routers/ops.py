@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from index.embedder import ModelError
 from index.store import IndexLoadError
+from service.auth import caller_access
 from service.bodies import JSON, body_spec, content_type, parse_json, unsupported
 from service.routers import ERRORS
 from service.schemas import Health, Info, Ready, ReloadRequest, ReloadResponse
@@ -25,7 +26,13 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Ready, summary="Model and index loaded; 503 until then", responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Ready:
-    engine = request.app.state.avsearch.ready_engine()
+    state: ServiceState = request.app.state.avsearch
+    try:
+        engine = state.ready_engine()
+    except HTTPException:
+        if state.load_error is not None and caller_access(request.scope, state.settings) == "read-only":  # the error names server paths
+            raise HTTPException(503, "not ready: loading failed (the server log, or /readyz with the read-write key, says why); retry later") from None
+        raise
     return Ready(model=engine.version)
 
 
@@ -40,7 +47,10 @@ async def info(request: Request) -> Info:
     state: ServiceState = request.app.state.avsearch
     s = state.settings
     limits = {"max_vectors": s.max_vectors, "max_top_k": s.max_top_k, "max_body_bytes": s.max_body_bytes, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch}
-    return Info(**state.ready_engine().describe(), limits=limits)
+    described = state.ready_engine().describe()
+    if caller_access(request.scope, s) == "read-only":  # server paths are for those who may change what is served
+        described["model_dir"], described["index_dir"] = Path(described["model_dir"]).name, Path(described["index_dir"]).name
+    return Info(**described, limits=limits)
 
 
 @router.post(

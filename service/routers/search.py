@@ -8,9 +8,9 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from index.embedder import InputError
-from service.bodies import JSON, NPY, body_spec, content_type, parse_json, parse_npy, parse_query, query_spec, unsupported
+from service.bodies import ID_BYTES, JSON, NPY, NUMBER_BYTES, body_spec, content_type, parse_json, parse_npy, parse_query, query_spec, read_body, rows_limit, unsupported
 from service.encoding import dumps
-from service.engine import OTHER, EmbedJob, ItemNotFound, SearchJob
+from service.engine import OTHER, EmbedJob, Engine, ItemNotFound, SearchJob
 from service.routers import ERRORS
 from service.schemas import EmbedParams, EmbedRequest, EmbedResponse, SearchParams, SearchRequest, SearchResponse
 from service.state import ServiceState
@@ -23,14 +23,22 @@ def _check_count(state: ServiceState, n: int) -> None:
         raise HTTPException(413, f"{n} vectors in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS): split the request")
 
 
-async def _read_options(request: Request, json_model, params_model):
-    """(options, raw vectors or None): a JSON body, or a .npy body with options in the query string."""
+def _check_hits(state: ServiceState, queries: int, top_k: int) -> None:
+    if queries * top_k > state.settings.max_hits:
+        raise HTTPException(413, f"{queries} queries x top_k {top_k} = {queries * top_k} hits; the limit is {state.settings.max_hits} (AVSEARCH_MAX_HITS): ask for fewer")
+
+
+async def _read_options(request: Request, json_model, params_model, engine: Engine, max_vectors: int):
+    """(options, raw vectors or None): a JSON body, or a .npy body with options in the query string;
+    either bounded by what ``max_vectors`` rows of the model's widest input can need."""
     kind = content_type(request)
+    width = max(engine.embedder.input_dims.values())
+    why = f"{max_vectors} vectors (AVSEARCH_MAX_VECTORS) of {width} values can need"
     if kind == JSON:
-        options = await parse_json(request, json_model)
+        options = await parse_json(request, json_model, limit=rows_limit(max_vectors, max(width * NUMBER_BYTES, ID_BYTES)), why=why)
         return options, options.vectors
     if kind == NPY:
-        return parse_query(request, params_model), parse_npy(await request.body())
+        return parse_query(request, params_model), parse_npy(await read_body(request, rows_limit(max_vectors, width * 8), why))  # float64 at most
     raise unsupported(request, (JSON, NPY))
 
 
@@ -44,11 +52,13 @@ async def _read_options(request: Request, json_model, params_model):
 async def search(request: Request) -> Response:
     state: ServiceState = request.app.state.avsearch
     engine = state.ready_engine()
-    options, vectors = await _read_options(request, SearchRequest, SearchParams)
+    options, vectors = await _read_options(request, SearchRequest, SearchParams, engine, state.settings.max_vectors)
     ids = getattr(options, "ids", None)  # only JSON bodies can query by stored ids
-    _check_count(state, len(vectors) if vectors is not None else len(ids))
+    queries = len(vectors) if vectors is not None else len(ids)
+    _check_count(state, queries)
     if options.top_k > state.settings.max_top_k:
         raise HTTPException(422, f"top_k {options.top_k} is above the limit {state.settings.max_top_k} (AVSEARCH_MAX_TOP_K)")
+    _check_hits(state, queries, options.top_k)
     try:
         checked = None if vectors is None else engine.validate(options.modality, vectors)
     except InputError as err:
@@ -72,7 +82,7 @@ async def search(request: Request) -> Response:
 async def embed(request: Request) -> Response:
     state: ServiceState = request.app.state.avsearch
     engine = state.ready_engine()
-    options, vectors = await _read_options(request, EmbedRequest, EmbedParams)
+    options, vectors = await _read_options(request, EmbedRequest, EmbedParams, engine, state.settings.max_vectors)
     _check_count(state, len(vectors))
     try:
         checked = engine.validate(options.modality, vectors)

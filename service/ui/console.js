@@ -535,7 +535,7 @@ const reloadButton = $("reload");
 if (reloadButton) reloadButton.addEventListener("click", async () => {
   $("reload-status").textContent = "Reloading…";
   try {
-    const answer = await apiJson("/v1/admin/reload", { method: "POST" });
+    const answer = await apiJson("/v1/admin/reload", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });  // admin posts are JSON only
     $("reload-status").textContent = `Serving model ${answer.model} (was ${answer.previous_model}).`;
     await Promise.all([loadModel(), loadMap()]);
   } catch (err) { $("reload-status").textContent = `Not reloaded: ${err.message}`; }

@@ -15,6 +15,9 @@ from service.settings import Settings
 from avdata.features import load_features
 
 
+BASE_URL, LOCAL_CLIENT = "http://localhost", ("127.0.0.1", 50000)  # a browser or curl on the server's machine
+
+
 def copy_index(tiny, dest: Path) -> Path:
     shutil.copytree(tiny.index_dir, dest)
     return dest
@@ -41,7 +44,7 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
 def make_client(tiny, index_dir: Path, **overrides) -> TestClient:
     """A started TestClient (use it in a ``with``); the model loads in the background as in production."""
     settings = Settings(model_dir=tiny.model_dir, index_dir=index_dir, **overrides)
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url=BASE_URL, client=LOCAL_CLIENT)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 from service.live_stats import quantile
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.auth import ApiKeyMiddleware
+from service.origin import OriginMiddleware
 from service.projection import fit_pca2
 from tests.service.browser import annotated_index
 from tests.service.conftest import make_client, wait_ready
@@ -185,5 +186,5 @@ def test_console_files_are_served_and_reference_nothing_outside(console):
 
 
 def test_the_console_adds_no_middleware(console):
-    """The search path crosses the same three middlewares as before the console (none of its own)."""
-    assert [m.cls for m in console.app.user_middleware] == [MetricsMiddleware, ApiKeyMiddleware, BodyLimitMiddleware]
+    """The search path crosses the API's middlewares only (none of the console's own)."""
+    assert [m.cls for m in console.app.user_middleware] == [MetricsMiddleware, ApiKeyMiddleware, OriginMiddleware, BodyLimitMiddleware]

@@ -103,8 +103,8 @@ def _send_all_then_read(url: str, head: bytes, chunks) -> bytes:
 
 def _over_limit_requests():
     body = b"x" * (1024 * 1024)
-    sized = b"POST /v1/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % BIG
-    chunked = b"POST /v1/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sized = b"POST /v1/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % BIG
+    chunked = b"POST /v1/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     return [
         ("content-length", sized, [body] * (BIG // len(body))),
         ("chunked", chunked, [b"%x\r\n" % len(body) + body + b"\r\n"] * (BIG // len(body)) + [b"0\r\n\r\n"]),
@@ -128,7 +128,7 @@ def test_an_over_limit_body_sent_whole_before_reading_gets_its_413(small_limit_s
 def test_a_client_waiting_for_100_continue_gets_its_413_at_once(small_limit_server):
     """curl and friends send the headers and wait: nothing to drain, the 413 comes before any body."""
     host, port = small_limit_server.removeprefix("http://").split(":")
-    head = b"POST /v1/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % BIG
+    head = b"POST /v1/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % BIG
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head)
         answer = sock.recv(65536)  # a timeout here means the server waited for a body it was not sent

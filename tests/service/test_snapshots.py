@@ -52,7 +52,7 @@ def test_a_snapshot_under_concurrent_writes_holds_every_acknowledged_change(tiny
         while len(acked) < 40:
             pass
         before = list(acked)
-        r = c.post("/v1/admin/snapshots")
+        r = c.post("/v1/admin/snapshots", json={})
         stop.set()
         for t in writers:
             t.join()
@@ -81,7 +81,7 @@ def test_list_download_delete_and_bad_names(tiny, tmp_path):
     index_dir = copy_index(tiny, tmp_path / "index")
     with make_client(tiny, index_dir, snapshot_dir=tmp_path / "backups") as c:
         wait_ready(c)
-        names = [c.post("/v1/admin/snapshots").json()["name"] for _ in range(2)]
+        names = [c.post("/v1/admin/snapshots", json={}).json()["name"] for _ in range(2)]
         assert [s["name"] for s in c.get("/v1/admin/snapshots").json()["snapshots"]] == sorted(names)
         assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == sorted(f"{n}.tar" for n in names)
         assert c.delete(f"/v1/admin/snapshots/{names[0]}").json() == {"deleted": names[0]}
@@ -99,7 +99,7 @@ def test_snapshots_need_the_read_write_key(tiny, tmp_path):
     with make_client(tiny, copy_index(tiny, tmp_path / "index"), api_key="rw", read_api_key="ro") as c:
         wait_ready(c)
         assert c.get("/v1/admin/snapshots", headers={"Authorization": "Bearer ro"}).status_code == 403
-        assert c.post("/v1/admin/snapshots", headers={"Authorization": "Bearer ro"}).status_code == 403
+        assert c.post("/v1/admin/snapshots", json={}, headers={"Authorization": "Bearer ro"}).status_code == 403
         assert c.get("/v1/admin/snapshots", headers={"Authorization": "Bearer rw"}).status_code == 200
 
 
@@ -108,7 +108,7 @@ def test_restore_brings_the_snapshot_back_and_drops_later_changes(tiny, tmp_path
     with make_client(tiny, index_dir) as c:
         wait_ready(c)
         assert c.post("/v1/items/audio", json={"items": [{"id": "kept", "vector": features.audio[1].tolist(), "metadata": {"k": 1}}]}).status_code == 200
-        name = c.post("/v1/admin/snapshots").json()["name"]
+        name = c.post("/v1/admin/snapshots", json={}).json()["name"]
         assert c.post("/v1/items/audio", json={"items": [{"id": "later", "vector": features.audio[2].tolist()}]}).status_code == 200
         assert c.delete("/v1/items/audio/kept").status_code == 200
         served = restore_cli(tiny, tmp_path / "snapshots" / f"{name}.tar", index_dir)  # while served: refused
@@ -128,7 +128,7 @@ def test_restore_refuses_damaged_foreign_and_other_model_files(tiny, tmp_path, f
     index_dir = copy_index(tiny, tmp_path / "index")
     with make_client(tiny, index_dir) as c:
         wait_ready(c)
-        name = c.post("/v1/admin/snapshots").json()["name"]
+        name = c.post("/v1/admin/snapshots", json={}).json()["name"]
     good = (tmp_path / "snapshots" / f"{name}.tar").read_bytes()
     (tmp_path / "torn.tar").write_bytes(good[: len(good) // 2])
     assert "snapshot file" in one_error_line(restore_cli(tiny, tmp_path / "torn.tar", tmp_path / "r1"))
@@ -166,9 +166,9 @@ def test_a_snapshot_whose_forked_writer_fails_answers_503_and_leaves_nothing(tin
     with make_client(tiny, index_dir, snapshot_dir=tmp_path / "snaps") as c:
         wait_ready(c)
         monkeypatch.setattr(VectorIndex, "save", full_disk)  # runs in the forked child
-        r = c.post("/v1/admin/snapshots")
+        r = c.post("/v1/admin/snapshots", json={})
         assert r.status_code == 503 and "snapshot writer (process None)" not in r.json()["detail"] and "snapshot writer (process " in r.json()["detail"] and "No space left" in r.json()["detail"], r.text
         monkeypatch.undo()
         assert [p.name for p in (tmp_path / "snaps").iterdir()] == [] and not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]
         assert c.post("/v1/items/visual", json={"items": [{"id": "after", "vector": features.visual[0].tolist()}]}).status_code == 200
-        assert c.post("/v1/admin/snapshots").status_code == 201
+        assert c.post("/v1/admin/snapshots", json={}).status_code == 201

@@ -16,7 +16,7 @@ from index.embedder import Embedder
 from service.app import create_app
 from service.carry import API_ITEMS_NAME, ApiItems, collect_versions
 from service.settings import Settings
-from tests.service.conftest import copy_index, make_client, wait_ready
+from tests.service.conftest import BASE_URL, LOCAL_CLIENT, copy_index, make_client, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def test_api_items_are_re_embedded_into_the_next_model_version(tiny, tmp_path, f
         assert c.get(f"/v1/items/visual/{replaced}").json()["metadata"] == {"replaced": True}
         sizes = {"audio": len(features) + 2, "visual": len(features) + 2 - 2}
         assert c.get("/v1/info").json()["index_sizes"] == sizes
-    with TestClient(create_app(Settings(model_dir=tmp_path / "model2", index_dir=link))) as c:  # a restart of the new version: nothing caught up twice, nothing lost
+    with TestClient(create_app(Settings(model_dir=tmp_path / "model2", index_dir=link)), base_url=BASE_URL, client=LOCAL_CLIENT) as c:  # a restart of the new version: nothing caught up twice, nothing lost
         wait_ready(c)
         assert c.get("/v1/info").json()["index_sizes"] == sizes and c.get("/v1/items/audio/api-between").json()["metadata"] == {"late": 1}
 
