@@ -52,11 +52,8 @@ def _run(module: str, *args: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COLLECTIONS)
 def test_train_export_index_search(tmp_path, collections, clips, name):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
     from service.settings import Settings
-    from tests.service.conftest import wait_ready
+    from tests.service.conftest import make_served_client, wait_ready
 
     data = collections[name]
     _run("training", "train", "--config", "tiny", "--data", data, "--out", str(tmp_path / "run"), "--quiet")
@@ -64,7 +61,7 @@ def test_train_export_index_search(tmp_path, collections, clips, name):
     _run("index", "build", "--model", str(tmp_path / "model"), "--data", data, "--out", str(tmp_path / "index"), "--no-progress")
     by_id = {item_id: i for i, item_id in enumerate(clips.ids)}
     test = load_features(data).subset("test")
-    with TestClient(create_app(Settings(model_dir=tmp_path / "model", index_dir=tmp_path / "index"))) as client:
+    with make_served_client(Settings(model_dir=tmp_path / "model", index_dir=tmp_path / "index")) as client:
         wait_ready(client)
         response = client.post("/v1/search", json={"modality": "audio", "vectors": [test.audio[0].tolist()], "top_k": 5})
         assert response.status_code == 200, response.text

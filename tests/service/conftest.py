@@ -43,7 +43,11 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
 
 def make_client(tiny, index_dir: Path, **overrides) -> TestClient:
     """A started TestClient (use it in a ``with``); the model loads in the background as in production."""
-    settings = Settings(model_dir=tiny.model_dir, index_dir=index_dir, **overrides)
+    return make_served_client(Settings(model_dir=tiny.model_dir, index_dir=index_dir, **overrides))
+
+
+def make_served_client(settings: Settings) -> TestClient:
+    """A TestClient of the app as a browser or curl on the server's machine reaches it (Host, client address)."""
     return TestClient(create_app(settings), base_url=BASE_URL, client=LOCAL_CLIENT)
 
 

@@ -37,7 +37,7 @@ def test_a_reload_to_another_directory_moves_the_configured_link(tiny, tmp_path,
         assert c.post("/v1/admin/reload", json={"index_dir": str(b)}).status_code == 200
         _write(c, "on-b", features)
         assert link.resolve() == b.resolve()
-        assert c.post("/v1/admin/reload").status_code == 200  # what SIGHUP and the console's reload do
+        assert c.post("/v1/admin/reload", json={}).status_code == 200  # what SIGHUP and the console's reload do
         assert c.get("/v1/items/audio/on-b").json()["metadata"] == {"on": "on-b"}
     with _client(tiny, link, root) as c:  # a restart
         wait_ready(c)
@@ -54,7 +54,7 @@ def test_a_reload_away_from_a_real_directory_is_not_forgotten(tiny, tmp_path, fe
         wait_ready(c)
         assert c.post("/v1/admin/reload", json={"index_dir": str(b)}).status_code == 200
         _write(c, "on-b", features)
-        assert c.post("/v1/admin/reload").status_code == 200
+        assert c.post("/v1/admin/reload", json={}).status_code == 200
         assert c.get("/v1/items/audio/on-b").status_code == 200
     prepare = [sys.executable, "-m", "service", "prepare", "--model", str(tiny.model_dir), "--index", str(a), "--data", str(tiny.data_dir), "--rebuild"]
     line = one_error_line(subprocess.run(prepare, cwd=REPO, capture_output=True, text=True, timeout=120))
@@ -88,7 +88,7 @@ def test_a_reload_racing_the_start_up_load_leaves_one_engine(tiny, tmp_path, mon
     monkeypatch.setattr(Engine, "load", classmethod(slow_first_load))
     with make_client(tiny, copy_index(tiny, tmp_path / "index")) as c:
         time.sleep(0.2)  # the start-up load is under way
-        assert c.post("/v1/admin/reload").status_code == 200
+        assert c.post("/v1/admin/reload", json={}).status_code == 200
         wait_ready(c)
         time.sleep(1.5)
         live = c.app.state.avsearch.engine

@@ -45,7 +45,7 @@ def test_a_snapshot_is_in_its_directory_for_good_before_the_201(tiny, tmp_path, 
     with make_client(tiny, copy_index(tiny, tmp_path / "index"), snapshot_dir=snapshots) as c:
         wait_ready(c)
         synced.clear()
-        r = c.post("/v1/admin/snapshots")
+        r = c.post("/v1/admin/snapshots", json={})
         assert r.status_code == 201
     tar = str(snapshots / f"{r.json()['name']}.tar")
     renamed = max(i for i, path in enumerate(synced) if path.endswith("snapshot.tar") or path == tar)  # the file itself, before its rename
@@ -63,7 +63,7 @@ def test_the_listing_skips_foreign_files(tiny, tmp_path):
     snapshots = tmp_path / "snapshots"
     with make_client(tiny, copy_index(tiny, tmp_path / "index"), snapshot_dir=snapshots) as c:
         wait_ready(c)
-        name = c.post("/v1/admin/snapshots").json()["name"]
+        name = c.post("/v1/admin/snapshots", json={}).json()["name"]
         _tar(snapshots / "a-list.tar", b"[1, 2]")
         _tar(snapshots / "missing-fields.tar", json.dumps({"model": "x"}).encode())
         _tar(snapshots / "wrong-types.tar", json.dumps({"model": 1, "model_sha256": [], "created": "yesterday", "lsn": 3, "items": None}).encode())
@@ -77,7 +77,7 @@ def test_restore_refuses_a_file_past_its_size_cap(tiny, tmp_path):
     snapshots = tmp_path / "snapshots"
     with make_client(tiny, copy_index(tiny, tmp_path / "index"), snapshot_dir=snapshots) as c:
         wait_ready(c)
-        name = c.post("/v1/admin/snapshots").json()["name"]
+        name = c.post("/v1/admin/snapshots", json={}).json()["name"]
     file = snapshots / f"{name}.tar"
     target = tmp_path / "restored"
     out = restore_cli(tiny, file, target, extra=["--max-bytes", "1000"])
