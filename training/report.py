@@ -96,7 +96,7 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
     lines = ["# HSC-MAE against its baselines", ""]
     intro = (
         f"Data: `{meta['data_source']}`; seeds {meta['seeds']}; test split, mean ± sample std over seeds. Each run's step was "
-        f"selected on validation by **{rule}** ({'instance-level MRR: each clip’s own partner, no labels' if rule == 'pairs' else 'class-level avg mAP'}); "
+        f"selected on validation by **{rule}** ({'instance-level MRR of the embeddings: each clip’s own partner, no labels' if rule == 'pairs' else 'class-level avg mAP'}); "
         "test was read once per selected step. The test-time linear CCA (o' = {o}) is applied where it says so. "
     ).format(o=meta["config"]["cca"]["n_components"])
     if meta.get("labels", True):
@@ -132,7 +132,7 @@ def results_markdown(summary: dict[str, dict], meta: dict) -> str:
             "",
             "## What selecting without labels costs",
             "",
-            "The same training runs, their step chosen on validation by pairs (instance-level MRR, no labels) or by labels "
+            "The same training runs, their step chosen on validation by pairs (instance-level MRR of the embeddings, no labels) or by labels "
             "(class-level avg mAP); test class-level avg mAP of each choice, the per-seed difference, and the ratio of the means.",
             "",
             "| method | by pairs | by labels | pairs − labels (paired) | pairs / labels | step by pairs / by labels | seeds |",
