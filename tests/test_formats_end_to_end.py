@@ -5,13 +5,6 @@ their metadata; one of them through ``make run DATA=...``. Files come from the i
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +12,6 @@ import pytest
 from avdata.features import load_features
 from tests.avdata.writers import make_yt8m_clips, write_parquet_table, write_yt8m
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS = {"train": 16, "validate": 4, "test": 4}
 COLLECTIONS = ("video-plain", "video-gz", "frame-plain", "frame-gz", "table")
 
@@ -88,42 +80,13 @@ def test_index_build_with_ray_engine_streams_record_shards(tmp_path, collections
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["frame-gz", "table"])
 def test_make_run_serves_the_collection(tmp_path, collections, clips, name):
-    from tests.test_make_run import _free_port
+    from tests.test_make_run import make_run_and_search
 
-    port = _free_port()
-    venv = Path(sys.executable).parents[1]
-    (venv / ".run-installed").touch()
     data = collections[name]
-    cmd = ["make", "--no-print-directory", "run", f"VENV={venv}", "CONFIG=tiny", f"DATA={data}", f"ARTIFACTS={tmp_path}/art", f"PORT={port}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    lines = []
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip().startswith("curl "):
-                break
-        curl = next((l.strip() for l in lines if l.strip().startswith("curl ")), None)
-        assert curl, "".join(lines)
-        assert not Path(data, "audio_features.npy").exists()  # make used the collection, wrote no synthetic data into it
-        body = Path(curl.split("-d @")[1].strip()).read_bytes()
-        for _ in range(150):
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/search", data=body, headers={"Content-Type": "application/json"})
-                response = json.loads(urllib.request.urlopen(request, timeout=5).read())
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server never answered:\n" + "".join(lines))
-        hits = response["results"][0]
-        assert hits and all(h["id"] in clips.ids and h["metadata"]["labels"] == clips.labels[clips.ids.index(h["id"])] for h in hits)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+    response = make_run_and_search(tmp_path, data)
+    assert not Path(data, "audio_features.npy").exists()  # make used the collection, wrote no synthetic data into it
+    hits = response["results"][0]
+    assert hits and all(h["id"] in clips.ids and h["metadata"]["labels"] == clips.labels[clips.ids.index(h["id"])] for h in hits)
 
 
 def test_index_build_names_a_corrupt_record_or_skips_it(tmp_path, tiny, clips, capsys):

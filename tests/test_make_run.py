@@ -33,7 +33,7 @@ def make_run_and_search(tmp_path: Path, data_dir: Path) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300  # train + export + index on a shared 2-core machine
         while time.time() < deadline:
             line = proc.stdout.readline()
             if not line:
