@@ -40,7 +40,7 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
     key = headline(records)
     columns = (CLASS_COLUMNS if key == "avg" else ()) + PAIR_COLUMNS
     for name in METHODS:
-        runs = [r for r in records if r["method"] == name]
+        runs = runs_of(records, name)
         if not runs:
             continue
         mean, std = {}, {}
@@ -53,7 +53,7 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             out[name]["steps"] = {"best": float(np.mean([r["best_step"] for r in trained])), "last": float(np.mean([r["last_step"] for r in trained]))}
     full = {r["seed"]: r["test"][key] for r in records if r["method"] == "hscmae"}
     for name, s in out.items():  # paired by seed: the seed's own noise cancels
-        diffs = [r["test"][key] - full[r["seed"]] for r in records if r["method"] == name and r["seed"] in full]
+        diffs = [r["test"][key] - full[r["seed"]] for r in runs_of(records, name) if r["seed"] in full]
         if diffs and name != "hscmae":
             m, sd = _mean_std(diffs)
             s["paired_diff"] = {"metric": key, "mean": m, "std": sd, "n": len(diffs)}
@@ -171,7 +171,7 @@ def write_report(out: Path, records: list[dict], meta: dict) -> dict:
         if wall is not None:
             meta["compare_wall_seconds"] = wall
     summary = aggregate(records)
-    per_seed = {name: [{k: v for k, v in r.items() if k != "history"} for r in records if r["method"] == name] for name in summary}
+    per_seed = {name: [{k: v for k, v in r.items() if k != "history"} for r in runs_of(records, name)] for name in summary}
     results = {"meta": meta, "methods": {name: {**s, "runs": per_seed[name]} for name, s in summary.items()}, "plots": PLOTS}
     atomic_write(out / "results.json", json.dumps(results, indent=1))
     atomic_write(out / "results.md", results_markdown(summary, meta))
