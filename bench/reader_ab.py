@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.timing import best_time  # noqa: E402
 from index import exact  # noqa: E402
-from service import wal  # noqa: E402
+from store import wal  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "reader_ab.md"
 

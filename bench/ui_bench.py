@@ -127,7 +127,7 @@ async def hot_path(model: Path, index: Path, requests: int, rounds: int) -> dict
     import httpx
 
     from service.app import create_app
-    from service.engine import Engine
+    from store.collection import Engine
     from service.settings import Settings
 
     settings = Settings(model_dir=model, index_dir=index)

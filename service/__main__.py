@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from index.embedder import MODALITIES, ModelError, load_manifest
 from index.store import IndexLoadError
-from service.served import check_not_moved, point_link  # light: no web framework, no engine
+from store.served import check_not_moved, point_link  # light: no web framework, no engine
 
 
 def _settings(args):
@@ -38,7 +38,7 @@ def _serve(args) -> int:
     import uvicorn
 
     from service.app import create_app, limit_threads
-    from service.engine import Engine
+    from store.collection import Engine
     from service.timeouts import deadline_protocol
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
@@ -77,7 +77,7 @@ def _prepare(args) -> int:
     """
     from index.build import build_indexes
     from index.store import VectorIndex
-    from service.persist import load_index, swap_into_place
+    from store.persist import load_index, swap_into_place
 
     settings = _settings(args)
     try:
@@ -108,7 +108,7 @@ def _prepare(args) -> int:
         os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
     point_link(link, version)  # atomic: readers see the old version or the new one
     print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
-    from service.carry import collect_versions
+    from store.versions import collect_versions
 
     for gone in collect_versions(link, settings.keep_versions, [version, *([live] if live else [])]):
         print(f"deleted old version {gone.name} (AVSEARCH_KEEP_VERSIONS={settings.keep_versions})")
@@ -119,9 +119,9 @@ def _carry_api_items(indexes: dict, settings, live: Path, staging: Path) -> None
     """The items written through the API to the live version, re-embedded by the new model, with its
     deletions applied; their raw features go along (``api_items.npz``) for the version after."""
     from index.embedder import Embedder
-    from service.carry import API_ITEMS_NAME, carry_over
+    from store.versions import API_ITEMS_NAME, carry_over
 
-    from service.carry import CARRIED_NAME, log_end
+    from store.versions import CARRIED_NAME, log_end
 
     embedder = Embedder(settings.model_dir, device=settings.device)
     seen = {m: log_end(live, m) for m in indexes}  # before reading: a change logged meanwhile is caught up at the swap
@@ -135,7 +135,7 @@ def _carry_api_items(indexes: dict, settings, live: Path, staging: Path) -> None
 
 def _restore(args) -> int:
     """Make the configured index directory (or --index) the content of a snapshot file."""
-    from service.backup import restore
+    from store.snapshots import restore
 
     settings = _settings(args)
     try:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", type=Path, help="a snapshot file (GET /v1/admin/snapshots/{name}, or the snapshot directory)")
     p.add_argument("--model", type=Path, help="the model it will be served with (default: $AVSEARCH_MODEL_DIR)")
     p.add_argument("--index", type=Path, help="index directory to restore into (default: $AVSEARCH_INDEX_DIR); its content and log are replaced")
-    p.add_argument("--max-bytes", type=int, help="refuse a snapshot whose files add up to more bytes (default 64 GiB: service.backup.RESTORE_MAX_BYTES)")
+    p.add_argument("--max-bytes", type=int, help="refuse a snapshot whose files add up to more bytes (default 64 GiB: store.snapshots.RESTORE_MAX_BYTES)")
     p.set_defaults(func=_restore)
     p = sub.add_parser("example", help="write an example search request from a feature directory")
     p.add_argument("--data", type=Path, required=True)

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from index.embedder import InputError
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
 from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits, stop_parsers
-from service.engine import Engine
+from store.collection import Engine
 from service.origin import OriginMiddleware
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
 from service.live_stats import SearchStats

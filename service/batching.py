@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from service.engine import EmbedJob, Engine, SearchJob
+from store.collection import EmbedJob, Engine, SearchJob
 
 log = logging.getLogger(__name__)
 Job = SearchJob | EmbedJob

@@ -25,7 +25,7 @@ class Metrics:
         self.batch_requests = Histogram("avsearch_batch_requests", "requests per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry)
         self.index_items = Gauge("avsearch_index_items", "items in the index, by modality", ["modality"], registry=self.registry)
         self.swaps = Counter("avsearch_version_swaps_total", "model/index versions swapped in", registry=self.registry)
-        # The store's work (service.commit.StoreEvents): group commits and folds of the log into snapshots.
+        # The store's work (store.shard.StoreEvents): group commits and folds of the log into snapshots.
         self.commit_groups = Histogram("avsearch_commit_group_changes", "item changes per group commit (one log write and fsync)", ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.folds = Counter("avsearch_folds_total", "folds of the write-ahead log into a snapshot, by outcome (done, failed)", ["modality", "outcome"], registry=self.registry)
         self.fold_seconds = Histogram("avsearch_fold_duration_seconds", "duration of a fold, done or failed", ["modality"], buckets=FOLD_BUCKETS, registry=self.registry)

@@ -17,7 +17,7 @@ import numpy as np
 
 from index.embedder import MODALITIES
 from index.store import VectorIndex
-from service.engine import Engine
+from store.collection import Engine
 
 MAP_SAMPLE_MAX = 2000
 SAMPLE_SEED = 0

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         return self.snapshot_dir if self.snapshot_dir is not None else Path(self.index_dir).absolute().parent / "snapshots"
 
     def durability(self):
-        from service.snapshots import Durability  # settings stay importable without the engine
+        from store.checkpoints import Durability  # settings stay importable without the engine
 
         return Durability(fsync=self.wal_fsync == "always", snapshot_bytes=self.wal_snapshot_bytes, snapshot_seconds=self.wal_snapshot_seconds, snapshot_growth=self.wal_snapshot_growth, fork=self.wal_fold_fork, fold_timeout=self.wal_fold_timeout, write_headroom=self.write_headroom)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from service.batching import MicroBatcher
-from service.engine import Engine
-from service.locks import SwapGate
+from store.collection import Engine
+from store.locks import SwapGate
 from service.metrics import Metrics
-from service.served import check_not_moved, follow
+from store.served import check_not_moved, follow
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class ServiceState:
         self.settings = settings
         self.engine = engine
         # What a reload without paths (SIGHUP, the console) loads: the configured paths until a
-        # reload names others (service.served makes the configured index path follow, or notes it).
+        # reload names others (store.served makes the configured index path follow, or notes it).
         self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
         self.load_error: str | None = None
         self.gate = SwapGate()

@@ -19,7 +19,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from service.engine import Engine
+from store.collection import Engine
 
 SUGGEST_MAX_ITEMS = 1_000_000
 SUGGEST_MAX_LIMIT = 100

@@ -150,7 +150,7 @@ def test_images_install_torch_only_in_the_trainer():
     train, _, _ = dockerfile("trainer")
     # each runtime stage takes its venv from its own build stage, and copies only the packages it runs
     assert "COPY --from=api-build /opt/venv /opt/venv" in api and "COPY --from=trainer-build /opt/venv /opt/venv" in train
-    assert re.findall(r"^COPY (\w+) ", api, re.MULTILINE) == ["avdata", "index", "service"]
+    assert re.findall(r"^COPY (\w+) ", api, re.MULTILINE) == ["avdata", "index", "store", "service"]
     assert re.findall(r"^COPY (\w+) ", train, re.MULTILINE) == ["avdata", "training"]
     api_runs, train_runs = run_lines(dockerfile("api-build")[0]), run_lines(dockerfile("trainer-build")[0])
     assert 'requirements-of "${EXTRA}"' in api_runs and "train" not in api_runs and "torch" not in api_runs

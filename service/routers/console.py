@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from index.embedder import MODALITIES
 from service.auth import caller_access
 from service.bodies import ID_BYTES, JSON, body_spec, content_type, parse_json, rows_limit, unsupported
-from service.engine import Engine, ItemNotFound
+from store.collection import Engine, ItemNotFound
 from service.live_stats import SearchStats
 from service.projection import MAP_SAMPLE_MAX, MapCache
 from service.routers import ERRORS

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from index.embedder import InputError
 from service.bodies import ID_BYTES, JSON, NUMBER_BYTES, body_spec, content_type, parse_json, rows_limit, unsupported
 from service.encoding import dumps
-from service.engine import ItemNotFound
+from store.collection import ItemNotFound
 from service.routers import ERRORS
 from service.schemas import DeleteResponse, ItemOut, Modality, UpsertRequest, UpsertResponse
 from service.state import ServiceState

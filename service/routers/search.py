@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from index.embedder import InputError
 from service.bodies import ID_BYTES, JSON, NPY, NUMBER_BYTES, body_spec, content_type, parse_json, parse_npy, parse_query, query_spec, read_body, rows_limit, unsupported
 from service.encoding import dumps
-from service.engine import OTHER, EmbedJob, Engine, ItemNotFound, SearchJob
+from store.collection import OTHER, EmbedJob, Engine, ItemNotFound, SearchJob
 from service.routers import ERRORS
 from service.schemas import EmbedParams, EmbedRequest, EmbedResponse, SearchParams, SearchRequest, SearchResponse
 from service.state import ServiceState

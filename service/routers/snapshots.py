@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from service.backup import SnapshotError, create_snapshot, list_snapshots, snapshot_path
+from store.snapshots import SnapshotError, create_snapshot, list_snapshots, snapshot_path
 from service.routers import ERRORS
 from service.state import ServiceState
 

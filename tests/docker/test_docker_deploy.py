@@ -62,13 +62,13 @@ def test_api_image_has_no_torch_and_no_training():
     out = in_image(
         API_IMAGE,
         "import importlib.util as u, os, sys\n"
-        "import json, avdata.features, index.store, service.app, service.__main__  # what the API and indexer import\n"
+        "import json, avdata.features, index.store, store.collection, service.app, service.__main__  # what the API and indexer import\n"
         "print(json.dumps({'torch': u.find_spec('torch') is not None, 'training': u.find_spec('training') is not None,"
         " 'dirs': sorted(os.listdir('/app')), 'loaded': [m for m in sys.modules if m.split('.')[0] in ('torch', 'training')]}))",
     )
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    assert found == {"torch": False, "training": False, "dirs": ["avdata", "index", "service"], "loaded": []}, found
+    assert found == {"torch": False, "training": False, "dirs": ["avdata", "index", "service", "store"], "loaded": []}, found
 
 
 def test_api_image_runs_unprivileged_without_installers_or_compilers():

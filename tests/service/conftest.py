@@ -25,7 +25,7 @@ def copy_index(tiny, dest: Path) -> Path:
 
 def persisted(tiny, index_dir: Path, modality: str):
     """The index a restart would serve: the snapshot on disk plus the write-ahead log after it."""
-    from service.engine import Engine
+    from store.collection import Engine
 
     engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
     engine.close()

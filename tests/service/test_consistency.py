@@ -17,7 +17,7 @@ import pytest
 
 from index.build import build_indexes
 from index.store import VectorIndex
-from service.persist import load_index, save_atomically
+from store.persist import load_index, save_atomically
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_changes_survive_a_restart(tiny, tmp_path, features):
 
 SAVER = """
 import sys, numpy as np
-from service.persist import load_index, save_atomically
+from store.persist import load_index, save_atomically
 directory = sys.argv[1]
 index = load_index(__import__("pathlib").Path(directory))
 rng = np.random.default_rng(0)

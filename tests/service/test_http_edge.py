@@ -23,7 +23,7 @@ from starlette.routing import Mount
 
 from service.app import create_app
 from service.bodies import parse_json
-from service.engine import EmbedJob, Engine, SearchJob
+from store.collection import EmbedJob, Engine, SearchJob
 from service.schemas import EmbedRequest, UpsertRequest
 from service.settings import Settings
 from tests.service.conftest import LOCAL_CLIENT, copy_index, make_client, wait_ready

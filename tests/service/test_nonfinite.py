@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from index.embedder import InputError
-from service.engine import SearchJob
+from store.collection import SearchJob
 from tests.service.conftest import copy_index, make_client, wait_ready
 
 HUGE = 3e38  # finite in float32; the encoder's sums overflow

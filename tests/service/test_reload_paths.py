@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from service.engine import Engine
-from service.served import MOVED_NAME
+from store.collection import Engine
+from store.served import MOVED_NAME
 from tests.service.conftest import copy_index, make_client, wait_ready
 from tests.service.test_service_cli import REPO, one_error_line
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
-from service.engine import Engine
+from store.collection import Engine
 from service.settings import Settings
 from tests.service.conftest import copy_index
 

@@ -3,9 +3,9 @@
 Searches and embeddings arrive here in micro-batches (:mod:`service.batching`) and run in one
 worker thread; item changes run in other threads. ``VectorIndex`` is not thread-safe, so the
 indexes sit behind a readers-writer lock: searches read, applying a change writes. A change is
-appended to its modality's write-ahead log and fsynced (group commit, :mod:`service.commit`)
+appended to its modality's write-ahead log and fsynced (group commit, :mod:`store.shard`)
 before it is applied and acknowledged; the log is folded into a snapshot in the background
-(:mod:`service.snapshots`). Loading = the last snapshot + the log after it.
+(:mod:`store.checkpoints`). Loading = the last snapshot + the log after it.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import numpy as np
 from avdata.atomic import atomic_write
 from index.embedder import MODALITIES, Embedder, InputError
 from index.store import IndexLoadError, Item, VectorIndex
-from service.backup import hold_index_dir, release_index_dir
-from service.carry import CARRIED_NAME, changes_since_prepare
-from service.commit import Change, ChangeLog, ChangeNotSaved, ItemNotFound, StoreEvents, apply_record, merge_run, mergeable_runs
+from store.snapshots import hold_index_dir, release_index_dir
+from store.versions import CARRIED_NAME, changes_since_prepare
+from store.shard import Change, ChangeLog, ChangeNotSaved, ItemNotFound, StoreEvents, apply_record, merge_run, mergeable_runs
 from service.encoding import dumps
-from service.locks import ReadWriteLock
-from service.persist import load_index
-from service.snapshots import Durability, Snapshotter, snapshot_lsn
-from service.wal import LogCorrupt, Record, WriteAheadLog
+from store.locks import ReadWriteLock
+from store.persist import load_index
+from store.checkpoints import Durability, Snapshotter, snapshot_lsn
+from store.wal import LogCorrupt, Record, WriteAheadLog
 
 log = logging.getLogger(__name__)
 OTHER = {"audio": "visual", "visual": "audio"}

@@ -29,9 +29,9 @@ from pathlib import Path
 from avdata.atomic import current_umask, fsync_dir
 from index.embedder import MODALITIES
 from index.store import IndexLoadError, VectorIndex
-from service.carry import API_ITEMS_NAME, api_items_of
-from service.persist import swap_into_place
-from service.snapshots import SNAPSHOT_NAME, discard
+from store.versions import API_ITEMS_NAME, api_items_of
+from store.persist import swap_into_place
+from store.checkpoints import SNAPSHOT_NAME, discard
 
 CARD_NAME = "avsearch-snapshot.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

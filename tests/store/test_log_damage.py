@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from service.wal import FRAME, LogCorrupt, Record, WriteAheadLog
+from store.wal import FRAME, LogCorrupt, Record, WriteAheadLog
 
 
 def _record(lsn: int) -> Record:

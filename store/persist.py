@@ -34,7 +34,7 @@ def _previous(directory: Path) -> Path:
 
 
 def forked_directory(directory: Path) -> Path:
-    """Where a forked snapshot writer (:mod:`service.forked`) writes before the swap."""
+    """Where a forked snapshot writer (:mod:`store.forked`) writes before the swap."""
     return directory.parent / f".{directory.name}.forked"
 
 

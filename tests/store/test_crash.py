@@ -199,7 +199,7 @@ DAMAGES = ["none", "zero tail", "flipped byte in record 2", "zeroed record 2", "
 
 def _damage(segment: Path, how: str) -> tuple[Path, int] | None:
     """Damage the three-record segment ``segment``; returns the file and offset a refusal must name."""
-    from service.wal import FRAME
+    from store.wal import FRAME
 
     blob = segment.read_bytes()
     offsets = [0]

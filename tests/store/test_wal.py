@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from index.store import FrozenIndex, VectorIndex
-from service.engine import Engine
-from service.snapshots import Durability, snapshot_lsn
-from service.wal import LogCorrupt, Record, WriteAheadLog, read_segment
+from store.collection import Engine
+from store.checkpoints import Durability, snapshot_lsn
+from store.wal import LogCorrupt, Record, WriteAheadLog, read_segment
 from tests.index.test_store import array_addresses, moved_arrays
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
@@ -220,7 +220,7 @@ def test_a_loaded_engine_has_room_for_writes_so_they_copy_no_index(tiny, tmp_pat
 
 
 def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_path, features, monkeypatch, caplog):
-    import service.forked
+    import store.forked
 
     def no_memory():
         raise OSError(12, "Cannot allocate memory")
@@ -230,7 +230,7 @@ def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_
     try:
         engine.snapshots.stop()
         engine.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
-        monkeypatch.setattr(service.forked.os, "fork", no_memory)
+        monkeypatch.setattr(store.forked.os, "fork", no_memory)
         open_fds = len(os.listdir("/proc/self/fd"))
         assert engine.snapshots.fold("visual") == 1
         assert len(os.listdir("/proc/self/fd")) == open_fds  # the writer's pipe closed again

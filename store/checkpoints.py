@@ -6,10 +6,10 @@ in proportion keeps the cost per change constant: a bulk load stays linear in N)
 oldest change not in a snapshot is ``wal_snapshot_seconds`` old. The fold holds off that modality's
 commits only while it takes a copy of the index and starts a new log segment; searches never wait
 for it (the copy reads the index, and only commits write it). The copy is a forked child's image
-of the process (:mod:`service.forked`: ~0.1 s), or, where that is off or fails, a copy in memory
-(:meth:`VectorIndex.frozen`: 0.13-0.25 s at 10^6 HNSW32 items, 5 s at 10^7). It is then saved with the whole-directory swap of :mod:`service.persist`, beside
+of the process (:mod:`store.forked`: ~0.1 s), or, where that is off or fails, a copy in memory
+(:meth:`VectorIndex.frozen`: 0.13-0.25 s at 10^6 HNSW32 items, 5 s at 10^7). It is then saved with the whole-directory swap of :mod:`store.persist`, beside
 ``snapshot.json`` holding the last log sequence number it contains and ``api_items.npz`` (the raw
-features of API-written items, :mod:`service.carry`), and the older segments are deleted. A kill anywhere leaves the previous snapshot and every segment after it, or the new one.
+features of API-written items, :mod:`store.versions`), and the older segments are deleted. A kill anywhere leaves the previous snapshot and every segment after it, or the new one.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.carry import API_ITEMS_NAME, api_items_of
+from store.versions import API_ITEMS_NAME, api_items_of
 from index.store import FrozenIndex
-from service.commit import ChangeLog, StoreEvents
-from service.forked import CAN_FORK, ForkedCopy
-from service.persist import forked_directory, save_atomically
+from store.shard import ChangeLog, StoreEvents
+from store.forked import CAN_FORK, ForkedCopy
+from store.persist import forked_directory, save_atomically
 
 log = logging.getLogger(__name__)
 SNAPSHOT_NAME = "snapshot.json"  # inside <index>/<modality>/: {"lsn": the last change it holds}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import re
 import time
 
-import service.snapshots
-from service.engine import Engine
-from service.snapshots import Durability
+import store.checkpoints
+from store.collection import Engine
+from store.checkpoints import Durability
 from tests.service.conftest import copy_index, make_client, wait_ready
 
 
@@ -23,7 +23,7 @@ def _no_space(calls: list[float]):
 
 def test_failed_folds_back_off(tiny, tmp_path, features, monkeypatch):
     calls: list[float] = []
-    monkeypatch.setattr(service.snapshots, "save_atomically", _no_space(calls))
+    monkeypatch.setattr(store.checkpoints, "save_atomically", _no_space(calls))
     engine = Engine.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu", durability=Durability(snapshot_bytes=1, snapshot_growth=0, fork=False))
     try:
         started = time.monotonic()
@@ -54,7 +54,7 @@ def test_folds_are_in_the_metrics(tiny, tmp_path, features, monkeypatch):
         assert _metric(text, "avsearch_commit_group_changes_count", modality="visual") == 3
         waiting = _metric(text, "avsearch_log_bytes", modality="visual")
         assert waiting == engine.logs["visual"].wal.bytes_since_rotation > 0
-        monkeypatch.setattr(service.snapshots, "save_atomically", _no_space([]))
+        monkeypatch.setattr(store.checkpoints, "save_atomically", _no_space([]))
         try:
             engine.snapshots.fold("visual")
         except OSError:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.wal import Record, read_segment
+from store.wal import Record, read_segment
 
 log = logging.getLogger(__name__)
 API_ITEMS_NAME = "api_items.npz"
@@ -95,7 +95,7 @@ def api_items_of(index_dir: Path, modality: str, after: int, through: int | None
 
 def log_end(index_dir: Path, modality: str) -> int:
     """The last change of ``modality`` in a version directory: its snapshot's, or a later logged one."""
-    from service.snapshots import snapshot_lsn
+    from store.checkpoints import snapshot_lsn
 
     after = snapshot_lsn(Path(index_dir) / modality)
     return max([after, *(r.lsn for r in logged_records(Path(index_dir) / WAL_DIR / modality, after))])
@@ -104,7 +104,7 @@ def log_end(index_dir: Path, modality: str) -> int:
 def carry_over(indexes: dict, embedder, previous_dir: Path) -> dict[str, ApiItems]:
     """Re-embed the API-written items of ``previous_dir`` (a version directory) with ``embedder``
     into ``indexes`` (the new version, built from the base collection) and apply its deletions."""
-    from service.snapshots import snapshot_lsn
+    from store.checkpoints import snapshot_lsn
 
     carried = {}
     for modality, index in indexes.items():
@@ -148,7 +148,7 @@ def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Record], ApiI
     """What the previous version logged after ``prepare`` read it (the writes before the swap), per
     modality: (records after the carried LSN, or None and the whole API state when a snapshot has
     folded them away, the previous version's last LSN); None when there is nothing to look at."""
-    from service.snapshots import snapshot_lsn
+    from store.checkpoints import snapshot_lsn
 
     path = Path(index_dir) / CARRIED_NAME
     if not path.is_file():
@@ -172,7 +172,7 @@ def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Record], ApiI
 
 def _served(directory: Path) -> bool:
     """Whether a server process holds ``directory`` (its shared lock on the serving lock file)."""
-    from service.backup import LOCK_NAME, RestoreLock, SnapshotError, held_here
+    from store.snapshots import LOCK_NAME, RestoreLock, SnapshotError, held_here
 
     if held_here(directory):  # POSIX locks never conflict within a process (and closing one would drop ours)
         return True

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from index.embedder import Embedder, ModelError
-from service.backup import CARD_NAME
+from store.snapshots import CARD_NAME
 from service.settings import Settings
 from tests.service.conftest import copy_index, make_client, wait_ready
-from tests.service.test_snapshots import one_error_line, restore_cli
+from tests.store.test_snapshots import one_error_line, restore_cli
 
 
 def test_reload_roots_never_default_to_the_filesystem_root(tmp_path):

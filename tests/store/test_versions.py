@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from index.embedder import Embedder
 from service.app import create_app
-from service.carry import API_ITEMS_NAME, ApiItems, collect_versions
+from store.versions import API_ITEMS_NAME, ApiItems, collect_versions
 from service.settings import Settings
 from tests.service.conftest import BASE_URL, LOCAL_CLIENT, copy_index, make_client, wait_ready
 
@@ -91,7 +91,7 @@ def test_old_versions_are_collected_never_the_live_or_new_one(tmp_path):
 
 
 def test_a_version_a_server_still_holds_is_never_collected(tiny, tmp_path):
-    from service.engine import Engine
+    from store.collection import Engine
 
     link = tmp_path / "current"
     old = copy_index(tiny, tmp_path / "current-00000000000a")
@@ -99,7 +99,7 @@ def test_a_version_a_server_still_holds_is_never_collected(tiny, tmp_path):
     new = copy_index(tiny, tmp_path / "current-00000000000b")
     link.symlink_to(new.name)
     engine = Engine.load(tiny.model_dir, old, device="cpu")  # an older version, still served
-    collect = f"from pathlib import Path; from service.carry import collect_versions; print(collect_versions(Path({str(link)!r}), 1, [Path({str(new)!r})]))"
+    collect = f"from pathlib import Path; from store.versions import collect_versions; print(collect_versions(Path({str(link)!r}), 1, [Path({str(new)!r})]))"
     try:
         assert collect_versions(link, keep=1, protect=[new]) == [] and old.is_dir()  # from the serving process
         assert cli("-c", collect).stdout.strip() == "[]" and old.is_dir()  # from another one (prepare's case)

@@ -25,8 +25,8 @@ import numpy as np
 from fastapi import HTTPException
 
 from index.store import VectorIndex
-from service.locks import ReadWriteLock
-from service.wal import Record, WriteAheadLog
+from store.locks import ReadWriteLock
+from store.wal import Record, WriteAheadLog
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from index.store import FrozenIndex, VectorIndex
-from service.engine import ChangeNotSaved, Engine
-from service.snapshots import Durability
-from service.wal import WriteAheadLog
+from store.collection import ChangeNotSaved, Engine
+from store.checkpoints import Durability
+from store.wal import WriteAheadLog
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
 DISK_FULL = "No space left on device"

@@ -8,7 +8,7 @@ to it), so commits wait only for the fork. The child writes the index directory 
 :meth:`VectorIndex.save` and exits; the parent waits for it outside the pause and takes the
 directory. The child touches nothing but the index and its files (no threads, no OpenMP, no
 logging), and dies with the server (``PR_SET_PDEATHSIG``), so a killed server leaves only an
-unfinished directory, which :func:`service.persist.recover` deletes.
+unfinished directory, which :func:`store.persist.recover` deletes.
 
 Linux only (``fork`` of a threaded process is not safe on macOS); elsewhere, or when the fork
 fails (no memory for the page tables), the fold copies in memory.
