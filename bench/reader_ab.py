@@ -1,6 +1,6 @@
 """A/B of the log reader and the exact search against an older commit, in one process.
 
-Issue 21 made the write-ahead log's reader tell a torn tail from corruption (``service/wal.py``)
+Issue 21 made the write-ahead log's reader tell a torn tail from corruption (``service/wal.py``, now ``store/wal.py``)
 and the exact search rank NaN scores last (``index/exact.py``); both sit on hot paths (start-up
 replays the log; every Flat search runs the exact search). This loads each module as it is now and
 as it was at ``--ref`` side by side, and times: recovering a log of ``--records`` visual records
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.timing import best_time  # noqa: E402
 from index import exact  # noqa: E402
 from store import wal  # noqa: E402
+from store.changes import Change  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "reader_ab.md"
 
@@ -64,8 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         log = wal.WriteAheadLog(directory)
         log.recover(0)
-        records = [wal.Record(i + 1, "upsert", [f"id-{i}"], "m" * 64, [{"i": i}], rng.random((1, 1024), np.float32), rng.random((1, 8), np.float32)) for i in range(args.records)]
-        log.append(b"".join(r.encode() for r in records))
+        records = [Change("upsert", [f"id-{i}"], [{"i": i}], rng.random((1, 1024), np.float32), rng.random((1, 8), np.float32), i + 1, "m" * 64) for i in range(args.records)]
+        log.append(b"".join(wal.encode(r) for r in records))
         log.close()
         mib = sum(p.stat().st_size for p in Path(directory).iterdir()) / 2**20
         compare(f"recover a log of {args.records} records ({mib:.0f} MiB)", lambda: old_wal.WriteAheadLog(directory).recover(0), lambda: wal.WriteAheadLog(directory).recover(0))

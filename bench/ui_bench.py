@@ -127,12 +127,12 @@ async def hot_path(model: Path, index: Path, requests: int, rounds: int) -> dict
     import httpx
 
     from service.app import create_app
-    from store.collection import Engine
+    from store.collection import Collection
     from service.settings import Settings
 
     settings = Settings(model_dir=model, index_dir=index)
-    engine = Engine.load(model, index, device="cpu", intra_op_threads=1)
-    apps = {"with_console": create_app(settings, engine), "without_console": without_console(create_app(settings, engine))}
+    collection = Collection.load(model, index, device="cpu", intra_op_threads=1)
+    apps = {"with_console": create_app(settings, collection), "without_console": without_console(create_app(settings, collection))}
     body = json.dumps({"modality": "audio", "ids": ["clip-000003"], "top_k": 10}).encode()
     per_request: dict[str, list[float]] = {name: [] for name in apps}
     for round_number in range(rounds):

@@ -2,7 +2,7 @@
 
 ``python -m service serve``: load the model and index (fail fast), print a curl to try, serve with uvicorn.
 ``python -m service prepare --data DATA``: build the index for the configured model unless an up-to-date
-one is there (the compose indexing job; item changes made through the API survive a re-run).
+one is there (the compose indexing job; item changes made through the API survive a re-run: store.versions).
 ``python -m service restore FILE``: make the index directory the content of a snapshot file.
 ``python -m service example``: write a request body holding one audio query from a feature directory.
 """
@@ -13,51 +13,50 @@ import argparse
 import gc
 import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+import uvicorn
 from pydantic import ValidationError
 
-from index.embedder import MODALITIES, ModelError, load_manifest
+from avdata.features import load_features
+from index.embedder import ModelError, load_manifest
 from index.store import IndexLoadError
-from store.served import check_not_moved, point_link  # light: no web framework, no engine
+from service.app import create_app, limit_threads
+from service.bodies import readable
+from service.settings import Settings
+from service.timeouts import deadline_protocol
+from store.collection import Collection
+from store.served import check_not_moved
+from store.snapshots import restore
+from store.versions import prepare
 
 
-def _settings(args):
-    from service.settings import Settings
-
+def _settings(args) -> Settings:
     overrides = {k: v for k, v in (("model_dir", args.model), ("index_dir", args.index), ("host", getattr(args, "host", None))) if v is not None}
     return Settings(**overrides)
 
 
 def _serve(args) -> int:
-    import uvicorn
-
-    from service.app import create_app, limit_threads
-    from store.collection import Engine
-    from service.timeouts import deadline_protocol
-
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
     limit_threads(settings)
     check_not_moved(settings.index_dir)
-    engine = Engine.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.durability())  # before binding the port
+    collection = Collection.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.store_config())  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
     url = f"http://{settings.host}:{args.port}"
     body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
-    print(f"\navsearch serving model {engine.version} on {url}  (API docs: {url}/docs)")
+    print(f"\navsearch serving model {collection.version} on {url}  (API docs: {url}/docs)")
     print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}")
     print(f"or open the web console: {url}/ui/\n", flush=True)
     # One process: the index lives in memory and item changes must be seen by every request.
     if settings.anonymous_writes_refused():
         print(f"no API key and bound to {settings.host}: item changes and reloads answer 403 (set AVSEARCH_API_KEY)", flush=True)
     uvicorn.run(
-        create_app(settings, engine),
+        create_app(settings, collection),
         host=settings.host,
         port=args.port,
         log_level="info",
@@ -69,74 +68,19 @@ def _serve(args) -> int:
 
 
 def _prepare(args) -> int:
-    """Index ``--data`` with the configured model unless the index there was built from that model.
-
-    The index is built into ``<index>-<model version>`` beside ``<index>``, which becomes a symlink
-    to it (replaced atomically). A running API holds the resolved directory of its own version, so
-    building the next version never clobbers the live one; SIGHUP then swaps the API over.
-    """
-    from index.build import build_indexes
-    from index.store import VectorIndex
-    from store.persist import load_index, swap_into_place
-
+    """Index ``--data`` with the configured model unless the index there was built from that model
+    (a new version beside it, with the API-written items carried over: store.versions.prepare)."""
     settings = _settings(args)
     try:
-        _, manifest_hash = load_manifest(settings.model_dir)
+        load_manifest(settings.model_dir)
     except ModelError as err:
         raise ModelError(f"{err}. In compose: docker compose --profile train run --rm trainer (or copy a model into the models volume)") from None
-    link = settings.index_dir
-    check_not_moved(link)  # a reload moved the served index elsewhere: building from here would drop its writes
-    if not args.rebuild:
-        try:
-            # Recover an interrupted save only when the index is gone: a running API may be saving
-            # into this very directory, and recovery would delete its staging copy mid-save.
-            sizes = {m: len((VectorIndex.load if (link / m).exists() else load_index)(link / m, manifest_hash)) for m in MODALITIES}
-            print(f"index in {link} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
-            return 0
-        except IndexLoadError as err:
-            logging.getLogger(__name__).info("building the index: %s", err)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    version = link.parent / f"{link.name}-{manifest_hash[:12]}"
-    staging = link.parent / f".{version.name}.build"
-    shutil.rmtree(staging, ignore_errors=True)
-    live = link.resolve() if link.exists() else None  # the version being served: never collected, its API items carried
-    indexes = build_indexes(settings.model_dir, args.data, staging, args.factory, settings.device, progress=False)
-    if live is not None and not args.rebuild:
-        _carry_api_items(indexes, settings, live, staging)
-    swap_into_place(staging, version)  # a kill leaves the old or the new version directory
-    if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
-        os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
-    point_link(link, version)  # atomic: readers see the old version or the new one
-    print(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
-    from store.versions import collect_versions
-
-    for gone in collect_versions(link, settings.keep_versions, [version, *([live] if live else [])]):
-        print(f"deleted old version {gone.name} (AVSEARCH_KEEP_VERSIONS={settings.keep_versions})")
+    prepare(settings.model_dir, settings.index_dir, args.data, args.factory, settings.device, args.rebuild, settings.keep_versions, say=print)
     return 0
-
-
-def _carry_api_items(indexes: dict, settings, live: Path, staging: Path) -> None:
-    """The items written through the API to the live version, re-embedded by the new model, with its
-    deletions applied; their raw features go along (``api_items.npz``) for the version after."""
-    from index.embedder import Embedder
-    from store.versions import API_ITEMS_NAME, carry_over
-
-    from store.versions import CARRIED_NAME, log_end
-
-    embedder = Embedder(settings.model_dir, device=settings.device)
-    seen = {m: log_end(live, m) for m in indexes}  # before reading: a change logged meanwhile is caught up at the swap
-    carried = carry_over(indexes, embedder, live)
-    (staging / CARRIED_NAME).write_text(json.dumps({"from": str(live), "lsn": seen}))
-    for modality, index in indexes.items():
-        index.save(staging / modality)
-        (staging / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
-        print(f"{modality}: {len(carried[modality].features)} items written through the API re-embedded, {len(carried[modality].deleted)} deletions kept")
 
 
 def _restore(args) -> int:
     """Make the configured index directory (or --index) the content of a snapshot file."""
-    from store.snapshots import restore
-
     settings = _settings(args)
     try:
         _, manifest_hash = load_manifest(settings.model_dir)
@@ -149,8 +93,6 @@ def _restore(args) -> int:
 
 def _example(args) -> int:
     """The last test-split clip's audio vector (a clip the model never trained on)."""
-    from avdata.features import load_features  # numpy-only data layer: every format, validated
-
     test = load_features(args.data).subset("test")
     body = {"modality": "audio", "vectors": [test.audio[-1].astype(float).round(6).tolist()], "top_k": args.top_k}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValidationError as err:
-        from service.bodies import readable
-
         print(f"error: invalid AVSEARCH_* setting: {readable(err, prefix='settings')}", file=sys.stderr)
     except (ModelError, IndexLoadError, ValueError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,16 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+
 from index.embedder import InputError
 from service.auth import SCHEME, ApiKeyMiddleware, access_needed
 from service.bodies import JSON, OPENAPI_MODELS, start_parsers, state_limits, stop_parsers
-from store.collection import Engine
-from service.origin import OriginMiddleware
-from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
+from service.errors import add_handlers
 from service.live_stats import SearchStats
+from service.middleware import BodyLimitMiddleware, BodyTooLarge, MetricsMiddleware
+from service.origin import OriginMiddleware
 from service.routers import console, items, ops, search, snapshots
 from service.settings import Settings
 from service.state import ServiceState
+from store.collection import Collection
 
 UI_DIR = Path(__file__).parent / "ui"
 log = logging.getLogger(__name__)
@@ -67,16 +69,16 @@ def _watch_sighup(state: ServiceState) -> bool:
         return False
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The app; without ``engine`` it loads one in the background (``/readyz`` answers 503 until then)."""
+def create_app(settings: Settings | None = None, collection: Collection | None = None) -> FastAPI:
+    """The app; without ``collection`` it loads one in the background (``/readyz`` answers 503 until then)."""
     settings = settings or Settings()
-    state = ServiceState(settings, engine)
+    state = ServiceState(settings, collection)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start_batcher()
         start_parsers()
-        loader = None if state.engine is not None else asyncio.get_running_loop().create_task(state.load_in_background())
+        loader = None if state.collection is not None else asyncio.get_running_loop().create_task(state.load_in_background())
         watching = _watch_sighup(state)
         try:
             yield
@@ -87,9 +89,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 await loader
             await state.batcher.stop()
             await asyncio.to_thread(stop_parsers)
-            if state.engine is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
-                engine, state.engine = state.engine, None
-                await asyncio.to_thread(engine.close)  # the log holds every acknowledged change; the next start replays it
+            if state.collection is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
+                collection, state.collection = state.collection, None
+                await asyncio.to_thread(collection.close)  # the log holds every acknowledged change; the next start replays it
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
@@ -102,6 +104,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @app.get("/", include_in_schema=False)
     async def to_console() -> RedirectResponse:
         return RedirectResponse("/ui/")
+
+    add_handlers(app)  # the store's errors (unknown id, change not saved, snapshot name)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -124,8 +128,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     def openapi() -> dict:
         """FastAPI's schema plus the bodies that routes read by hand (JSON or .npy), with the loaded
         model's vector widths and the request limits (built again after a version swap)."""
-        engine = state.engine
-        version = engine.version if engine is not None else None
+        collection = state.collection
+        version = collection.version if collection is not None else None
         if app.openapi_schema is None or app.state.openapi_version != version:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -133,8 +137,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
-            if engine is not None:
-                state_limits(components, engine.embedder.input_dims, settings.max_vectors, settings.max_top_k)
+            if collection is not None:
+                state_limits(components, collection.embedder.input_dims, settings.max_vectors, settings.max_top_k)
             schema["components"]["securitySchemes"] = SCHEME
             for path, operations in schema["paths"].items():
                 for method, operation in operations.items():

@@ -25,7 +25,7 @@ class Metrics:
         self.batch_requests = Histogram("avsearch_batch_requests", "requests per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry)
         self.index_items = Gauge("avsearch_index_items", "items in the index, by modality", ["modality"], registry=self.registry)
         self.swaps = Counter("avsearch_version_swaps_total", "model/index versions swapped in", registry=self.registry)
-        # The store's work (store.shard.StoreEvents): group commits and folds of the log into snapshots.
+        # The store's work (store.events.StoreEvents): group commits and checkpoints ("folds", the public metric names, kept for dashboards).
         self.commit_groups = Histogram("avsearch_commit_group_changes", "item changes per group commit (one log write and fsync)", ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.folds = Counter("avsearch_folds_total", "folds of the write-ahead log into a snapshot, by outcome (done, failed)", ["modality", "outcome"], registry=self.registry)
         self.fold_seconds = Histogram("avsearch_fold_duration_seconds", "duration of a fold, done or failed", ["modality"], buckets=FOLD_BUCKETS, registry=self.registry)
@@ -44,7 +44,7 @@ class Metrics:
     def committed(self, modality: str, changes: int) -> None:
         self.commit_groups.labels(modality).observe(changes)
 
-    def folded(self, modality: str, seconds: float, log_bytes: int, failed: bool) -> None:
+    def checkpointed(self, modality: str, seconds: float, log_bytes: int, failed: bool) -> None:
         self.folds.labels(modality, "failed" if failed else "done").inc()
         self.fold_seconds.labels(modality).observe(seconds)
         self.fold_bytes.labels(modality).observe(log_bytes)

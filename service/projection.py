@@ -3,7 +3,7 @@
 Both encoders end in the same (CCA-aligned, unit-norm) space, so one PCA is fitted on the joint
 sample and an audio and a visual clip of the same event land near each other on the map. The
 sample is drawn per modality (at most ``MAP_SAMPLE_MAX`` points each, seeded) and the projection
-is cached until an index of the engine changes, so the map costs one SVD per index generation,
+is cached until an index of the collection changes, so the map costs one SVD per index generation,
 never a search-path call.
 """
 
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.embedder import MODALITIES
-from index.store import VectorIndex
-from store.collection import Engine
+from store.collection import Collection
 
 MAP_SAMPLE_MAX = 2000
 SAMPLE_SEED = 0
@@ -57,20 +56,10 @@ class Sample:
     metadata: list[dict | None]
 
 
-def sample_index(index: VectorIndex, size: int, seed: int = SAMPLE_SEED) -> Sample:
-    """Up to ``size`` live items drawn without replacement (call under the engine's read lock)."""
-    labels = index.items.live_labels()
-    if len(labels) > size:
-        labels = np.sort(np.random.default_rng(seed).choice(labels, size=size, replace=False))
-    if not len(labels):
-        return Sample([], np.zeros((0, index.dim), np.float32), [])
-    vectors = index.index.reconstruct_batch(labels.astype(np.int64))
-    return Sample(index.items.ids_of(labels), vectors, index.items.metadata_of(labels))
-
-
-def generation(engine: Engine) -> tuple:
+def generation(collection: Collection) -> tuple:
     """Changes with every item change: upserts append rows, deletes lower the live count."""
-    return tuple((m, ix.items.rows, len(ix)) for m, ix in sorted(engine.indexes.items()))
+    with collection.reading() as view:
+        return tuple((m, *view.generation(m)) for m in sorted(MODALITIES))
 
 
 @dataclass(frozen=True)
@@ -104,27 +93,27 @@ def _scalars(metadata: dict | None) -> dict:
     return out
 
 
-def build_map(engine: Engine, per_modality: int) -> EmbeddingMap:
-    with engine.lock.read():  # VectorIndex is not thread-safe: item changes wait for the sample
-        samples = {m: sample_index(engine.indexes[m], per_modality) for m in MODALITIES}
-        totals = {m: len(engine.indexes[m]) for m in MODALITIES}
+def build_map(collection: Collection, per_modality: int) -> EmbeddingMap:
+    with collection.reading() as view:  # VectorIndex is not thread-safe: item changes wait for the sample
+        samples = {m: Sample(*view.sample(m, per_modality, SAMPLE_SEED)) for m in MODALITIES}
+        totals = {m: view.size(m) for m in MODALITIES}
     pca = fit_pca2(np.concatenate([samples[m].vectors for m in MODALITIES]))
     return EmbeddingMap(pca, samples, {m: pca.project(samples[m].vectors).reshape(-1, 2) for m in MODALITIES}, totals)
 
 
 class MapCache:
-    """One map per (engine, index generation, sample size); rebuilt lazily after a change or a swap."""
+    """One map per (collection, index generation, sample size); rebuilt lazily after a change or a swap."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._engine: weakref.ref | None = None  # weak: a swapped-out version is freed, not kept for the map
+        self._collection: weakref.ref | None = None  # weak: a swapped-out version is freed, not kept for the map
         self._key: tuple | None = None
         self._map: EmbeddingMap | None = None
 
-    def get(self, engine: Engine, per_modality: int) -> EmbeddingMap:
+    def get(self, collection: Collection, per_modality: int) -> EmbeddingMap:
         with self._lock:  # one build at a time; concurrent callers then share it
-            key = (generation(engine), per_modality)
-            if self._map is None or self._engine is None or self._engine() is not engine or self._key != key:
-                self._map = build_map(engine, per_modality)
-                self._engine, self._key = weakref.ref(engine), key
+            key = (generation(collection), per_modality)
+            if self._map is None or self._collection is None or self._collection() is not collection or self._key != key:
+                self._map = build_map(collection, per_modality)
+                self._collection, self._key = weakref.ref(collection), key
             return self._map

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.config import StoreConfig
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AVSEARCH_", protected_namespaces=())
@@ -51,10 +53,17 @@ class Settings(BaseSettings):
     def snapshot_directory(self) -> Path:
         return self.snapshot_dir if self.snapshot_dir is not None else Path(self.index_dir).absolute().parent / "snapshots"
 
-    def durability(self):
-        from store.checkpoints import Durability  # settings stay importable without the engine
-
-        return Durability(fsync=self.wal_fsync == "always", snapshot_bytes=self.wal_snapshot_bytes, snapshot_seconds=self.wal_snapshot_seconds, snapshot_growth=self.wal_snapshot_growth, fork=self.wal_fold_fork, fold_timeout=self.wal_fold_timeout, write_headroom=self.write_headroom)
+    def store_config(self) -> StoreConfig:
+        """The store's durability and checkpoint policy (the AVSEARCH_WAL_* names are public: they stay)."""
+        return StoreConfig(
+            fsync=self.wal_fsync == "always",
+            checkpoint_bytes=self.wal_snapshot_bytes,
+            checkpoint_seconds=self.wal_snapshot_seconds,
+            checkpoint_growth=self.wal_snapshot_growth,
+            fork=self.wal_fold_fork,
+            checkpoint_timeout=self.wal_fold_timeout,
+            write_headroom=self.write_headroom,
+        )
 
     def reload_root_paths(self) -> list[Path]:
         """Resolved directories a reload may name; symlinks resolved so none can point out of them."""

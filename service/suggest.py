@@ -19,7 +19,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from store.collection import Engine
+from store.collection import Collection
 
 SUGGEST_MAX_ITEMS = 1_000_000
 SUGGEST_MAX_LIMIT = 100
@@ -37,34 +37,32 @@ class IdSuggester:
     def __init__(self, rebuild_always_below: int = REBUILD_ALWAYS_BELOW, rebuild_seconds: float = REBUILD_SECONDS) -> None:
         self.rebuild_always_below, self.rebuild_seconds = rebuild_always_below, rebuild_seconds
         self._lock = threading.Lock()
-        self._sorted: dict[str, tuple[weakref.ref, tuple[int, int], float, list[str]]] = {}  # engine, index state, built at, ids
+        self._sorted: dict[str, tuple[weakref.ref, tuple[int, int], float, list[str]]] = {}  # collection, index state, built at, ids
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="avsearch-suggest")
 
-    def _sorted_ids(self, engine: Engine, modality: str) -> tuple[list[str], bool]:
+    def _sorted_ids(self, collection: Collection, modality: str) -> tuple[list[str], bool]:
         """(sorted ids, whether the index changed since they were listed)."""
-        index = engine.indexes[modality]
-        with engine.lock.read():
-            key = (index.items.rows, len(index))
+        with collection.reading() as view:
+            key = view.generation(modality)
             cached = self._sorted.get(modality)
-            same_engine = cached is not None and cached[0]() is engine
-            if same_engine and cached[1] == key:
+            same_collection = cached is not None and cached[0]() is collection
+            if same_collection and cached[1] == key:
                 return cached[3], False
-            if same_engine and len(index) >= self.rebuild_always_below and time.monotonic() - cached[2] < self.rebuild_seconds:
+            if same_collection and view.size(modality) >= self.rebuild_always_below and time.monotonic() - cached[2] < self.rebuild_seconds:
                 return cached[3], True
-            ids = index.ids()
+            ids = view.ids(modality)
         ids.sort()
-        self._sorted[modality] = (weakref.ref(engine), key, time.monotonic(), ids)
+        self._sorted[modality] = (weakref.ref(collection), key, time.monotonic(), ids)
         return ids, False
 
-    def suggest(self, engine: Engine, modality: str, prefix: str, limit: int) -> Suggestions:
+    def suggest(self, collection: Collection, modality: str, prefix: str, limit: int) -> Suggestions:
         """Up to ``limit`` stored ids of ``modality`` starting with ``prefix``, in sorted order."""
-        index = engine.indexes[modality]
-        if len(index) > SUGGEST_MAX_ITEMS:
-            with engine.lock.read():
-                found = bool(prefix) and prefix in index
+        if collection.size(modality) > SUGGEST_MAX_ITEMS:
+            with collection.reading() as view:
+                found = bool(prefix) and view.contains(modality, prefix)
             return Suggestions([prefix] if found else [], complete=False)
         with self._lock:
-            ids, stale = self._sorted_ids(engine, modality)
+            ids, stale = self._sorted_ids(collection, modality)
         start = bisect.bisect_left(ids, prefix)
         out: list[str] = []
         while len(out) < limit and start < len(ids) and ids[start].startswith(prefix):
@@ -73,8 +71,8 @@ class IdSuggester:
                 stop += 1
             found = ids[start:stop]
             if stale:  # some may have been deleted since the list was built
-                with engine.lock.read():
-                    found = [item_id for item_id in found if item_id in index]
+                with collection.reading() as view:
+                    found = [item_id for item_id in found if view.contains(modality, item_id)]
             out += found
             start = stop
         return Suggestions(out, complete=True)

@@ -1,6 +1,6 @@
-"""A snapshot written by a forked child from its copy-on-write image of the index.
+"""A checkpoint written by a forked child from its copy-on-write image of the index.
 
-Folding the log needs the index as it is at one log position while commits go on. Copying it in
+A checkpoint needs the index as it is at one log position while commits go on. Copying it in
 memory (:meth:`VectorIndex.frozen`) holds commits for as long as the copy takes: 5 s at 10^7
 HNSW32 items on a 2-core machine. ``fork()`` gives a child the same image at once (70-90 ms for a
 7 GB process there: only page tables are copied; a page is copied later only if the server writes
@@ -11,7 +11,7 @@ logging), and dies with the server (``PR_SET_PDEATHSIG``), so a killed server le
 unfinished directory, which :func:`store.persist.recover` deletes.
 
 Linux only (``fork`` of a threaded process is not safe on macOS); elsewhere, or when the fork
-fails (no memory for the page tables), the fold copies in memory.
+fails (no memory for the page tables), the checkpoint copies in memory.
 """
 
 from __future__ import annotations

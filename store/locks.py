@@ -1,11 +1,10 @@
-"""Two small locks: a thread readers-writer lock around one index, an asyncio gate around version swaps."""
+"""A thread readers-writer lock around the indexes of one collection (the asyncio gate around version swaps is the service's)."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ReadWriteLock:
@@ -42,42 +41,4 @@ class ReadWriteLock:
         finally:
             with self._cond:
                 self._writing = False
-                self._cond.notify_all()
-
-
-class SwapGate:
-    """Mutations pass side by side; a version swap waits for them to finish and holds new ones back.
-
-    Without it an upsert applied to the old version after the new one was read from disk would be
-    acknowledged and then lost.
-    """
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._active = 0
-        self._closed = False
-
-    @asynccontextmanager
-    async def mutation(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._active += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._closed = True
-            await self._cond.wait_for(lambda: self._active == 0)
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._closed = False
                 self._cond.notify_all()

@@ -3,7 +3,7 @@
 ``VectorIndex.save`` renames each of its three files into place, so a kill between two renames
 leaves a directory whose checksums disagree (detected, but not usable). Here the whole directory
 is swapped instead: the new index is written complete into ``.<name>.new``, then
-``<name>`` → ``.<name>.old`` and ``.<name>.new`` → ``<name>`` (two renames on one filesystem),
+``<name>`` → ``.<name>.old`` and ``.<name>.new`` → ``<name>`` (names: :mod:`store.layout`) (two renames on one filesystem),
 then the old copy is removed. :func:`recover` undoes a kill between the two renames.
 
 A save that fails (disk full, I/O error) raises only after putting the previous index back in
@@ -21,26 +21,14 @@ from pathlib import Path
 
 from avdata.atomic import atomic_write, fsync_dir
 from index.store import FrozenIndex, VectorIndex
+from store import layout
 
 log = logging.getLogger(__name__)
 
 
-def _staging(directory: Path) -> Path:
-    return directory.parent / f".{directory.name}.new"
-
-
-def _previous(directory: Path) -> Path:
-    return directory.parent / f".{directory.name}.old"
-
-
-def forked_directory(directory: Path) -> Path:
-    """Where a forked snapshot writer (:mod:`store.forked`) writes before the swap."""
-    return directory.parent / f".{directory.name}.forked"
-
-
 def swap_into_place(staged: Path, directory: Path) -> None:
     """Replace ``directory`` by the complete directory ``staged`` (same filesystem)."""
-    previous = _previous(directory)
+    previous = layout.previous(directory)
     shutil.rmtree(previous, ignore_errors=True)
     try:
         if directory.exists():
@@ -57,10 +45,10 @@ def swap_into_place(staged: Path, directory: Path) -> None:
 
 
 def save_atomically(index: VectorIndex | FrozenIndex, directory: Path, extra: dict[str, bytes] | None = None) -> None:
-    """Save ``index`` (and ``extra`` files beside its own, such as the snapshot's log position) as one swap."""
+    """Save ``index`` (and ``extra`` files beside its own, such as the checkpoint's log position) as one swap."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(directory)
+    staging = layout.staging(directory)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         index.save(staging)  # every file fsynced
@@ -76,13 +64,13 @@ def save_atomically(index: VectorIndex | FrozenIndex, directory: Path, extra: di
 def recover(directory: Path) -> None:
     """Finish or undo a save that was killed: afterwards ``directory`` is the last complete index."""
     directory = Path(directory)
-    previous, staging = _previous(directory), _staging(directory)
+    previous, staging = layout.previous(directory), layout.staging(directory)
     if not directory.exists() and previous.exists():
         log.warning("%s: a save was interrupted between its renames; restoring the previous index", directory)
         os.rename(previous, directory)
     shutil.rmtree(previous, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)  # an unfinished or orphaned new copy
-    shutil.rmtree(forked_directory(directory), ignore_errors=True)  # a snapshot writer killed with its server
+    shutil.rmtree(layout.forked(directory), ignore_errors=True)  # a checkpoint writer killed with its server
 
 
 def load_index(directory: Path, expected_manifest_hash: str | None = None) -> VectorIndex:

@@ -20,18 +20,18 @@ from pathlib import Path
 
 from avdata.atomic import atomic_write, fsync_dir
 from index.store import IndexLoadError
+from store.layout import MOVED_NAME, pointer
 
-MOVED_NAME = "moved.json"  # in an index directory a reload left: {"index_dir": where it went, "at": Unix time}
 
 
 def point_link(link: Path, target: Path) -> None:
     """Make ``link`` a symlink to ``target`` (relative when they are side by side), atomically:
     readers see the old target or the new one."""
     link, target = Path(link).absolute(), Path(target).absolute()
-    pointer = link.parent / f".{link.name}.link"
-    pointer.unlink(missing_ok=True)
-    os.symlink(target.name if target.parent.resolve() == link.parent.resolve() else target, pointer)
-    os.replace(pointer, link)
+    made = pointer(link)
+    made.unlink(missing_ok=True)
+    os.symlink(target.name if target.parent.resolve() == link.parent.resolve() else target, made)
+    os.replace(made, link)
     fsync_dir(link.parent)
 
 

@@ -1,6 +1,6 @@
-"""Group commit of one modality's item changes: validate, append to the write-ahead log, fsync, apply.
+"""One modality's shard: its index, its write-ahead log, and the group commit between them.
 
-Writers queue their change and wait. The first writer to find no commit under way becomes the
+Group commit: writers queue their change and wait. The first writer to find no commit under way becomes the
 leader: it takes every queued change, checks each in order (a delete of an id that an earlier
 change in the same group added is fine), appends them to the log in one write, fsyncs once, then
 applies them in memory in log order under the index's write lock, and wakes the group. Changes
@@ -8,8 +8,10 @@ that arrive meanwhile queue for the next leader, so one fsync serves many change
 
 A change is answered only after it is in the log (and, with the default fsync policy, on disk) and
 applied, so every acknowledged change survives a kill. An append or fsync that fails is cut back
-out of the log and nothing of the group is applied: each writer gets :class:`ChangeNotSaved` (503),
-and what is served stays what the log holds.
+out of the log and nothing of the group is applied: each writer gets :class:`ChangeNotSaved` (the
+service answers 503), and what is served stays what the log holds.
+
+Opening a shard (:meth:`Shard.open`) = its checkpoint (already loaded) + the log after it.
 """
 
 from __future__ import annotations
@@ -20,120 +22,132 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-from fastapi import HTTPException
-
-from index.store import VectorIndex
+from index.embedder import Embedder
+from index.store import IndexLoadError, VectorIndex
+from store.changes import Change, apply, merge_run, mergeable_runs
+from store.config import StoreConfig
+from store.errors import ChangeNotSaved, ItemNotFound
+from store.events import StoreEvents
+from store.layout import checkpoint_lsn, wal_dir
 from store.locks import ReadWriteLock
-from store.wal import Record, WriteAheadLog
+from store.wal import LogCorrupt, WriteAheadLog, encode
 
 log = logging.getLogger(__name__)
 
 
-class ItemNotFound(KeyError):
-    def __init__(self, modality: str, item_id: str):
-        super().__init__(item_id)
-        self.message = f"no {modality} item with id {item_id!r}"
-
-
-class ChangeNotSaved(HTTPException):
-    """A change whose log append failed; nothing of it was applied, so the client may simply retry.
-    An HTTPException so that every route answers it as a 503 with this message, never a bare 500."""
-
-    def __init__(self, modality: str, reason: str):
-        super().__init__(503, f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later")
-
-
-class StoreEvents:
-    """What the store reports as it works; this default ignores it (the service's ``Metrics`` records it)."""
-
-    def committed(self, modality: str, changes: int) -> None:
-        """One group commit: ``changes`` appended with one write (and one fsync)."""
-
-    def folded(self, modality: str, seconds: float, log_bytes: int, failed: bool) -> None:
-        """One fold of ``log_bytes`` of log into a snapshot, done or failed."""
-
-
 @dataclass
-class Change:
-    op: str  # "upsert" or "delete"
-    ids: list[str]
-    metadata: list[dict | None]
-    features: np.ndarray | None = None
-    embeddings: np.ndarray | None = None
+class _Pending:
+    """A queued change and what its writer is told: done, and the index size or the error."""
+
+    change: Change
     done: bool = False
     error: Exception | None = None
     count: int = 0  # the index size once applied
 
+    @property
+    def op(self) -> str:
+        return self.change.op
 
-def apply_record(index: VectorIndex, record: Record | Change) -> None:
-    if record.op == "upsert":
-        index.upsert(record.embeddings, record.ids, record.metadata)
-    else:
-        index.remove([i for i in record.ids if i in index])
-
-
-def mergeable_runs(changes: list) -> Iterator[list]:
-    """Consecutive changes of one kind that one index call can apply: a Flat or IVF removal moves
-    the whole array once per call, so 16 deletes in one call cost what one costs. Upserts merge
-    while their ids stay distinct (an id written twice keeps its order by starting a new run)."""
-    run: list[Change] = []
-    seen: set[str] = set()
-    for change in changes:
-        if run and (change.op != run[0].op or seen.intersection(change.ids)):
-            yield run
-            run, seen = [], set()
-        run.append(change)
-        seen.update(change.ids)
-    if run:
-        yield run
+    @property
+    def ids(self) -> list[str]:
+        return self.change.ids
 
 
-def merge_run(run: list) -> Change:
-    if len(run) == 1:
-        return run[0]
-    ids = [i for c in run for i in c.ids]
-    if run[0].op == "delete":
-        return Change("delete", ids, [])
-    return Change("upsert", ids, [m for c in run for m in c.metadata], None, np.concatenate([c.embeddings for c in run]))
+class Shard:
+    """One modality: its index, its log, and the group commit between them.
 
-
-class ChangeLog:
-    """One modality: its index, its log, and the group commit between them."""
+    Invariants: ``last_lsn`` is the last change logged and applied (outside :meth:`paused`, the
+    index holds exactly the changes through it); ``checkpoint_lsn`` <= ``last_lsn`` is the last one
+    inside the checkpoint on disk; the log holds every change after ``checkpoint_lsn``.
+    """
 
     def __init__(self, modality: str, index: VectorIndex, wal: WriteAheadLog, lock: ReadWriteLock, model: str, next_lsn: int, fsync: bool = True):
         self.modality, self.index, self.wal, self.lock, self.model = modality, index, wal, lock, model
         self.fsync = fsync  # False: acknowledged once written (survives a kill of the process, not a power cut)
         self.last_lsn = next_lsn - 1  # the last change applied (and logged)
-        self.snapshot_lsn = 0  # the last change inside the snapshot on disk
-        self.oldest_unsnapshotted: float | None = None  # monotonic time of the first change since the snapshot
+        self.checkpoint_lsn = 0  # the last change inside the checkpoint on disk
+        self.pending_since: float | None = None  # monotonic time of the first change since the checkpoint
         self._cond = threading.Condition()
-        self._queue: list[Change] = []
+        self._queue: list[_Pending] = []
         self._leading = False
-        self.on_commit: Callable[[], None] = lambda: None  # the snapshotter's nudge
+        self._on_commit: Callable[[], None] = lambda: None  # the checkpointer's nudge
         self.events = StoreEvents()
 
+    @classmethod
+    def open(cls, modality: str, index: VectorIndex, index_dir: Path, embedder: Embedder, config: StoreConfig, lock: ReadWriteLock) -> "Shard":
+        """Apply the changes logged after the checkpoint to ``index``; a record of another model is
+        re-embedded from its raw features. Raises IndexLoadError for a damaged log."""
+        after = checkpoint_lsn(index_dir / modality)
+        wal = WriteAheadLog(wal_dir(index_dir, modality))
+        try:
+            records = wal.recover(after)
+        except LogCorrupt as err:
+            raise IndexLoadError(str(err)) from None  # it names the file, the offset and what each way out costs
+        for record in records:
+            if record.op == "upsert" and record.model != embedder.manifest_hash:
+                record.embeddings = embedder.embed(modality, record.features)
+        for run in mergeable_runs(records):  # consecutive records in one index call each, as the commit did
+            apply(index, merge_run(run))
+        if records:
+            log.info("%s: replayed %d logged changes after checkpoint change %d", modality, len(records), after)
+        shard = cls(modality, index, wal, lock, embedder.manifest_hash, max([after, *(r.lsn for r in records)]) + 1, config.fsync)
+        shard.checkpoint_lsn = after
+        shard.pending_since = time.monotonic() if records else None
+        return shard
+
+    def on_commit(self, nudge: Callable[[], None]) -> None:
+        """Call ``nudge`` after each group commit (the checkpointer checks whether one is due)."""
+        self._on_commit = nudge
+
+    def report_to(self, events: StoreEvents) -> None:
+        self.events = events
+
+    @property
+    def queued(self) -> int:
+        """Changes waiting for the next group commit."""
+        with self._cond:
+            return len(self._queue)
+
+    # --- checkpoints (called by store.checkpoints with commits paused where it says) ----------
+    def start_segment(self) -> float | None:
+        """With commits paused: start a new log segment after ``last_lsn``; returns when the first
+        change not in a checkpoint came (give it back to :meth:`checkpoint_failed`)."""
+        self.wal.rotate(self.last_lsn + 1)
+        since, self.pending_since = self.pending_since, None
+        return since
+
+    def checkpoint_failed(self, since: float | None) -> None:
+        self.pending_since = since
+
+    def checkpointed(self, lsn: int) -> None:
+        """The checkpoint holding the changes through ``lsn`` is on disk: the older segments go."""
+        self.checkpoint_lsn = lsn
+        self.wal.drop_before_current()
+
+    # --- group commit ----------------------------------------------------------------------------
     def commit(self, change: Change) -> int:
         """Returns the index size once the change is logged and applied; ItemNotFound or ChangeNotSaved."""
+        pending = _Pending(change)
         with self._cond:
-            self._queue.append(change)
-            while not change.done and self._leading:
+            self._queue.append(pending)
+            while not pending.done and self._leading:
                 self._cond.wait()
-            if not change.done:  # no commit under way: lead one with everything queued (ours included)
+            if not pending.done:  # no commit under way: lead one with everything queued (ours included)
                 self._leading = True
                 group, self._queue = self._queue, []
-        if not change.done:
+        if not pending.done:
             try:
                 self._commit_group(group)
             finally:
                 with self._cond:
                     self._leading = False
                     self._cond.notify_all()
-            self.on_commit()
-        if change.error is not None:
-            raise change.error
-        return change.count
+            self._on_commit()
+        if pending.error is not None:
+            raise pending.error
+        return pending.count
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -149,7 +163,7 @@ class ChangeLog:
                 self._leading = False
                 self._cond.notify_all()
 
-    def _commit_group(self, group: list[Change]) -> None:
+    def _commit_group(self, group: list[_Pending]) -> None:
         applied: set[int] = set()
         try:
             accepted = self._check(group)
@@ -157,7 +171,7 @@ class ChangeLog:
                 self._log(accepted)
                 with self.lock.write():
                     for run in mergeable_runs(accepted):
-                        apply_record(self.index, merge_run(run))
+                        apply(self.index, merge_run([p.change for p in run]))
                         for change in run:
                             change.count = len(self.index)
                             applied.add(id(change))
@@ -171,7 +185,7 @@ class ChangeLog:
             for change in group:
                 change.done = True
 
-    def _check(self, group: list[Change]) -> list[Change]:
+    def _check(self, group: list[_Pending]) -> list[_Pending]:
         """Deletes of ids that are not there (counting earlier changes of the group) fail alone."""
         added: set[str] = set()
         removed: set[str] = set()
@@ -191,10 +205,11 @@ class ChangeLog:
             accepted.append(change)
         return accepted
 
-    def _log(self, accepted: list[Change]) -> None:
+    def _log(self, accepted: list[_Pending]) -> None:
         frames = []
         for lsn, change in enumerate(accepted, start=self.last_lsn + 1):
-            frames.append(Record(lsn, change.op, change.ids, self.model, change.metadata, change.features, change.embeddings).encode())
+            change.change.lsn, change.change.model = lsn, self.model
+            frames.append(encode(change.change))
         start = None
         try:
             start = self.wal.end()  # before the append: a write that fails half-way is cut back to here
@@ -215,8 +230,8 @@ class ChangeLog:
             return
         self.last_lsn += len(accepted)
         self.events.committed(self.modality, len(accepted))
-        if self.oldest_unsnapshotted is None:
-            self.oldest_unsnapshotted = time.monotonic()
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
 
     def close(self) -> None:
         with self.paused():

@@ -9,19 +9,17 @@ acknowledged before the request is in it.
 ``restore`` checks the file (member names, both indexes load, built from the configured model),
 unpacks it beside the target index directory and swaps it into place, dropping the target's
 write-ahead log (its changes are not part of the restored state). A serving process holds a lock on
-its index directory (:func:`hold_index_dir`), so a restore into a served directory is refused.
+its index directory (:mod:`store.dirlock`), so a restore into a served directory is refused.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,18 +27,16 @@ from pathlib import Path
 from avdata.atomic import current_umask, fsync_dir
 from index.embedder import MODALITIES
 from index.store import IndexLoadError, VectorIndex
-from store.versions import API_ITEMS_NAME, api_items_of
+from store import layout
+from store.api_items import api_items_of
+from store.checkpoints import discard
+from store.dirlock import ExclusiveLock
+from store.errors import SnapshotError, SnapshotNotFound
+from store.layout import CARD_NAME
 from store.persist import swap_into_place
-from store.checkpoints import SNAPSHOT_NAME, discard
 
-CARD_NAME = "avsearch-snapshot.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LOCK_NAME = "serving.lock"  # in the index directory; a served directory holds a shared lock on it
 RESTORE_MAX_BYTES = 64 * 2**30  # what restore unpacks at most, unless told otherwise (--max-bytes)
-
-
-class SnapshotError(ValueError):
-    """A snapshot name or file that cannot be used; the message says why."""
 
 
 def check_name(name: str) -> str:
@@ -65,32 +61,34 @@ def list_snapshots(directory: Path) -> list[dict]:
     return out
 
 
-def create_snapshot(engine, directory: Path) -> dict:
-    """Write ``<directory>/<name>.tar`` holding both modalities as of now; returns its description."""
+def create_snapshot(collection, directory: Path) -> dict:
+    """Write ``<directory>/<name>.tar`` holding both modalities of ``collection`` (a
+    :class:`store.collection.Collection`) as of now; returns its description."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    shards, checkpointer = collection.shards, collection.checkpointer
     copies = {}
     staging = tempfile.TemporaryDirectory(dir=directory, prefix=".build-")
     root = Path(staging.name)
     try:
         with ExitStack() as held:
-            for modality in MODALITIES:  # a fixed order (fold lock, then commits): two requests cannot hold one each
-                held.enter_context(engine.snapshots.folding(modality))
+            for modality in MODALITIES:  # a fixed order (checkpoint lock, then commits): two requests cannot hold one each
+                held.enter_context(checkpointer.held(modality))
             with ExitStack() as paused:
                 for modality in MODALITIES:
-                    paused.enter_context(engine.logs[modality].paused())
-                for modality in MODALITIES:  # forked writers (or copies in memory), as for a fold
-                    copies[modality] = engine.snapshots.copy(modality)
-                lsns = {m: engine.logs[m].last_lsn for m in MODALITIES}
-            carried = {m: api_items_of(engine.index_dir, m, engine.logs[m].snapshot_lsn, lsns[m]) for m in MODALITIES}
-            for modality, index in copies.items():  # a forked writer writes beside the live index: keep folds off until it is moved out
+                    paused.enter_context(shards[modality].paused())
+                for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint
+                    copies[modality] = checkpointer.copy(modality)
+                lsns = {m: shards[m].last_lsn for m in MODALITIES}
+            carried = {m: api_items_of(collection.index_dir, m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
+            for modality, index in copies.items():  # a forked writer writes beside the live index: keep checkpoints off until it is moved out
                 index.save(root / modality)
         created = time.time()
-        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{engine.version}"
-        card = {"model": engine.version, "model_sha256": engine.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
+        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{collection.version}"
+        card = {"model": collection.version, "model_sha256": collection.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
         for modality in MODALITIES:
-            (root / modality / SNAPSHOT_NAME).write_text(json.dumps({"lsn": lsns[modality]}))
-            (root / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
+            (root / modality / layout.CHECKPOINT_NAME).write_bytes(layout.checkpoint_card(lsns[modality]))
+            (root / modality / layout.API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
         (root / CARD_NAME).write_text(json.dumps(card, indent=2))
         partial = root / "snapshot.tar"
         with tarfile.open(partial, "w") as tar:
@@ -112,7 +110,7 @@ def create_snapshot(engine, directory: Path) -> dict:
 def snapshot_path(directory: Path, name: str) -> Path:
     path = Path(directory) / f"{check_name(name)}.tar"
     if not path.is_file():
-        raise FileNotFoundError(f"no snapshot named {name!r} in {directory}")
+        raise SnapshotNotFound(f"no snapshot named {name!r} in {directory}")
     return path
 
 
@@ -145,9 +143,9 @@ def restore(file: Path, index_dir: Path, manifest_hash: str | None, max_bytes: i
             card = json.load(tar.extractfile(CARD_NAME))
             if manifest_hash is not None and card.get("model_sha256") != manifest_hash:
                 raise SnapshotError(f"{file}: taken with model {str(card.get('model_sha256'))[:12]}, not the configured model {manifest_hash[:12]}; restore it with that model")
-            with RestoreLock(target):
+            with ExclusiveLock(target):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                staging = target.parent / f".{target.name}.restore"
+                staging = layout.restoring(target)
                 shutil.rmtree(staging, ignore_errors=True)
                 try:
                     tar.extractall(staging, filter="data")
@@ -161,68 +159,3 @@ def restore(file: Path, index_dir: Path, manifest_hash: str | None, max_bytes: i
     except (tarfile.TarError, EOFError) as err:  # a truncated or damaged file
         raise SnapshotError(f"{file}: damaged snapshot file ({err})") from None
     return card
-
-
-# --- the serving lock --------------------------------------------------------------------------
-_held: dict[Path, list[int]] = {}  # directory -> [fd, holders in this process]
-_held_lock = threading.Lock()
-
-
-def hold_index_dir(directory: Path) -> None:
-    """Mark ``directory`` as served by this process (a POSIX lock, so this process may load it twice
-    during a reload of the same directory; another process's restore is refused)."""
-    directory = Path(directory).resolve()
-    with _held_lock:
-        if directory in _held:
-            _held[directory][1] += 1
-            return
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise IndexLoadError(f"{directory}: a restore is under way; start again once it has finished") from None
-        _held[directory] = [fd, 1]
-
-
-def held_here(directory: Path) -> bool:
-    with _held_lock:
-        return Path(directory).resolve() in _held
-
-
-def release_index_dir(directory: Path) -> None:
-    directory = Path(directory).resolve()
-    with _held_lock:
-        entry = _held.get(directory)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            os.close(entry[0])  # closing releases the lock
-            del _held[directory]
-
-
-class RestoreLock:
-    """An exclusive lock on ``directory`` for a restore: refused while a server holds it."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.fd: int | None = None
-
-    def __enter__(self) -> None:
-        if not self.directory.exists():
-            return
-        self.fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise SnapshotError(
-                f"{self.directory} is being served: stop the server first, or restore into another directory "
-                "(--index) and swap to it with POST /v1/admin/reload"
-            ) from None
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)

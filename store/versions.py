@@ -1,125 +1,166 @@
-"""Items that follow the model: the raw features of items written through the API, kept so that a
-new model version can re-embed them.
+"""Model versions of one collection: building the next one, carrying the items written through the
+API into it, catching up what was written between the build and the swap, and collecting old ones.
 
-Each change's record in the write-ahead log holds the raw features. When the log is folded into a
-snapshot, the records are folded into ``api_items.npz`` beside the index (the previous file plus
-the folded records): the ids, raw features and metadata of every live API-written item, and the
-ids deleted through the API (a deleted item of the base collection must stay deleted in the next
-version). ``python -m service prepare`` for a new model builds the base collection, then re-embeds
-these items with the new model and applies the deletions (:func:`carry_over`), and old version
-directories are garbage-collected (:func:`collect_versions`).
+``prepare`` builds a version ``<index>-<12 hex>`` beside the configured index path ``<index>``,
+which becomes a symlink to it (replaced atomically). A running server holds the resolved directory
+of its own version, so building the next one never clobbers the live one; a reload then swaps the
+server over. The base collection is indexed from the data; then every item written through the API
+to the live version is re-embedded by the new model from its raw features (``api_items.npz`` plus
+the log after it) and its deletions applied (:func:`carry_over`); ``carried.json`` records the
+last change carried per modality. Changes the live version logs after that are caught up when the
+new version is loaded (:func:`catch_up`). Old version directories are deleted beyond
+``keep_versions``, never the live one, the new one, or one a server still holds (:func:`collect_versions`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from store.wal import Record, read_segment
+from avdata.atomic import atomic_write
+from index.build import build_indexes
+from index.embedder import MODALITIES, Embedder, load_manifest
+from index.store import IndexLoadError, VectorIndex
+from store import layout
+from store.api_items import ApiItems, api_items_of
+from store.changes import Change
+from store.dirlock import is_served
+from store.layout import API_ITEMS_NAME, CARRIED_NAME, checkpoint_lsn, wal_dir
+from store.persist import load_index, swap_into_place
+from store.served import check_not_moved, point_link
+from store.shard import Shard
+from store.wal import read_records
 
 log = logging.getLogger(__name__)
-API_ITEMS_NAME = "api_items.npz"
-WAL_DIR = "wal"
+CARRY_BATCH = 4096  # items re-embedded per encoder call
 
 
-@dataclass
-class ApiItems:
-    """Live API-written items (id -> raw features, metadata) and ids deleted through the API."""
-
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-    metadata: dict[str, dict | None] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
-
-    def apply(self, record: Record) -> None:
-        if record.op == "upsert":
-            for row, (item_id, meta) in enumerate(zip(record.ids, record.metadata)):
-                self.features[item_id] = np.asarray(record.features[row], np.float32)
-                self.metadata[item_id] = meta
-                self.deleted.discard(item_id)
-        else:
-            for item_id in record.ids:
-                self.features.pop(item_id, None)
-                self.metadata.pop(item_id, None)
-                self.deleted.add(item_id)
-
-    def to_bytes(self) -> bytes:
-        ids = list(self.features)
-        width = next(iter(self.features.values())).shape[0] if ids else 0
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            ids=np.array(json.dumps(ids).encode()),
-            features=np.stack([self.features[i] for i in ids]) if ids else np.zeros((0, width), np.float32),
-            metadata=np.array(json.dumps([self.metadata[i] for i in ids]).encode()),
-            deleted=np.array(json.dumps(sorted(self.deleted)).encode()),
-        )
-        return buffer.getvalue()
-
-    @classmethod
-    def load(cls, directory: Path) -> "ApiItems":
-        """The file beside a snapshot (empty when there is none: an index built by a job)."""
-        path = Path(directory) / API_ITEMS_NAME
-        if not path.is_file():
-            return cls()
-        with np.load(path, allow_pickle=False) as z:
-            ids = json.loads(z["ids"].tobytes())
-            metadata = json.loads(z["metadata"].tobytes())
-            features = z["features"]
-            return cls({i: features[row] for row, i in enumerate(ids)}, dict(zip(ids, metadata)), set(json.loads(z["deleted"].tobytes())))
+def prepare(model_dir: Path, index_dir: Path, data: str, factory: str = "Flat", device: str = "auto", rebuild: bool = False, keep_versions: int = 3, say: Callable[[str], None] = log.info) -> None:
+    """Index ``data`` with the model in ``model_dir`` unless the version at ``index_dir`` was built
+    from that model; ``say`` gets one line per step (the command line prints them)."""
+    _, manifest_hash = load_manifest(model_dir)
+    link = Path(index_dir)
+    check_not_moved(link)  # a reload moved the served index elsewhere: building from here would drop its writes
+    if not rebuild:
+        try:
+            # Recover an interrupted save only when the index is gone: a running API may be saving
+            # into this very directory, and recovery would delete its staging copy mid-save.
+            sizes = {m: len((VectorIndex.load if (link / m).exists() else load_index)(link / m, manifest_hash)) for m in MODALITIES}
+            say(f"index in {link} is up to date for model {manifest_hash[:12]} ({sizes}); nothing to do")
+            return
+        except IndexLoadError as err:
+            log.info("building the index: %s", err)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    version = layout.version_dir(link, manifest_hash)
+    staging = layout.building(version)
+    shutil.rmtree(staging, ignore_errors=True)
+    live = link.resolve() if link.exists() else None  # the version being served: never collected, its API items carried
+    indexes = build_indexes(model_dir, data, staging, factory, device, progress=False)
+    if live is not None and not rebuild:
+        _carry_api_items(indexes, Embedder(model_dir, device=device), live, staging, say)
+    swap_into_place(staging, version)  # a kill leaves the old or the new version directory
+    if link.exists() and not link.is_symlink():  # an index directory from before versioning: keep it aside
+        os.rename(link, link.parent / f"{link.name}-previous-{int(time.time())}")
+    point_link(link, version)  # atomic: readers see the old version or the new one
+    say(f"built {', '.join(f'{m}: {len(ix)} items' for m, ix in indexes.items())} in {version} ({link} -> {version.name}) for model {manifest_hash[:12]}")
+    for gone in collect_versions(link, keep_versions, [version, *([live] if live else [])]):
+        say(f"deleted old version {gone.name} (AVSEARCH_KEEP_VERSIONS={keep_versions})")
 
 
-def logged_records(wal_dir: Path, after: int, through: int | None = None) -> list[Record]:
-    """The whole records of every segment with ``after < lsn <= through`` (a torn tail ends a segment)."""
-    records = []
-    paths = sorted(Path(wal_dir).glob("*.wal"))
-    for i, path in enumerate(paths):
-        found = read_segment(path, last=i == len(paths) - 1).records
-        records.extend(r for r in found if r.lsn > after and (through is None or r.lsn <= through))
-    return sorted(records, key=lambda r: r.lsn)
-
-
-def api_items_of(index_dir: Path, modality: str, after: int, through: int | None = None) -> ApiItems:
-    """The snapshot's file plus the logged changes after it (``after`` is the snapshot's LSN)."""
-    items = ApiItems.load(Path(index_dir) / modality)
-    for record in logged_records(Path(index_dir) / WAL_DIR / modality, after, through):
-        items.apply(record)
-    return items
+def _carry_api_items(indexes: dict[str, VectorIndex], embedder: Embedder, live: Path, staging: Path, say: Callable[[str], None]) -> None:
+    """The items written through the API to the live version, re-embedded by the new model, with its
+    deletions applied; their raw features go along (``api_items.npz``) for the version after."""
+    seen = {m: log_end(live, m) for m in indexes}  # before reading: a change logged meanwhile is caught up at the swap
+    carried = carry_over(indexes, embedder, live)
+    (staging / CARRIED_NAME).write_text(json.dumps({"from": str(live), "lsn": seen}))
+    for modality, index in indexes.items():
+        index.save(staging / modality)
+        (staging / modality / API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
+        say(f"{modality}: {len(carried[modality].features)} items written through the API re-embedded, {len(carried[modality].deleted)} deletions kept")
 
 
 def log_end(index_dir: Path, modality: str) -> int:
-    """The last change of ``modality`` in a version directory: its snapshot's, or a later logged one."""
-    from store.checkpoints import snapshot_lsn
-
-    after = snapshot_lsn(Path(index_dir) / modality)
-    return max([after, *(r.lsn for r in logged_records(Path(index_dir) / WAL_DIR / modality, after))])
+    """The last change of ``modality`` in a version directory: its checkpoint's, or a later logged one."""
+    after = checkpoint_lsn(Path(index_dir) / modality)
+    return max([after, *(r.lsn for r in read_records(wal_dir(index_dir, modality), after))])
 
 
-def carry_over(indexes: dict, embedder, previous_dir: Path) -> dict[str, ApiItems]:
+def carry_over(indexes: dict[str, VectorIndex], embedder: Embedder, previous_dir: Path) -> dict[str, ApiItems]:
     """Re-embed the API-written items of ``previous_dir`` (a version directory) with ``embedder``
     into ``indexes`` (the new version, built from the base collection) and apply its deletions."""
-    from store.checkpoints import snapshot_lsn
-
     carried = {}
     for modality, index in indexes.items():
-        items = api_items_of(previous_dir, modality, snapshot_lsn(Path(previous_dir) / modality))
+        items = api_items_of(previous_dir, modality, checkpoint_lsn(Path(previous_dir) / modality))
         gone = [i for i in items.deleted if i in index]
         if gone:
             index.remove(gone)
         ids = list(items.features)
-        for start in range(0, len(ids), 4096):
-            batch = ids[start : start + 4096]
+        for start in range(0, len(ids), CARRY_BATCH):
+            batch = ids[start : start + CARRY_BATCH]
             embeddings = embedder.embed(modality, np.stack([items.features[i] for i in batch]))
             index.upsert(embeddings, batch, [items.metadata[i] for i in batch])
         log.info("%s: carried %d API-written items (re-embedded) and %d deletions from %s", modality, len(ids), len(gone), previous_dir)
         carried[modality] = items
     return carried
+
+
+def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Change], ApiItems | None, int]] | None:
+    """What the previous version logged after ``prepare`` read it (the writes before the swap), per
+    modality: (records after the carried LSN, or None and the whole API state when a checkpoint has
+    folded them away, the previous version's last LSN); None when there is nothing to look at."""
+    path = Path(index_dir) / CARRIED_NAME
+    if not path.is_file():
+        return None
+    card = json.loads(path.read_text())
+    previous = Path(card["from"])
+    if not previous.is_dir() or previous.resolve() == Path(index_dir).resolve():
+        return None
+    out = {}
+    for modality, carried in card["lsn"].items():
+        folded = checkpoint_lsn(previous / modality)
+        end = log_end(previous, modality)
+        if end == carried:
+            continue
+        if folded > carried:  # the records were folded into the previous checkpoint: carry its whole API state again (idempotent)
+            out[modality] = ([], api_items_of(previous, modality, folded), end)
+        else:
+            out[modality] = (read_records(wal_dir(previous, modality), carried), None, end)
+    return out
+
+
+def catch_up(index_dir: Path, embedder: Embedder, shards: dict[str, Shard]) -> None:
+    """Changes the previous version logged after ``prepare`` read it (writes before the swap),
+    re-embedded and committed to ``shards`` (logged, so durable), then marked as carried."""
+    pending = changes_since_prepare(index_dir)
+    if not pending:
+        return
+    card_path = Path(index_dir) / CARRIED_NAME
+    card = json.loads(card_path.read_text())
+    for modality, (records, whole, end) in pending.items():
+        if whole is not None:
+            records = [Change("delete", [i]) for i in whole.deleted]
+            ids = list(whole.features)
+            if ids:
+                records.append(Change("upsert", ids, [whole.metadata[i] for i in ids], np.stack([whole.features[i] for i in ids])))
+        shard = shards[modality]
+        for record in records:
+            if record.op == "upsert":
+                shard.commit(Change("upsert", record.ids, record.metadata, record.features, embedder.embed(modality, record.features)))
+            else:
+                for item_id in record.ids:
+                    if item_id in shard.index:
+                        shard.commit(Change("delete", [item_id]))
+        log.info("%s: caught up %d changes logged by the previous version after prepare", modality, len(records))
+        card["lsn"][modality] = end
+    atomic_write(card_path, json.dumps(card).encode())
 
 
 def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
@@ -132,54 +173,10 @@ def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
     kept = 0
     deleted = []
     for path in versions:
-        if path.resolve() in protected or _served(path):
+        if path.resolve() in protected or is_served(path):
             continue
         kept += 1
         if kept > max(keep - len(protected), 0):
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
-
-
-CARRIED_NAME = "carried.json"  # in a prepared version: {"from": the live version's directory, "lsn": {modality: last change carried}}
-
-
-def changes_since_prepare(index_dir: Path) -> dict[str, tuple[list[Record], ApiItems | None, int]] | None:
-    """What the previous version logged after ``prepare`` read it (the writes before the swap), per
-    modality: (records after the carried LSN, or None and the whole API state when a snapshot has
-    folded them away, the previous version's last LSN); None when there is nothing to look at."""
-    from store.checkpoints import snapshot_lsn
-
-    path = Path(index_dir) / CARRIED_NAME
-    if not path.is_file():
-        return None
-    card = json.loads(path.read_text())
-    previous = Path(card["from"])
-    if not previous.is_dir() or previous.resolve() == Path(index_dir).resolve():
-        return None
-    out = {}
-    for modality, carried in card["lsn"].items():
-        folded = snapshot_lsn(previous / modality)
-        end = log_end(previous, modality)
-        if end == carried:
-            continue
-        if folded > carried:  # the records were folded into the previous snapshot: carry its whole API state again (idempotent)
-            out[modality] = ([], api_items_of(previous, modality, folded), end)
-        else:
-            out[modality] = (logged_records(previous / WAL_DIR / modality, carried), None, end)
-    return out
-
-
-def _served(directory: Path) -> bool:
-    """Whether a server process holds ``directory`` (its shared lock on the serving lock file)."""
-    from store.snapshots import LOCK_NAME, RestoreLock, SnapshotError, held_here
-
-    if held_here(directory):  # POSIX locks never conflict within a process (and closing one would drop ours)
-        return True
-    if not (directory / LOCK_NAME).exists():
-        return False
-    try:
-        with RestoreLock(directory):
-            return False
-    except SnapshotError:
-        return True

@@ -1,6 +1,6 @@
 """The write-ahead log of one modality's index: append-only segment files of checksummed records.
 
-A record is one acknowledged change: its log sequence number (LSN), the operation, the ids, the
+A record is one acknowledged change (:class:`store.changes.Change`): its log sequence number (LSN), the operation, the ids, the
 metadata, the model version (the sha256 of its manifest), the raw features (so that a later model
 can re-embed the item) and the embedding. On disk: ``<u32 payload length><u32 zlib.crc32 of the
 payload><payload>``; the payload is ``<u32 header length><header JSON><features><embeddings>``
@@ -15,8 +15,8 @@ record after it, or in an older segment, closed and fsynced before the next one 
 the sequence numbers, or a record that does not decode is corruption: :class:`LogCorrupt` names the
 file and the byte offset, and nothing is cut.
 
-Segments are named by the first LSN they may hold (``00000000000000000042.wal``). A snapshot
-starts a new segment at its LSN + 1 and, once the snapshot is on disk, deletes the older ones.
+Segments are named by the first LSN they may hold (``00000000000000000042.wal``). A checkpoint
+starts a new segment at its LSN + 1 and, once the checkpoint is on disk, deletes the older ones.
 """
 
 from __future__ import annotations
@@ -26,60 +26,52 @@ import logging
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from avdata.atomic import fsync_dir
+from store.changes import Change
+from store.layout import SEGMENT_SUFFIX
 
 log = logging.getLogger(__name__)
 FRAME = struct.Struct("<II")  # payload length, crc32
 HEADER_LENGTH = struct.Struct("<I")
-RECORD_START = b'{"lsn":'  # how every header begins (Record.encode writes the LSN first)
+RECORD_START = b'{"lsn":'  # how every header begins (encode writes the LSN first)
 RECORD_START_OFFSET = FRAME.size + HEADER_LENGTH.size
-SUFFIX = ".wal"
 
 
 class LogCorrupt(RuntimeError):
     """A record in the middle of the log does not read back (not a torn tail): refuse to guess."""
 
 
-@dataclass
-class Record:
-    lsn: int
-    op: str  # "upsert" or "delete"
-    ids: list[str]
-    model: str  # sha256 of the manifest of the model that embedded it
-    metadata: list[dict | None] = field(default_factory=list)
-    features: np.ndarray | None = None  # (B, D_in) raw features, float32 (upsert only)
-    embeddings: np.ndarray | None = None  # (B, E) float32 (upsert only)
+def encode(change: Change) -> bytes:
+    """One frame: ``change`` with its LSN and model, as written to a segment."""
+    arrays = [a for a in (change.features, change.embeddings) if a is not None]
+    header = {
+        "lsn": change.lsn,
+        "op": change.op,
+        "ids": change.ids,
+        "model": change.model,
+        "metadata": change.metadata,
+        "shapes": [list(a.shape) for a in arrays],
+    }
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = b"".join([HEADER_LENGTH.pack(len(head)), head, *(np.ascontiguousarray(a, "<f4").tobytes() for a in arrays)])
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
-    def encode(self) -> bytes:
-        arrays = [a for a in (self.features, self.embeddings) if a is not None]
-        header = {
-            "lsn": self.lsn,
-            "op": self.op,
-            "ids": self.ids,
-            "model": self.model,
-            "metadata": self.metadata,
-            "shapes": [list(a.shape) for a in arrays],
-        }
-        head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        payload = b"".join([HEADER_LENGTH.pack(len(head)), head, *(np.ascontiguousarray(a, "<f4").tobytes() for a in arrays)])
-        return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
-    @classmethod
-    def decode(cls, payload: bytes) -> "Record":
-        (n,) = HEADER_LENGTH.unpack_from(payload)
-        header = json.loads(payload[4 : 4 + n])
-        offset, arrays = 4 + n, []
-        for shape in header["shapes"]:
-            size = int(np.prod(shape)) * 4
-            arrays.append(np.frombuffer(payload, "<f4", size // 4, offset).reshape(shape))
-            offset += size
-        features, embeddings = (arrays + [None, None])[:2]
-        return cls(header["lsn"], header["op"], header["ids"], header["model"], header["metadata"], features, embeddings)
+def decode(payload: bytes) -> Change:
+    (n,) = HEADER_LENGTH.unpack_from(payload)
+    header = json.loads(payload[4 : 4 + n])
+    offset, arrays = 4 + n, []
+    for shape in header["shapes"]:
+        size = int(np.prod(shape)) * 4
+        arrays.append(np.frombuffer(payload, "<f4", size // 4, offset).reshape(shape))
+        offset += size
+    features, embeddings = (arrays + [None, None])[:2]
+    return Change(header["op"], header["ids"], header["metadata"], features, embeddings, header["lsn"], header["model"])
 
 
 @dataclass
@@ -88,7 +80,7 @@ class Segment:
     whether a torn tail follows them."""
 
     path: Path
-    records: list[Record]
+    records: list[Change]
     offsets: list[int]
     end: int
     torn: bool
@@ -108,7 +100,7 @@ def read_segment(path: Path, last: bool = True) -> Segment:
             _corrupt(path, offset, why, following, records)
         length, _ = FRAME.unpack_from(blob, offset)
         try:
-            records.append(Record.decode(blob[offset + FRAME.size : offset + FRAME.size + length]))
+            records.append(decode(blob[offset + FRAME.size : offset + FRAME.size + length]))
         except (ValueError, KeyError, TypeError, struct.error) as err:  # checksum right, content wrong: a bug, not a tear
             raise LogCorrupt(f"{path}: record at byte {offset} does not decode ({err})") from None
         offsets.append(offset)
@@ -118,7 +110,7 @@ def read_segment(path: Path, last: bool = True) -> Segment:
 
 def check_sequence(segments: list[Segment], after_lsn: int) -> None:
     """Raise LogCorrupt unless the LSNs run on without a gap, from ``after_lsn`` + 1 (the first change
-    the snapshot lacks) for those after it: a missing record is an acknowledged change lost."""
+    the checkpoint lacks) for those after it: a missing record is an acknowledged change lost."""
     previous = 0
     for segment in segments:
         for record, offset in zip(segment.records, segment.offsets):
@@ -130,7 +122,7 @@ def check_sequence(segments: list[Segment], after_lsn: int) -> None:
             else:
                 previous = record.lsn
                 continue
-            raise LogCorrupt(f"{segment.path}: record at byte {offset} has LSN {record.lsn}, {what} (the snapshot holds changes through {after_lsn})")
+            raise LogCorrupt(f"{segment.path}: record at byte {offset} has LSN {record.lsn}, {what} (the checkpoint holds changes through {after_lsn})")
 
 
 def _bad_frame(blob: bytes, offset: int) -> str | None:
@@ -158,7 +150,7 @@ def _next_record(blob: bytes, after: int) -> int | None:
     return None
 
 
-def _corrupt(path: Path, offset: int, why: str, following: int | None, records: list[Record]) -> None:
+def _corrupt(path: Path, offset: int, why: str, following: int | None, records: list[Change]) -> None:
     where = f"a whole record follows at byte {following}" if following is not None else "in a segment that is not the last"
     kept = f"the changes through LSN {records[-1].lsn}" if records else "no change of this segment"
     raise LogCorrupt(
@@ -179,10 +171,10 @@ class WriteAheadLog:
         self.bytes_since_rotation = 0
 
     def segments(self) -> list[Path]:
-        return sorted(self.directory.glob(f"*{SUFFIX}"))
+        return sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}"))
 
-    def recover(self, after_lsn: int) -> list[Record]:
-        """Records with an LSN above ``after_lsn`` (the snapshot's), in order; a torn tail is cut off.
+    def recover(self, after_lsn: int) -> list[Change]:
+        """Records with an LSN above ``after_lsn`` (the checkpoint's), in order; a torn tail is cut off.
 
         Opens the last segment for appending (or starts one), so call it once, before any append.
         """
@@ -211,7 +203,7 @@ class WriteAheadLog:
 
     def rotate(self, first_lsn: int) -> None:
         """Start a new segment for LSNs from ``first_lsn`` on (the caller holds off appends)."""
-        path = self.directory / f"{first_lsn:020d}{SUFFIX}"
+        path = self.directory / f"{first_lsn:020d}{SEGMENT_SUFFIX}"
         self.sync()  # the closed segment is whole on disk: only the last one may end in a tear
         self._open(path)
         fsync_dir(self.directory)  # the new file's name must survive a power cut too
@@ -245,7 +237,7 @@ class WriteAheadLog:
             self.bytes_since_rotation = max(0, self.bytes_since_rotation - (end - size))
 
     def drop_before_current(self) -> None:
-        """Delete the segments older than the current one (their records are in a snapshot)."""
+        """Delete the segments older than the current one (their records are in a checkpoint)."""
         for path in self.segments():
             if path != self.segment:
                 path.unlink(missing_ok=True)
@@ -254,3 +246,14 @@ class WriteAheadLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def read_records(directory: Path, after: int, through: int | None = None) -> list[Change]:
+    """The whole records of every segment in ``directory`` with ``after < lsn <= through``, in LSN
+    order, read without opening the log for writing (a torn tail ends a segment)."""
+    records = []
+    paths = sorted(Path(directory).glob(f"*{SEGMENT_SUFFIX}"))
+    for i, path in enumerate(paths):
+        found = read_segment(path, last=i == len(paths) - 1).records
+        records.extend(r for r in found if r.lsn > after and (through is None or r.lsn <= through))
+    return sorted(records, key=lambda r: r.lsn)

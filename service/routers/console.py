@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from index.embedder import MODALITIES
 from service.auth import caller_access
 from service.bodies import ID_BYTES, JSON, body_spec, content_type, parse_json, rows_limit, unsupported
-from store.collection import Engine, ItemNotFound
 from service.live_stats import SearchStats
 from service.projection import MAP_SAMPLE_MAX, MapCache
 from service.routers import ERRORS
 from service.schemas import Modality
 from service.state import ServiceState
 from service.suggest import SUGGEST_MAX_LIMIT, IdSuggester
+from store.collection import Collection
 
 router = APIRouter(prefix="/v1", tags=["console"], responses=ERRORS)
 PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.png$")
@@ -111,9 +111,9 @@ async def item_ids(
     prefix: str = Query("", max_length=256, description="the start of the id"),
     limit: int = Query(20, ge=1, le=SUGGEST_MAX_LIMIT, description="most ids returned"),
 ) -> ItemIds:
-    engine = _state(request).ready_engine()
+    collection = _state(request).ready_collection()
     suggester = _console(request).suggester
-    found = await asyncio.get_running_loop().run_in_executor(suggester.executor, suggester.suggest, engine, modality, prefix, limit)
+    found = await asyncio.get_running_loop().run_in_executor(suggester.executor, suggester.suggest, collection, modality, prefix, limit)
     return ItemIds(modality=modality, prefix=prefix, ids=found.ids, complete=found.complete)
 
 
@@ -121,14 +121,14 @@ async def item_ids(
 async def embedding_map(
     request: Request, per_modality: int = Query(MAP_SAMPLE_MAX, ge=1, le=MAP_SAMPLE_MAX, description="most sampled items per modality")
 ) -> EmbeddingMapOut:
-    engine = _state(request).ready_engine()
-    built = await asyncio.to_thread(_console(request).maps.get, engine, per_modality)
+    collection = _state(request).ready_collection()
+    built = await asyncio.to_thread(_console(request).maps.get, collection, per_modality)
     return EmbeddingMapOut(**built.as_json())
 
 
-def _locate(console: ConsoleState, engine: Engine, modality: str, ids: list[str]) -> list[LocatedPoint]:
-    pca = console.maps.get(engine, MAP_SAMPLE_MAX).pca
-    vectors = [engine.get(modality, item_id).vector for item_id in ids]
+def _locate(console: ConsoleState, collection: Collection, modality: str, ids: list[str]) -> list[LocatedPoint]:
+    pca = console.maps.get(collection, MAP_SAMPLE_MAX).pca
+    vectors = [collection.get(modality, item_id).vector for item_id in ids]
     xy = pca.project(vectors)
     return [LocatedPoint(id=i, x=float(x), y=float(y)) for i, (x, y) in zip(ids, xy.tolist())]
 
@@ -142,42 +142,25 @@ def _locate(console: ConsoleState, engine: Engine, modality: str, ids: list[str]
 )
 async def locate(request: Request) -> LocateResponse:
     state = _state(request)
-    engine = state.ready_engine()
+    collection = state.ready_collection()
     if content_type(request) != JSON:
         raise unsupported(request, (JSON,))
     max_ids = state.settings.max_vectors
     body = await parse_json(request, LocateRequest, limit=rows_limit(max_ids, ID_BYTES), why=f"{max_ids} ids (AVSEARCH_MAX_VECTORS) can need")
     if len(body.ids) > state.settings.max_vectors:
         raise HTTPException(413, f"{len(body.ids)} ids in one request; the limit is {state.settings.max_vectors} (AVSEARCH_MAX_VECTORS)")
-    try:
-        points = await asyncio.to_thread(_locate, _console(request), engine, body.modality, body.ids)
-    except ItemNotFound as err:
-        raise HTTPException(404, f"{err.message}; check the id and the modality") from None
+    points = await asyncio.to_thread(_locate, _console(request), collection, body.modality, body.ids)  # ItemNotFound: 404 (service.errors)
     return LocateResponse(points=points)
 
 
 @router.get("/indexes", response_model=dict[str, IndexCard], summary="Each modality's index: factory, size, width, search parameters")
 async def indexes(request: Request) -> dict[str, IndexCard]:
-    return await asyncio.to_thread(_index_cards, _state(request).ready_engine())
+    return await asyncio.to_thread(_index_cards, _state(request).ready_collection())
 
 
-def _index_cards(engine: Engine) -> dict[str, IndexCard]:
-    with engine.lock.read():  # in a worker thread: an item change holding the lock must not stall the event loop
-        cards = {}
-        for modality in MODALITIES:
-            index = engine.indexes[modality]
-            info = index.info
-            cards[modality] = IndexCard(
-                factory=str(info.get("factory")),
-                metric=info.get("metric"),
-                dim=index.dim,
-                count=len(index),
-                search_params=dict(info.get("search_params") or {}),
-                build_params=dict(info.get("build_params") or {}),
-                tombstones=index.tombstones,
-                search_device=str(info.get("search_device", "cpu")),
-            )
-    return cards
+def _index_cards(collection: Collection) -> dict[str, IndexCard]:
+    with collection.reading() as view:  # in a worker thread: an item change holding the lock must not stall the event loop
+        return {modality: IndexCard(**view.card(modality)) for modality in MODALITIES}
 
 
 @router.get("/stats", summary="Live search figures: searches/s, p50 and p99 latency over the last 30 s, and since start")

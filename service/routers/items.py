@@ -10,17 +10,13 @@ from fastapi import APIRouter, HTTPException, Request
 from index.embedder import InputError
 from service.bodies import ID_BYTES, JSON, NUMBER_BYTES, body_spec, content_type, parse_json, rows_limit, unsupported
 from service.encoding import dumps
-from store.collection import ItemNotFound
+from service.batching import validate
 from service.routers import ERRORS
 from service.schemas import DeleteResponse, ItemOut, Modality, UpsertRequest, UpsertResponse
 from service.state import ServiceState
 
 router = APIRouter(prefix="/v1/items", tags=["items"], responses=ERRORS)
 NOT_FOUND = {404: {"description": "no item with that id"}}
-
-
-def _not_found(err: ItemNotFound) -> HTTPException:
-    return HTTPException(404, f"{err.message}; check the id and the modality")
 
 
 @router.post(
@@ -31,10 +27,10 @@ def _not_found(err: ItemNotFound) -> HTTPException:
 )
 async def upsert(modality: Modality, request: Request) -> UpsertResponse:
     state: ServiceState = request.app.state.avsearch
-    state.ready_engine()
+    state.ready_collection()
     if content_type(request) != JSON:
         raise unsupported(request, (JSON,))
-    settings, width = state.settings, max(state.ready_engine().embedder.input_dims.values())
+    settings, width = state.settings, max(state.ready_collection().embedder.input_dims.values())
     row_bytes = width * NUMBER_BYTES + ID_BYTES + 3 * settings.max_metadata_bytes  # metadata sent with \u escapes is up to 3x its compact size
     why = f"{settings.max_vectors} items (AVSEARCH_MAX_VECTORS) of {width} values and metadata can need"
     body = await parse_json(request, UpsertRequest, limit=rows_limit(settings.max_vectors, row_bytes), why=why)
@@ -49,34 +45,28 @@ async def upsert(modality: Modality, request: Request) -> UpsertResponse:
     if repeated:
         raise HTTPException(422, f"ids must be unique within one request; repeated: {repeated[:5]}")
     async with state.gate.mutation():  # a version swap waits for this change, and this change for a swap
-        engine = state.ready_engine()
+        collection = state.ready_collection()
         try:
-            vectors = engine.validate(modality, [item.vector for item in body.items])
+            vectors = validate(collection, modality, [item.vector for item in body.items])
         except InputError as err:
             raise HTTPException(422, f"items: {err}") from None
-        count = await asyncio.to_thread(engine.upsert, modality, vectors, ids, [item.metadata for item in body.items])
+        count = await asyncio.to_thread(collection.upsert, modality, vectors, ids, [item.metadata for item in body.items])
     return UpsertResponse(upserted=len(ids), modality=modality, count=count)
 
 
 # {item_id:path}: an id holding '/' (accepted by upsert) can be read and deleted too.
 @router.get("/{modality}/{item_id:path}", response_model=ItemOut, responses=NOT_FOUND)
 async def get_item(modality: Modality, item_id: str, request: Request) -> ItemOut:
-    engine = request.app.state.avsearch.ready_engine()
-    try:
-        item = await asyncio.to_thread(engine.get, modality, item_id)
-    except ItemNotFound as err:
-        raise _not_found(err) from None
+    collection = request.app.state.avsearch.ready_collection()
+    item = await asyncio.to_thread(collection.get, modality, item_id)  # ItemNotFound: 404 (service.errors)
     return ItemOut(id=item.id, modality=modality, metadata=item.metadata, embedding=item.vector.tolist())
 
 
 @router.delete("/{modality}/{item_id:path}", response_model=DeleteResponse, responses=NOT_FOUND)
 async def delete_item(modality: Modality, item_id: str, request: Request) -> DeleteResponse:
     state: ServiceState = request.app.state.avsearch
-    state.ready_engine()
+    state.ready_collection()
     async with state.gate.mutation():
-        engine = state.ready_engine()
-        try:
-            count = await asyncio.to_thread(engine.delete, modality, item_id)
-        except ItemNotFound as err:
-            raise _not_found(err) from None
+        collection = state.ready_collection()
+        count = await asyncio.to_thread(collection.delete, modality, item_id)  # ItemNotFound: 404, ChangeNotSaved: 503
     return DeleteResponse(deleted=item_id, modality=modality, count=count)

@@ -28,12 +28,12 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Ready:
     state: ServiceState = request.app.state.avsearch
     try:
-        engine = state.ready_engine()
+        collection = state.ready_collection()
     except HTTPException:
         if state.load_error is not None and caller_access(request.scope, state.settings) == "read-only":  # the error names server paths
             raise HTTPException(503, "not ready: loading failed (the server log, or /readyz with the read-write key, says why); retry later") from None
         raise
-    return Ready(model=engine.version)
+    return Ready(model=collection.version)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -47,7 +47,7 @@ async def info(request: Request) -> Info:
     state: ServiceState = request.app.state.avsearch
     s = state.settings
     limits = {"max_vectors": s.max_vectors, "max_top_k": s.max_top_k, "max_body_bytes": s.max_body_bytes, "batch_window_ms": s.batch_window_ms, "max_batch": s.max_batch}
-    described = state.ready_engine().describe()
+    described = state.ready_collection().describe()
     if caller_access(request.scope, s) == "read-only":  # server paths are for those who may change what is served
         described["model_dir"], described["index_dir"] = Path(described["model_dir"]).name, Path(described["index_dir"]).name
     return Info(**described, limits=limits)
@@ -71,10 +71,10 @@ async def reload(request: Request) -> ReloadResponse:
         options = ReloadRequest()
     model_dir, index_dir = (_check_under_roots(state, name, getattr(options, name)) for name in ("model_dir", "index_dir"))
     try:
-        previous, engine = await state.swap(model_dir, index_dir)  # the paths checked, not the names again: a link moved meanwhile cannot lead elsewhere
+        previous, collection = await state.swap(model_dir, index_dir)  # the paths checked, not the names again: a link moved meanwhile cannot lead elsewhere
     except (ModelError, IndexLoadError, OSError, ValueError) as err:  # ValueError: paths the OS refuses
         raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
-    return ReloadResponse(model=engine.version, previous_model=previous, index_sizes=engine.sizes())
+    return ReloadResponse(model=collection.version, previous_model=previous, index_sizes=collection.sizes())
 
 
 def _check_under_roots(state: ServiceState, name: str, requested: str | None) -> Path | None:

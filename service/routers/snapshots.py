@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from store.snapshots import SnapshotError, create_snapshot, list_snapshots, snapshot_path
 from service.routers import ERRORS
 from service.state import ServiceState
+from store.snapshots import list_snapshots, snapshot_path
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin/snapshots", tags=["admin"], responses=ERRORS)
@@ -33,22 +33,18 @@ class SnapshotList(BaseModel):
 
 
 def _path(state: ServiceState, name: str):
-    try:
-        return snapshot_path(state.settings.snapshot_directory(), name)
-    except SnapshotError as err:
-        raise HTTPException(422, str(err)) from None
-    except FileNotFoundError as err:
-        raise HTTPException(404, f"{err}; GET /v1/admin/snapshots lists them") from None
+    """The file of snapshot ``name``; SnapshotError (422) or SnapshotNotFound (404): service.errors."""
+    return snapshot_path(state.settings.snapshot_directory(), name)
 
 
 @router.post("", response_model=Snapshot, status_code=201, summary="Take a snapshot of both modalities (every change acknowledged before it is in it)")
 async def take(request: Request) -> Snapshot:
     state: ServiceState = request.app.state.avsearch
-    state.ready_engine()
+    state.ready_collection()
     async with state.gate.mutation():  # not across a version swap
-        engine = state.ready_engine()
+        collection = state.ready_collection()
         try:
-            card = await asyncio.to_thread(create_snapshot, engine, state.settings.snapshot_directory())
+            card = await asyncio.to_thread(collection.snapshot, state.settings.snapshot_directory())
         except OSError as err:
             raise HTTPException(503, f"the snapshot could not be written ({type(err).__name__}: {err}); nothing was kept; retry later") from None
     return Snapshot(**card)

@@ -11,8 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 from avdata.features import load_features
+from service.settings import Settings
+from store.collection import Collection
 
 
 BASE_URL, LOCAL_CLIENT = "http://localhost", ("127.0.0.1", 50000)  # a browser or curl on the server's machine
@@ -24,12 +25,10 @@ def copy_index(tiny, dest: Path) -> Path:
 
 
 def persisted(tiny, index_dir: Path, modality: str):
-    """The index a restart would serve: the snapshot on disk plus the write-ahead log after it."""
-    from store.collection import Engine
-
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
-    engine.close()
-    return engine.indexes[modality]
+    """The index a restart would serve: the checkpoint on disk plus the write-ahead log after it."""
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
+    collection.close()
+    return collection.shards[modality].index
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:

@@ -133,7 +133,7 @@ def test_info_reports_model_sizes_and_providers(client, features, reference):
     info = client.get("/v1/info").json()
     assert info["model_sha256"] == embedder.manifest_hash and info["manifest"]["embedding_dim"] == embedder.embedding_dim
     assert info["index_sizes"] == {"audio": len(features), "visual": len(features)}
-    sessions = client.app.state.avsearch.engine.embedder.sessions  # what really runs (CUDA on a [gpu] install with a GPU)
+    sessions = client.app.state.avsearch.collection.embedder.sessions  # what really runs (CUDA on a [gpu] install with a GPU)
     assert info["providers"] == {m: s.get_providers()[0] for m, s in sessions.items()} and set(info["providers"]) == {"audio", "visual"}
     assert info["limits"]["max_top_k"] == 50
 

@@ -23,7 +23,8 @@ from starlette.routing import Mount
 
 from service.app import create_app
 from service.bodies import parse_json
-from store.collection import EmbedJob, Engine, SearchJob
+from service.batching import EmbedJob, SearchJob, run_batch
+from store.collection import Collection
 from service.schemas import EmbedRequest, UpsertRequest
 from service.settings import Settings
 from tests.service.conftest import LOCAL_CLIENT, copy_index, make_client, wait_ready
@@ -54,7 +55,7 @@ def open_client(tiny, index_dir):
 def keyed_app(tiny, tmp_path_factory):
     index_dir = copy_index(tiny, tmp_path_factory.mktemp("prefix") / "index")
     settings = Settings(model_dir=tiny.model_dir, index_dir=index_dir, api_key="rw-key", read_api_key="ro-key")
-    return create_app(settings, Engine.load(settings.model_dir, settings.index_dir, device="cpu"))
+    return create_app(settings, Collection.load(settings.model_dir, settings.index_dir, device="cpu"))
 
 
 def _ready(client: TestClient, prefix: str = "") -> None:
@@ -112,13 +113,13 @@ def test_one_failing_job_does_not_fail_its_batch(tiny, tmp_path):
     the whole encoder call: the other jobs of the micro-batch still get their answers."""
     from service.batching import MicroBatcher
 
-    engine = Engine.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu")
+    collection = Collection.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu")
     try:
         query = np.asarray([A], np.float32)
-        engine.upsert("visual", np.asarray([[0.1] * engine.embedder.input_dims["visual"]], np.float32), ["huge"], [{"n": 2**70}])
+        collection.upsert("visual", np.asarray([[0.1] * collection.embedder.input_dims["visual"]], np.float32), ["huge"], [{"n": 2**70}])
         returns_it = SearchJob("visual", "visual", 1, ids=["huge"])
         unrelated = SearchJob("audio", "visual", 3, query, filter={"n": 1})
-        results = engine.run_batch([returns_it, unrelated])
+        results = run_batch(collection, [returns_it, unrelated])
         assert json.loads(results[1])["results"] == [[]]
         assert json.loads(results[0])["results"][0][0]["metadata"] == {"n": 2**70}  # readable, not a 500
 
@@ -127,16 +128,16 @@ def test_one_failing_job_does_not_fail_its_batch(tiny, tmp_path):
             batcher.start()
             try:
                 broken = EmbedJob("smell", query)  # no such encoder: the whole encoder call raises
-                return await asyncio.gather(*(batcher.submit(engine, job) for job in (SearchJob("audio", "visual", 2, query), broken, EmbedJob("audio", query))), return_exceptions=True)
+                return await asyncio.gather(*(batcher.submit(collection, job) for job in (SearchJob("audio", "visual", 2, query), broken, EmbedJob("audio", query))), return_exceptions=True)
             finally:
                 await batcher.stop()
 
         searched, failed, embedded = asyncio.run(batch())
         assert isinstance(failed, Exception)
         assert len(json.loads(searched)["results"][0]) == 2
-        assert embedded.shape == (1, engine.embedder.embedding_dim)
+        assert embedded.shape == (1, collection.embedder.embedding_dim)
     finally:
-        engine.close()
+        collection.close()
 
 
 # --- 4. JSON bodies: bounded by what their rows can need, parsed off the event loop ------------------
@@ -350,19 +351,19 @@ def test_paths_are_shown_only_to_the_read_write_key(keyed_app):
 def test_suggestions_of_a_large_index_are_not_sorted_again_after_every_write(tiny, tmp_path):
     from service.suggest import IdSuggester
 
-    engine = Engine.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu")
+    collection = Collection.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu")
     try:
         suggester = IdSuggester(rebuild_always_below=0, rebuild_seconds=3600)  # every index counts as large here
-        assert suggester.suggest(engine, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000001", "clip-000002"]
+        assert suggester.suggest(collection, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000001", "clip-000002"]
         sorted_list = suggester._sorted["audio"][3]
-        engine.upsert("audio", np.asarray([A], np.float32), ["clip-000000a"], [None])
-        engine.delete("audio", "clip-000001")
+        collection.upsert("audio", np.asarray([A], np.float32), ["clip-000000a"], [None])
+        collection.delete("audio", "clip-000001")
         # The same list (not sorted again): the new id waits for the next rebuild, the deleted one is dropped at once.
-        assert suggester.suggest(engine, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000002", "clip-000003"]
+        assert suggester.suggest(collection, "audio", "clip-00000", 3).ids == ["clip-000000", "clip-000002", "clip-000003"]
         assert suggester._sorted["audio"][3] is sorted_list
-        assert IdSuggester().suggest(engine, "audio", "clip-00000", 2).ids == ["clip-000000", "clip-000000a"]  # small: rebuilt at once
+        assert IdSuggester().suggest(collection, "audio", "clip-00000", 2).ids == ["clip-000000", "clip-000000a"]  # small: rebuilt at once
     finally:
-        engine.close()
+        collection.close()
 
 
 def test_a_failed_loads_reason_is_for_the_read_write_key(tiny, tmp_path):

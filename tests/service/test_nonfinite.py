@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from index.embedder import InputError
-from store.collection import SearchJob
+from service.batching import SearchJob, run_batch
 from tests.service.conftest import copy_index, make_client, wait_ready
 
 HUGE = 3e38  # finite in float32; the encoder's sums overflow
@@ -19,7 +19,7 @@ def _huge(width: int) -> list[float]:
 
 
 def test_the_precondition_huge_features_embed_to_nan(client):
-    embedder = client.app.state.avsearch.engine.embedder
+    embedder = client.app.state.avsearch.collection.embedder
     raw = embedder.sessions["audio"].run(None, {"features": np.full((1, embedder.input_dims["audio"]), HUGE, np.float32)})[0]
     assert not np.isfinite(raw).all()
 
@@ -37,10 +37,10 @@ def test_non_finite_embeddings_are_refused_at_every_door(client, features):
 
 
 def test_one_bad_query_fails_alone_in_its_batch(client, features):
-    engine = client.app.state.avsearch.engine
+    collection = client.app.state.avsearch.collection
     good = SearchJob("audio", "visual", 3, features.audio[:2])
     bad = SearchJob("audio", "visual", 3, np.full((1, features.audio.shape[1]), HUGE, np.float32))
-    results = engine.run_batch([good, bad, good])
+    results = run_batch(collection, [good, bad, good])
     assert isinstance(results[1], InputError) and "NaN or Inf" in str(results[1])
     for result in (results[0], results[2]):
         hits = json.loads(result)["results"]
@@ -52,7 +52,7 @@ def test_a_stored_nan_row_ranks_last_and_breaks_no_search(tiny, tmp_path, featur
     reaches it still answers, every finite score first."""
     with make_client(tiny, copy_index(tiny, tmp_path / "index")) as c:
         wait_ready(c)
-        index = c.app.state.avsearch.engine.indexes["visual"]
+        index = c.app.state.avsearch.collection.shards["visual"].index
         index.upsert(np.full((1, index.dim), np.nan, np.float32), ["nan-row"], [None])
         r = c.post("/v1/search", json={"modality": "audio", "vectors": [features.audio[0].tolist()] * 2, "top_k": len(index)})
         assert r.status_code == 200, r.text

@@ -1,5 +1,5 @@
 """What a reload swaps in stays served: a reload to another index directory outlives SIGHUP, console
-reloads and restarts (item 3); a reload racing the start-up load leaves one engine (item 10); a
+reloads and restarts (item 3); a reload racing the start-up load leaves one collection (item 10); a
 SIGHUP while `serve` loads does not kill it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from store.collection import Engine
-from store.served import MOVED_NAME
+from store.collection import Collection
+from store.layout import MOVED_NAME
 from tests.service.conftest import copy_index, make_client, wait_ready
 from tests.service.test_service_cli import REPO, one_error_line
 
@@ -71,10 +71,10 @@ def test_a_reload_away_from_a_real_directory_is_not_forgotten(tiny, tmp_path, fe
 
 
 def test_a_reload_racing_the_start_up_load_leaves_one_engine(tiny, tmp_path, monkeypatch):
-    """The background load and a reload both made an engine; the one swapped in first leaked, its
+    """The background load and a reload both made a collection; the one swapped in first leaked, its
     snapshotter still folding (stale data over the live snapshot, the live log segment deleted)."""
-    made: list[Engine] = []
-    real_load = Engine.load.__func__
+    made: list[Collection] = []
+    real_load = Collection.load.__func__
 
     def slow_first_load(cls, *args, **kwargs):
         if not made:
@@ -85,13 +85,13 @@ def test_a_reload_racing_the_start_up_load_leaves_one_engine(tiny, tmp_path, mon
         made.append(real_load(cls, *args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(Engine, "load", classmethod(slow_first_load))
+    monkeypatch.setattr(Collection, "load", classmethod(slow_first_load))
     with make_client(tiny, copy_index(tiny, tmp_path / "index")) as c:
         time.sleep(0.2)  # the start-up load is under way
         assert c.post("/v1/admin/reload", json={}).status_code == 200
         wait_ready(c)
         time.sleep(1.5)
-        live = c.app.state.avsearch.engine
+        live = c.app.state.avsearch.collection
         assert len(made) == 2 and live in made
         assert all(e._closed for e in made if e is not live) and not live._closed
 

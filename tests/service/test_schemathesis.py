@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
-from store.collection import Engine
+from store.collection import Collection
 from service.settings import Settings
 from tests.service.conftest import copy_index
 
@@ -26,7 +26,7 @@ KEYS = {"rw": "Bearer fuzz-rw", "ro": "Bearer fuzz-ro", "none": None}
 def _schema(tiny, tmp_path_factory, **overrides):
     index_dir = copy_index(tiny, tmp_path_factory.mktemp("fuzz") / "index")
     config = Settings(model_dir=tiny.model_dir, index_dir=index_dir, max_vectors=16, allowed_hosts="testserver", **overrides)
-    app = create_app(config, Engine.load(config.model_dir, config.index_dir, device="cpu"))
+    app = create_app(config, Collection.load(config.model_dir, config.index_dir, device="cpu"))
     return schemathesis.openapi.from_asgi("/openapi.json", app), app
 
 
@@ -84,7 +84,7 @@ def test_no_input_makes_a_server_error(open_api):
     """Each operation gets generated requests (valid and invalid); each answer must be below 500."""
     schema, app = open_api
     assert _fuzz(schema, 60, None) > 500
-    assert app.state.avsearch.engine.sizes()["audio"] >= 600  # still serving
+    assert app.state.avsearch.collection.sizes()["audio"] >= 600  # still serving
 
 
 @pytest.mark.parametrize("key", KEYS)

@@ -9,12 +9,13 @@ import os
 import numpy as np
 import pytest
 
-from store.wal import FRAME, LogCorrupt, Record, WriteAheadLog
+from store.changes import Change
+from store.wal import FRAME, LogCorrupt, WriteAheadLog, encode
 
 
-def _record(lsn: int) -> Record:
+def _record(lsn: int) -> Change:
     rng = np.random.default_rng(lsn)
-    return Record(lsn, "upsert", [f"id-{lsn}"], "m" * 64, [{"n": lsn}], rng.random((1, 5), np.float32), rng.random((1, 3), np.float32))
+    return Change("upsert", [f"id-{lsn}"], [{"n": lsn}], rng.random((1, 5), np.float32), rng.random((1, 3), np.float32), lsn, "m" * 64)
 
 
 def _log(directory, segments: list[list[int]]) -> list[tuple[os.PathLike, list[int]]]:
@@ -26,7 +27,7 @@ def _log(directory, segments: list[list[int]]) -> list[tuple[os.PathLike, list[i
     for i, lsns in enumerate(segments):
         if i:
             wal.rotate(lsns[0])
-        offsets = [wal.append(_record(lsn).encode()) for lsn in lsns]
+        offsets = [wal.append(encode(_record(lsn))) for lsn in lsns]
         out.append((wal.segment, offsets))
     wal.close()
     return out
@@ -111,7 +112,7 @@ def test_rotate_fsyncs_the_segment_it_closes(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
     wal = WriteAheadLog(tmp_path)
     wal.recover(0)
-    wal.append(_record(1).encode())
+    wal.append(encode(_record(1)))
     closing = str(wal.segment)
     synced.clear()
     wal.rotate(2)

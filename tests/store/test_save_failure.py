@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from index.store import FrozenIndex, VectorIndex
-from store.collection import ChangeNotSaved, Engine
-from store.checkpoints import Durability
+from service.errors import status_of
+from store.collection import Collection
+from store.errors import ChangeNotSaved
+from store.config import StoreConfig
 from store.wal import WriteAheadLog
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
@@ -104,8 +106,8 @@ def test_changes_grouped_into_one_failed_append_are_all_refused(tiny, tmp_path, 
     """Two changes queued behind a commit under way are logged together (group commit): a failure
     of that append refuses both, and neither is applied."""
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
-    index = engine.indexes["visual"]
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
+    index = collection.shards["visual"].index
     before = {i: (index.get(i).vector.copy(), index.get(i).metadata) for i in features.ids[:3]}
     size = len(index)
     outcomes: dict[str, object] = {}
@@ -116,38 +118,38 @@ def test_changes_grouped_into_one_failed_append_are_all_refused(tiny, tmp_path, 
         except ChangeNotSaved as err:
             outcomes[name] = err
 
-    changelog = engine.logs["visual"]
-    with changelog.paused():  # as if a commit were under way: both changes queue
+    shard = collection.shards["visual"]
+    with shard.paused():  # as if a commit were under way: both changes queue
         threads = [
-            threading.Thread(target=change, args=("upsert", lambda: engine.upsert("visual", features.visual[10:12], [features.ids[0], "fresh"], [{"n": 1}, None]))),
-            threading.Thread(target=change, args=("delete", lambda: engine.delete("visual", features.ids[1]))),
+            threading.Thread(target=change, args=("upsert", lambda: collection.upsert("visual", features.visual[10:12], [features.ids[0], "fresh"], [{"n": 1}, None]))),
+            threading.Thread(target=change, args=("delete", lambda: collection.delete("visual", features.ids[1]))),
         ]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while len(changelog._queue) < 2 and time.monotonic() < deadline:
+        while shard.queued < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(changelog._queue) == 2
+        assert shard.queued == 2
         failing_log["append"] = 1  # one append for both: the second writer must not log its change alone
     for t in threads:
         t.join()
-    assert all(isinstance(outcomes[n], ChangeNotSaved) and outcomes[n].status_code == 503 for n in ("upsert", "delete")), outcomes
+    assert all(isinstance(outcomes[n], ChangeNotSaved) and status_of(outcomes[n]) == 503 for n in ("upsert", "delete")), outcomes
     assert len(index) == size and "fresh" not in index
     for item_id, (vector, metadata) in before.items():
         np.testing.assert_array_equal(index.get(item_id).vector, vector)
         assert index.get(item_id).metadata == metadata
     assert failing_log["append"] == 0
-    assert engine.upsert("visual", features.visual[10:11], ["fresh"], [None]) == size + 1  # later changes commit normally
-    engine.close()
+    assert collection.upsert("visual", features.visual[10:11], ["fresh"], [None]) == size + 1  # later changes commit normally
+    collection.close()
     assert "fresh" in persisted(tiny, index_dir, "visual") and features.ids[1] in persisted(tiny, index_dir, "visual")
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked-writer", "copy-in-memory"])
 def test_a_failed_snapshot_loses_nothing(tiny, tmp_path, features, monkeypatch, fork):
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(fork=fork))
-    engine.snapshots.stop()  # folds by hand here
-    engine.upsert("visual", features.visual[:2], ["a", "b"], [{"k": 1}, {"k": 2}])
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(fork=fork))
+    collection.checkpointer.stop()  # folds by hand here
+    collection.upsert("visual", features.visual[:2], ["a", "b"], [{"k": 1}, {"k": 2}])
     saver = VectorIndex if fork else FrozenIndex  # the forked child saves the index itself
     real_save = saver.save
 
@@ -158,11 +160,11 @@ def test_a_failed_snapshot_loses_nothing(tiny, tmp_path, features, monkeypatch, 
 
     monkeypatch.setattr(saver, "save", full_disk)
     with pytest.raises(OSError, match=DISK_FULL):
-        engine.snapshots.fold("visual")
+        collection.checkpointer.checkpoint("visual")
     assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]  # the partial copy was removed
-    engine.delete("visual", "a")  # the log goes on in its new segment
+    collection.delete("visual", "a")  # the log goes on in its new segment
     monkeypatch.setattr(saver, "save", real_save)
-    engine.close()
+    collection.close()
     restarted = persisted(tiny, index_dir, "visual")
     assert "a" not in restarted and restarted.get("b").metadata == {"k": 2}
     assert len(os.listdir(index_dir / "wal" / "visual")) == 2  # both segments kept: the snapshot never landed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from index.embedder import Embedder, ModelError
-from store.snapshots import CARD_NAME
+from store.layout import CARD_NAME
 from service.settings import Settings
 from tests.service.conftest import copy_index, make_client, wait_ready
 from tests.store.test_snapshots import one_error_line, restore_cli

@@ -14,8 +14,11 @@ from fastapi.testclient import TestClient
 
 from index.embedder import Embedder
 from service.app import create_app
-from store.versions import API_ITEMS_NAME, ApiItems, collect_versions
 from service.settings import Settings
+from store.api_items import ApiItems
+from store.collection import Collection
+from store.layout import API_ITEMS_NAME
+from store.versions import collect_versions
 from tests.service.conftest import BASE_URL, LOCAL_CLIENT, copy_index, make_client, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +43,7 @@ def test_api_items_are_re_embedded_into_the_next_model_version(tiny, tmp_path, f
         assert c.post("/v1/items/visual", json={"items": [{"id": "api-v", "vector": raw_visual.tolist(), "metadata": {"n": 2}}]}).status_code == 200
         assert c.post("/v1/items/visual", json={"items": [{"id": replaced, "vector": features.visual[4].tolist(), "metadata": {"replaced": True}}]}).status_code == 200
         assert c.delete(f"/v1/items/visual/{deleted}").status_code == 200
-        c.app.state.avsearch.engine.snapshots.fold("visual")  # some of it folded into the snapshot's feature file, some still in the log
+        c.app.state.avsearch.collection.checkpointer.checkpoint("visual")  # some of it folded into the snapshot's feature file, some still in the log
         assert c.post("/v1/items/visual", json={"items": [{"id": "api-late", "vector": (features.visual[11] + 0.3).tolist()}]}).status_code == 200
         assert "api-v" in ApiItems.load(v1_dir / "visual").features and (v1_dir / "visual" / API_ITEMS_NAME).is_file()
 
@@ -91,18 +94,16 @@ def test_old_versions_are_collected_never_the_live_or_new_one(tmp_path):
 
 
 def test_a_version_a_server_still_holds_is_never_collected(tiny, tmp_path):
-    from store.collection import Engine
-
     link = tmp_path / "current"
     old = copy_index(tiny, tmp_path / "current-00000000000a")
     os.utime(old, (time.time() - 100, time.time() - 100))
     new = copy_index(tiny, tmp_path / "current-00000000000b")
     link.symlink_to(new.name)
-    engine = Engine.load(tiny.model_dir, old, device="cpu")  # an older version, still served
+    collection = Collection.load(tiny.model_dir, old, device="cpu")  # an older version, still served
     collect = f"from pathlib import Path; from store.versions import collect_versions; print(collect_versions(Path({str(link)!r}), 1, [Path({str(new)!r})]))"
     try:
         assert collect_versions(link, keep=1, protect=[new]) == [] and old.is_dir()  # from the serving process
         assert cli("-c", collect).stdout.strip() == "[]" and old.is_dir()  # from another one (prepare's case)
     finally:
-        engine.close()
+        collection.close()
     assert collect_versions(link, keep=1, protect=[new]) == [old] and not old.exists()

@@ -11,24 +11,26 @@ import numpy as np
 import pytest
 
 from index.store import FrozenIndex, VectorIndex
-from store.collection import Engine
-from store.checkpoints import Durability, snapshot_lsn
-from store.wal import LogCorrupt, Record, WriteAheadLog, read_segment
+from store.collection import Collection
+from store.config import StoreConfig
+from store.layout import checkpoint_lsn
+from store.changes import Change
+from store.wal import LogCorrupt, WriteAheadLog, encode, read_segment
 from tests.index.test_store import array_addresses, moved_arrays
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
 
 
-def _records(n: int) -> list[Record]:
+def _records(n: int) -> list[Change]:
     rng = np.random.default_rng(0)
     return [
-        Record(i + 1, "upsert", [f"id-{i}", f"id-{i}b"], "m" * 64, [{"i": i, "ü": "ñ"}, None], rng.random((2, 5), np.float32), rng.random((2, 3), np.float32))
+        Change("upsert", [f"id-{i}", f"id-{i}b"], [{"i": i, "ü": "ñ"}, None], rng.random((2, 5), np.float32), rng.random((2, 3), np.float32), i + 1, "m" * 64)
         if i % 3
-        else Record(i + 1, "delete", [f"id-{i}"], "m" * 64)
+        else Change("delete", [f"id-{i}"], lsn=i + 1, model="m" * 64)
         for i in range(n)
     ]
 
 
-def _same(a: Record, b: Record) -> bool:
+def _same(a: Change, b: Change) -> bool:
     arrays = all((x is None and y is None) or np.array_equal(x, y) for x, y in ((a.features, b.features), (a.embeddings, b.embeddings)))
     return (a.lsn, a.op, a.ids, a.model, a.metadata) == (b.lsn, b.op, b.ids, b.model, b.metadata) and arrays
 
@@ -37,8 +39,8 @@ def test_records_read_back_exactly(tmp_path):
     wal = WriteAheadLog(tmp_path)
     assert wal.recover(0) == []
     written = _records(7)
-    wal.append(b"".join(r.encode() for r in written[:4]))
-    wal.append(b"".join(r.encode() for r in written[4:]))
+    wal.append(b"".join(encode(r) for r in written[:4]))
+    wal.append(b"".join(encode(r) for r in written[4:]))
     wal.close()
     read = WriteAheadLog(tmp_path).recover(0)
     assert len(read) == 7 and all(_same(a, b) for a, b in zip(read, written))
@@ -50,9 +52,9 @@ def test_a_torn_last_record_is_dropped_and_cut_off(tmp_path, tear):
     wal = WriteAheadLog(tmp_path)
     wal.recover(0)
     written = _records(3)
-    wal.append(b"".join(r.encode() for r in written[:2]))
+    wal.append(b"".join(encode(r) for r in written[:2]))
     whole = wal.end()
-    last = bytearray(written[2].encode())
+    last = bytearray(encode(written[2]))
     torn = {
         "half a frame header": bytes(last[:5]),
         "half a payload": bytes(last[: len(last) // 2]),
@@ -66,7 +68,7 @@ def test_a_torn_last_record_is_dropped_and_cut_off(tmp_path, tear):
     again = WriteAheadLog(tmp_path)
     read = again.recover(0)
     assert [r.lsn for r in read] == [1, 2] and segment.stat().st_size == whole  # cut back to the last whole record
-    again.append(written[2].encode())  # appends follow the whole records, not the garbage
+    again.append(encode(written[2]))  # appends follow the whole records, not the garbage
     again.close()
     assert [r.lsn for r in WriteAheadLog(tmp_path).recover(0)] == [1, 2, 3]
 
@@ -74,7 +76,7 @@ def test_a_torn_last_record_is_dropped_and_cut_off(tmp_path, tear):
 def test_a_bad_record_inside_the_log_is_refused_not_guessed(tmp_path):
     wal = WriteAheadLog(tmp_path)
     wal.recover(0)
-    wal.append(_records(1)[0].encode() + _records(1)[0].encode())  # the same LSN twice
+    wal.append(encode(_records(1)[0]) + encode(_records(1)[0]))  # the same LSN twice
     wal.close()
     with pytest.raises(LogCorrupt, match="out of order"):
         WriteAheadLog(tmp_path).recover(0)
@@ -82,31 +84,31 @@ def test_a_bad_record_inside_the_log_is_refused_not_guessed(tmp_path):
 
 def test_start_up_is_the_snapshot_plus_the_log_and_a_fold_truncates_it(tiny, tmp_path, features):
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
-    engine.snapshots.stop()
-    engine.upsert("visual", features.visual[:3], ["a", "b", "c"], [{"n": 1}, {"n": 2}, None])
-    engine.delete("visual", "b")
-    assert snapshot_lsn(index_dir / "visual") == 0 and "a" in persisted(tiny, index_dir, "visual")
-    assert engine.snapshots.fold("visual") == 2
-    assert snapshot_lsn(index_dir / "visual") == 2 and len(list((index_dir / "wal" / "visual").glob("*.wal"))) == 1
-    engine.upsert("visual", features.visual[3:4], ["d"], [{"n": 4}])  # after the snapshot: in the new segment only
-    engine.close()
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
+    collection.checkpointer.stop()
+    collection.upsert("visual", features.visual[:3], ["a", "b", "c"], [{"n": 1}, {"n": 2}, None])
+    collection.delete("visual", "b")
+    assert checkpoint_lsn(index_dir / "visual") == 0 and "a" in persisted(tiny, index_dir, "visual")
+    assert collection.checkpointer.checkpoint("visual") == 2
+    assert checkpoint_lsn(index_dir / "visual") == 2 and len(list((index_dir / "wal" / "visual").glob("*.wal"))) == 1
+    collection.upsert("visual", features.visual[3:4], ["d"], [{"n": 4}])  # after the snapshot: in the new segment only
+    collection.close()
     restarted = persisted(tiny, index_dir, "visual")
     assert restarted.get("a").metadata == {"n": 1} and "b" not in restarted and restarted.get("d").metadata == {"n": 4}
-    np.testing.assert_allclose(restarted.get("a").vector, engine.indexes["visual"].get("a").vector)
-    assert len(restarted) == len(engine.indexes["visual"]) == len(features) + 3
+    np.testing.assert_allclose(restarted.get("a").vector, collection.shards["visual"].index.get("a").vector)
+    assert len(restarted) == len(collection.shards["visual"].index) == len(features) + 3
 
 
 def test_the_log_is_folded_in_the_background_past_its_size_threshold(tiny, tmp_path, features):
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=20_000, snapshot_growth=0))
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(checkpoint_bytes=20_000, checkpoint_growth=0))
     for i in range(8):  # ~4.3 kB a visual record
-        engine.upsert("visual", features.visual[i : i + 1], [f"x{i}"], [None])
+        collection.upsert("visual", features.visual[i : i + 1], [f"x{i}"], [None])
     deadline = time.monotonic() + 20
-    while snapshot_lsn(index_dir / "visual") == 0 and time.monotonic() < deadline:
+    while checkpoint_lsn(index_dir / "visual") == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert snapshot_lsn(index_dir / "visual") >= 5
-    engine.close()
+    assert checkpoint_lsn(index_dir / "visual") >= 5
+    collection.close()
     assert all(f"x{i}" in persisted(tiny, index_dir, "visual") for i in range(8))
 
 
@@ -127,9 +129,9 @@ def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, f
     index_dir = copy_index(tiny, tmp_path / "index")
     with make_client(tiny, index_dir, wal_fold_fork=fork) as c:
         wait_ready(c)
-        engine = c.app.state.avsearch.engine
+        collection = c.app.state.avsearch.collection
         assert c.post("/v1/items/visual", json={"items": [{"id": "before", "vector": features.visual[0].tolist()}]}).status_code == 200
-        folding = threading.Thread(target=engine.snapshots.fold, args=("visual",))
+        folding = threading.Thread(target=collection.checkpointer.checkpoint, args=("visual",))
         folding.start()
         deadline = time.monotonic() + 10
         while not marker.exists():
@@ -144,7 +146,7 @@ def test_searches_and_writes_go_on_while_a_snapshot_is_written(tiny, tmp_path, f
         assert folding.is_alive() and max(times) < 1.0, times  # all answered while the 2 s save runs
         folding.join()
     restarted = persisted(tiny, index_dir, "visual")
-    assert snapshot_lsn(index_dir / "visual") == 1 and all(f"during-{i}" in restarted for i in range(5)) and "before" in restarted
+    assert checkpoint_lsn(index_dir / "visual") == 1 and all(f"during-{i}" in restarted for i in range(5)) and "before" in restarted
     assert "during-0" not in VectorIndex.load(index_dir / "visual")  # the snapshot is the index as it was at the fold
 
 
@@ -152,51 +154,51 @@ def test_a_group_applies_in_log_order_whatever_it_merges(tiny, tmp_path, feature
     """One group holding an upsert, a delete and an upsert of the same id and two deletes: merged
     into as few index calls as order allows, with the result of one-by-one application."""
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
     calls = [
-        lambda: engine.upsert("visual", features.visual[0:1], ["x"], [{"v": 1}]),
-        lambda: engine.delete("visual", "x"),
-        lambda: engine.upsert("visual", features.visual[1:2], ["x"], [{"v": 2}]),
-        lambda: engine.delete("visual", features.ids[1]),
-        lambda: engine.delete("visual", features.ids[2]),
-        lambda: engine.upsert("visual", features.visual[3:5], ["y", "z"], [None, {"v": 3}]),
+        lambda: collection.upsert("visual", features.visual[0:1], ["x"], [{"v": 1}]),
+        lambda: collection.delete("visual", "x"),
+        lambda: collection.upsert("visual", features.visual[1:2], ["x"], [{"v": 2}]),
+        lambda: collection.delete("visual", features.ids[1]),
+        lambda: collection.delete("visual", features.ids[2]),
+        lambda: collection.upsert("visual", features.visual[3:5], ["y", "z"], [None, {"v": 3}]),
     ]
-    changelog = engine.logs["visual"]
+    shard = collection.shards["visual"]
     threads = []
-    with changelog.paused():
+    with shard.paused():
         for call in calls:  # queued in this order
             threads.append(threading.Thread(target=call))
             threads[-1].start()
             deadline = time.monotonic() + 10
-            while len(changelog._queue) < len(threads) and time.monotonic() < deadline:
+            while shard.queued < len(threads) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        assert len(changelog._queue) == len(calls)
+        assert shard.queued == len(calls)
     for t in threads:
         t.join()
-    engine.close()
-    for index in (engine.indexes["visual"], persisted(tiny, index_dir, "visual")):
+    collection.close()
+    for index in (collection.shards["visual"].index, persisted(tiny, index_dir, "visual")):
         assert index.get("x").metadata == {"v": 2} and index.get("z").metadata == {"v": 3} and "y" in index
         assert features.ids[1] not in index and features.ids[2] not in index and len(index) == len(features) + 1
-        np.testing.assert_allclose(index.get("x").vector, engine.embedder.embed("visual", features.visual[1:2])[0], atol=1e-6)
+        np.testing.assert_allclose(index.get("x").vector, collection.embedder.embed("visual", features.visual[1:2])[0], atol=1e-6)
 
 
 def test_a_fold_waits_for_the_log_to_grow_in_proportion_to_the_snapshot(tiny, tmp_path, features):
     """A fold rewrites the whole index: folding only once the log holds ``snapshot_growth`` times the
     snapshot's bytes keeps the cost per change constant (a bulk load stays linear in N)."""
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(snapshot_bytes=1, snapshot_growth=0.5))
-    engine.snapshots.stop()
-    size = engine.snapshots.snapshot_size["visual"]
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(checkpoint_bytes=1, checkpoint_growth=0.5))
+    collection.checkpointer.stop()
+    size = collection.checkpointer.checkpoint_size["visual"]
     assert size == sum(p.stat().st_size for p in (index_dir / "visual").iterdir() if p.is_file()) > 0
     n = 0
-    while engine.logs["visual"].wal.bytes_since_rotation < 0.5 * size:
-        assert not engine.snapshots._due("visual")
-        engine.upsert("visual", features.visual[n % 50 : n % 50 + 1], [f"g{n}"], [None])
+    while collection.shards["visual"].wal.bytes_since_rotation < 0.5 * size:
+        assert not collection.checkpointer.due("visual")
+        collection.upsert("visual", features.visual[n % 50 : n % 50 + 1], [f"g{n}"], [None])
         n += 1
-    assert engine.snapshots._due("visual") and n > 1
-    engine.snapshots.fold("visual")
-    assert not engine.snapshots._due("visual") and engine.snapshots.snapshot_size["visual"] > size
-    engine.close()
+    assert collection.checkpointer.due("visual") and n > 1
+    collection.checkpointer.checkpoint("visual")
+    assert not collection.checkpointer.due("visual") and collection.checkpointer.checkpoint_size["visual"] > size
+    collection.close()
 
 
 @pytest.mark.parametrize("headroom", [0.25, 0.0])
@@ -204,19 +206,19 @@ def test_a_loaded_engine_has_room_for_writes_so_they_copy_no_index(tiny, tmp_pat
     """An index just read has no spare capacity; without the room made at load (AVSEARCH_WRITE_HEADROOM=0),
     the first write after a start copies every array (seconds at 10^7 items, holding the write lock)."""
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(write_headroom=headroom))
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(write_headroom=headroom))
     try:
-        engine.snapshots.stop()
-        before = {m: array_addresses(engine.indexes[m]) for m in ("audio", "visual")}
+        collection.checkpointer.stop()
+        before = {m: array_addresses(collection.shards[m].index) for m in ("audio", "visual")}
         for i in range(20):
             for modality in before:  # no metadata: the built index has none (items with metadata: tests/index/test_store.py)
-                engine.upsert(modality, getattr(features, modality)[i : i + 1], [f"new-{i}"], [None])
-        moved = {m: moved_arrays(before[m], engine.indexes[m]) for m in before}
+                collection.upsert(modality, getattr(features, modality)[i : i + 1], [f"new-{i}"], [None])
+        moved = {m: moved_arrays(before[m], collection.shards[m].index) for m in before}
         assert all(moved.values()) if headroom == 0 else moved == {"audio": [], "visual": []}
-        views = engine.indexes["audio"]._flat  # built at load (index.warm_up): no first search waits for it
-        assert views is not None and views._filled == len(engine.indexes["audio"]) - 20
+        views = collection.shards["audio"].index._flat  # built at load (index.warm_up): no first search waits for it
+        assert views is not None and views._filled == len(collection.shards["audio"].index) - 20
     finally:
-        engine.close()
+        collection.close()
 
 
 def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_path, features, monkeypatch, caplog):
@@ -226,16 +228,16 @@ def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_
         raise OSError(12, "Cannot allocate memory")
 
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu")
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
     try:
-        engine.snapshots.stop()
-        engine.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
+        collection.checkpointer.stop()
+        collection.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
         monkeypatch.setattr(store.forked.os, "fork", no_memory)
         open_fds = len(os.listdir("/proc/self/fd"))
-        assert engine.snapshots.fold("visual") == 1
+        assert collection.checkpointer.checkpoint("visual") == 1
         assert len(os.listdir("/proc/self/fd")) == open_fds  # the writer's pipe closed again
     finally:
-        engine.close()
+        collection.close()
     assert "could not fork a snapshot writer for visual" in caplog.text and "copying the index in memory" in caplog.text
     assert VectorIndex.load(index_dir / "visual").get("a").metadata == {"n": 1}
 
@@ -245,20 +247,20 @@ def test_a_forked_writer_past_its_timeout_is_stopped_and_the_log_keeps_every_cha
         time.sleep(60)  # a writer stuck on a dead disk
 
     index_dir = copy_index(tiny, tmp_path / "index")
-    engine = Engine.load(tiny.model_dir, index_dir, device="cpu", durability=Durability(fork=True, fold_timeout=1.0))
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(fork=True, checkpoint_timeout=1.0))
     try:
-        engine.snapshots.stop()
-        engine.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
+        collection.checkpointer.stop()
+        collection.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
         monkeypatch.setattr(VectorIndex, "save", hung)  # runs in the forked child
         started = time.monotonic()
         with pytest.raises(OSError, match=r"did not finish within 1 s; it was stopped"):
-            engine.snapshots.fold("visual")
+            collection.checkpointer.checkpoint("visual")
         assert time.monotonic() - started < 10
         monkeypatch.undo()
         assert not [p.name for p in index_dir.iterdir() if p.name.startswith(".")]
-        engine.upsert("visual", features.visual[1:2], ["b"], [{"n": 2}])
-        assert engine.snapshots.fold("visual") == 2  # the next fold works
+        collection.upsert("visual", features.visual[1:2], ["b"], [{"n": 2}])
+        assert collection.checkpointer.checkpoint("visual") == 2  # the next fold works
     finally:
-        engine.close()
+        collection.close()
     restarted = persisted(tiny, index_dir, "visual")
     assert restarted.get("a").metadata == {"n": 1} and restarted.get("b").metadata == {"n": 2}

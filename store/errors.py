@@ -1,0 +1,29 @@
+"""What the store raises, as plain exceptions: no HTTP here. The service gives each a status in
+one place (``service/errors.py``); the command line prints the message."""
+
+from __future__ import annotations
+
+
+class ItemNotFound(KeyError):
+    """No item with that id in that modality (a get, a delete, a search by stored ids)."""
+
+    def __init__(self, modality: str, item_id: str):
+        super().__init__(item_id)
+        self.modality, self.item_id = modality, item_id
+        self.message = f"no {modality} item with id {item_id!r}"
+
+
+class ChangeNotSaved(RuntimeError):
+    """A change whose log append failed; nothing of it was applied, so the client may simply retry."""
+
+    def __init__(self, modality: str, reason: str):
+        self.message = f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later"
+        super().__init__(self.message)
+
+
+class SnapshotError(ValueError):
+    """A snapshot name or file that cannot be used; the message says why."""
+
+
+class SnapshotNotFound(FileNotFoundError):
+    """No snapshot file of that name."""
