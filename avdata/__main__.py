@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avdata.atomic import current_umask
 from avdata.clips import OPTIONS_FILE, POOLINGS
 from avdata.collection import RECORD_KINDS, detect, join_clips, open_collection
 from avdata.features import load_features, save_directory
@@ -107,8 +108,6 @@ def _convert(args) -> list[str]:
 
 
 def _umask() -> int:
-    from avdata.atomic import current_umask
-
     return current_umask()
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from avdata.atomic import atomic_file, atomic_write
+from avdata.collection import detect, join_clips, open_collection
 from avdata.paired import (
     AUDIO_FILE,
     METADATA_FILE,
@@ -52,6 +53,7 @@ from avdata.paired import (
     make_paired,
 )
 from avdata.paired import check_split
+from avdata.synthetic import generate
 
 __all__ = [
     "SPLIT_NAMES", "AUDIO_FILE", "VISUAL_FILE", "LABELS_FILE", "IDS_FILE", "SPLIT_FILE", "HDF5_SUFFIXES", "SHARD_PREFIXES",
@@ -209,12 +211,8 @@ def load_features(data: str | os.PathLike, processes: int | None = None, keep_8b
     record and table shards are read in ``processes`` processes (default: one per core).
     ``keep_8bit``: uint8 feature files stay uint8 codes in memory (training de-quantises per batch,
     see :func:`dequantized`); records and tables are always float32 (pooling leaves the 8-bit grid)."""
-    from avdata.collection import detect, join_clips, open_collection
-
     kind, _ = detect(data)
     if kind == "synthetic":
-        from avdata.synthetic import generate  # imported when asked for: most callers read files
-
         return generate()
     path = Path(data)
     if kind == "npy-shards":

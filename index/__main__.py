@@ -9,6 +9,9 @@ import argparse
 import logging
 import sys
 
+from index.build import build_job
+from index.store import IndexLoadError
+
 
 def _name_value(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
@@ -45,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loads is noise here
-
-    from index.build import build_job
-    from index.store import IndexLoadError
 
     if args.workers < 1 or args.batch_size < 1:
         print("error: --workers and --batch-size must be ≥ 1", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The import directions of the house: avdata (the data layer) imports nothing of ours; training
-imports avdata only; index and service import avdata, never training or torch; no import circles."""
+imports avdata only; index imports avdata; store imports index and avdata, and no web framework;
+service imports store, index and avdata; none of them training or torch; no import circle anywhere,
+and no import of our own modules hidden inside a function (the way circles were once dodged)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _imported_top_levels(package: str) -> set[str]:
     return names
 
 
-OURS = ("avdata", "training", "index", "service")
+OURS = ("avdata", "training", "index", "store", "service")
 
 
 def test_training_imports_nothing_of_ours_but_the_data_layer():
@@ -30,12 +32,12 @@ def test_training_imports_nothing_of_ours_but_the_data_layer():
 
 
 def test_the_data_layer_imports_nothing_of_ours():
-    assert not _imported_top_levels("avdata") & {"training", "index", "service"}
+    assert not _imported_top_levels("avdata") & {"training", "index", "store", "service"}
 
 
 def test_index_and_service_read_data_through_avdata_never_training():
-    """The API image ships avdata, index and service only: an import of training would fail there."""
-    for package in ("index", "service"):
+    """The API image ships avdata, index, store and service only: an import of training would fail there."""
+    for package in ("index", "store", "service"):
         imported = _imported_top_levels(package)
         assert "training" not in imported, package
     assert "avdata" in _imported_top_levels("index") and "avdata" in _imported_top_levels("service")
@@ -110,8 +112,8 @@ def test_training_data_and_synthetic_re_export_the_data_layer():
 def test_index_and_service_never_import_torch_at_runtime():
     code = (
         "import sys, importlib, pkgutil\n"
-        "import index, service\n"
-        "for pkg in (index, service):\n"
+        "import index, store, service\n"
+        "for pkg in (index, store, service):\n"
         "    for m in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
         "from index.build import build_indexes\n"
@@ -127,7 +129,76 @@ def test_index_and_service_never_import_torch_at_runtime():
 
 
 def test_index_and_service_sources_do_not_mention_torch():
-    assert "torch" not in _imported_top_levels("index") | _imported_top_levels("service")
+    assert "torch" not in _imported_top_levels("index") | _imported_top_levels("store") | _imported_top_levels("service")
+
+
+# --- the store apart from the HTTP layer (issue 22) ---------------------------------------------
+WEB = {"fastapi", "starlette", "pydantic", "pydantic_settings", "prometheus_client", "uvicorn"}
+# What each package may import of ours: arrows point down only (service -> store -> index -> avdata).
+MAY_IMPORT = {
+    "avdata": set(),
+    "training": {"avdata"},
+    "index": {"avdata"},
+    "store": {"index", "avdata"},
+    "service": {"store", "index", "avdata"},
+}
+
+
+def test_the_whole_module_graph_has_no_import_circle():
+    """Not only the data layer: service/backup, carry and snapshots once imported each other in a
+    circle dodged with imports inside functions."""
+    graph = _module_graph()
+    assert {"store.collection", "store.shard", "store.wal", "service.app", "index.store", "avdata.features"} <= set(graph)
+    circles = _cycles(graph)
+    assert not circles, circles
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    for package, allowed in MAY_IMPORT.items():
+        ours = _imported_top_levels(package) & set(OURS) - {package}
+        assert ours <= allowed, f"{package} imports {sorted(ours - allowed)}"
+
+
+def test_the_store_imports_no_web_framework_and_nothing_of_the_service():
+    """The store raises plain errors (store/errors.py); only service/errors.py turns them into statuses."""
+    imported = _imported_top_levels("store")
+    assert not imported & (WEB | {"service"}), imported & (WEB | {"service"})
+    code = (
+        "import sys, importlib, pkgutil, store\n"
+        "for m in pkgutil.iter_modules(store.__path__):\n"
+        "    importlib.import_module('store.' + m.name)\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(WEB | {'service'})!r})\n"
+        "assert not loaded, loaded\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _function_level_imports_of_ours() -> list[str]:
+    found = []
+    for package in OURS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for function in ast.walk(tree):
+                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.Import):
+                        names = [alias.name for alias in node.names]
+                    elif isinstance(node, ast.ImportFrom):
+                        names = ["." if node.level else node.module or ""]
+                    else:
+                        continue
+                    found += [f"{path.relative_to(REPO)}:{node.lineno} {name}" for name in names if name == "." or name.split(".")[0] in OURS]
+    return found
+
+
+def test_no_module_of_ours_is_imported_inside_a_function():
+    """Imports inside functions only for heavy or optional third-party modules (uvicorn, faiss,
+    threadpoolctl, torch, optuna), never for ours: that is how circles hide."""
+    found = _function_level_imports_of_ours()
+    assert not found, found
 
 
 def test_the_client_imports_nothing_of_ours():

@@ -13,6 +13,16 @@ import logging
 import sys
 from pathlib import Path
 
+from training.baselines import method_config
+from training.compare import compare, data_fingerprint, default_methods
+from training.config import load_config
+from training.data import atomic_write, load_features, save_directory
+from training.export import export_run
+from training.metrics import SELECTION_METRICS
+from training.synthetic import generate
+from training.train import CHECKPOINT_NAME, evaluate_model, load_checkpoint, save_checkpoint, train
+from training.tune import BEST_PRESET, tune
+
 STATE_NAME = "train_state.pt"
 SELECT_HELP = (
     "validation signal that selects the step, stops training and scores tuning trials: pairs (each clip's own partner, "
@@ -22,10 +32,6 @@ SELECT_HELP = (
 
 
 def _cmd_make_data(args) -> None:
-    from training.config import load_config
-    from training.data import save_directory
-    from training.synthetic import generate
-
     cfg = load_config(args.config)
     if args.seed is not None:
         cfg.synthetic.seed = args.seed
@@ -35,20 +41,11 @@ def _cmd_make_data(args) -> None:
 
 
 def _load_data(spec: str, cfg):
-    from training.data import load_features
-    from training.synthetic import generate
-
     # 8-bit feature files stay 8-bit in memory (a quarter of float32's); batches are de-quantised.
     return generate(cfg.synthetic) if spec == "synthetic" else load_features(spec, keep_8bit=True)
 
 
 def _cmd_train(args) -> None:
-    from training.baselines import method_config
-    from training.config import load_config
-    from training.data import atomic_write
-    from training.metrics import SELECTION_METRICS
-    from training.train import CHECKPOINT_NAME, evaluate_model, save_checkpoint, train
-
     if args.method == "linear-cca":
         raise ValueError("linear-cca has no encoder to train or export; it is reported by `compare`")
     cfg = _with_select(load_config(args.config), args)
@@ -75,9 +72,6 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from training.compare import compare, default_methods
-    from training.config import load_config
-
     cfg = _with_select(load_config(args.config), args)
     data = _load_data(args.data, cfg)
     methods = args.methods.split(",") if args.methods else None
@@ -89,10 +83,6 @@ def _cmd_compare(args) -> None:
 
 def _tune_each(cfg, data, methods: list[str], args) -> dict:
     """Every trainable method gets the same trial budget on validation before its seeds run."""
-    from training.tune import tune
-
-    from training.compare import data_fingerprint
-
     # A shared database holds studies of every data set: the data's fingerprint keeps them apart.
     suffix = f"-{data_fingerprint(data)[:12]}" if args.storage else ""
     tuned = {}
@@ -106,9 +96,6 @@ def _tune_each(cfg, data, methods: list[str], args) -> dict:
 
 
 def _cmd_tune(args) -> None:
-    from training.config import load_config
-    from training.tune import BEST_PRESET, tune
-
     cfg = _with_select(load_config(args.config), args)
     if args.seed is not None:
         cfg.train.seed = args.seed
@@ -142,8 +129,6 @@ def _print_table(m: dict, with_cca: bool, split: str = "test") -> None:
 
 
 def _cmd_eval(args) -> None:
-    from training.train import evaluate_model, load_checkpoint
-
     cfg, model, cca, _, _ = load_checkpoint(Path(args.run))
     data = _load_data(args.data, cfg)
     m = evaluate_model(model, cca, data.subset(args.split))
@@ -153,8 +138,6 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from training.export import export_run
-
     manifest = export_run(args.run, args.out)
     print(f"exported to {args.out}: embedding width {manifest['embedding_dim']}, parity {manifest['parity_max_abs_diff']}")
 

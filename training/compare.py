@@ -24,7 +24,8 @@ from tqdm import tqdm
 from training.baselines import METHODS, linear_cca_on_raw, method_config
 from training.config import Config, config_to_dict
 from training.data import PairedFeatures, atomic_write
-from training.train import selection_signal
+from training.report import write_report
+from training.train import evaluate_model, selection_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ def run_one(cfg: Config, data: PairedFeatures, name: str, seed: int) -> dict:
     With labels, the run is also selected by the other signal (``also_select``): ``by_signal``
     holds the step, validation and test figures each rule picks from the same training run.
     """
-    from training.train import evaluate_model, train
-
     started = time.perf_counter()
     if name == "linear-cca":
         metrics = linear_cca_on_raw(data, cfg)
@@ -116,8 +115,6 @@ def compare(
     ``report_only`` trains nothing: the report covers the stored runs that match. ``method_configs``
     gives a method its own configuration (a tuned preset) in place of ``cfg``.
     """
-    from training.report import write_report
-
     out = Path(out)
     methods = methods or default_methods(cfg)
     unknown = [m for m in methods if m not in METHODS]

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.cca import LinearCCA
-from training.data import atomic_write
+from training.data import DataError, PairedFeatures, atomic_write, load_features
 from training.model import MODALITIES, Tower
+from training.synthetic import generate
 from training.train import load_checkpoint
 
 SCHEMA_VERSION = 1
@@ -111,15 +112,11 @@ SINGLE_ROWS = 4  # of which this many are also checked one at a time (batch size
 
 def held_out_inputs(cfg, payload: dict, data=None) -> tuple[dict[str, np.ndarray] | None, str]:
     """({modality: (N, D) test-split features}, description), or (None, why not) when none is found."""
-    from training.data import DataError, PairedFeatures, load_features
-
     source = data if data is not None else payload.get("data_source", "")
     try:
         if isinstance(source, PairedFeatures):
             features = source
         elif str(source).startswith("synthetic") and getattr(cfg, "synthetic", None) is not None:
-            from training.synthetic import generate
-
             features = generate(cfg.synthetic)  # the run's own seeded synthetic set
         elif source and Path(str(source)).exists():
             features = load_features(source)

@@ -23,6 +23,7 @@ from training.baselines import method_config, search_space
 from training.metrics import SELECTION_METRICS
 from training.config import Config, config_from_dict, config_to_dict
 from training.data import PairedFeatures, atomic_write
+from training.train import selection_signal, train
 
 log = logging.getLogger(__name__)
 BEST_PRESET = "best.yaml"
@@ -62,8 +63,6 @@ def tune(
 ) -> TuneResult:
     """Run the study until it holds ``n_trials`` finished trials; write ``best.yaml`` and a summary."""
     import optuna
-
-    from training.train import selection_signal, train
 
     if n_trials < 1:
         raise ValueError("--trials must be at least 1")
