@@ -67,10 +67,11 @@ def _watch_sighup(state: ServiceState) -> bool:
         return False
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The app; without ``engine`` it loads one in the background (``/readyz`` answers 503 until then)."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None, state: ServiceState | None = None) -> FastAPI:
+    """The app; without ``engine`` it loads one in the background (``/readyz`` answers 503 until then).
+    ``state``: what a worker process serves (:mod:`service.workers`), instead of ``ServiceState(settings, engine)``."""
     settings = settings or Settings()
-    state = ServiceState(settings, engine)
+    state = state or ServiceState(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
-    app.state.console = console.ConsoleState(SearchStats(state.metrics.registry))
+    app.state.console = console.ConsoleState(SearchStats(state.metrics.reading))
     for router in (search.router, items.router, ops.router, snapshots.router, console.router):  # the busiest routes are matched first
         app.include_router(router)
     # The web console: static files, matched after every API route and behind no middleware of its own.

@@ -35,6 +35,7 @@ class ItemNotFound(KeyError):
     def __init__(self, modality: str, item_id: str):
         super().__init__(item_id)
         self.message = f"no {modality} item with id {item_id!r}"
+        self.remote_args = (modality, item_id)  # raised again in a worker process (store.replication)
 
 
 class ChangeNotSaved(HTTPException):
@@ -43,6 +44,7 @@ class ChangeNotSaved(HTTPException):
 
     def __init__(self, modality: str, reason: str):
         super().__init__(503, f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later")
+        self.remote_args = (modality, reason)
 
 
 class StoreEvents:
@@ -112,6 +114,7 @@ class ChangeLog:
         self._queue: list[Change] = []
         self._leading = False
         self.on_commit: Callable[[], None] = lambda: None  # the snapshotter's nudge
+        self.on_applied: Callable[[list[Change], int], None] = lambda changes, first_lsn: None  # worker processes' feed (store.replication)
         self.events = StoreEvents()
 
     def commit(self, change: Change) -> int:
@@ -161,6 +164,8 @@ class ChangeLog:
                         for change in run:
                             change.count = len(self.index)
                             applied.add(id(change))
+                if accepted:  # before any writer is answered: workers get the records first
+                    self.on_applied(accepted, self.last_lsn - len(accepted) + 1)
         except BaseException as err:  # applying failed (out of memory): never answer 200 for a change not served
             log.critical("applying %s changes failed (%s); they are in the log and a restart applies them", self.modality, err)
             for change in group:
@@ -217,6 +222,9 @@ class ChangeLog:
         self.events.committed(self.modality, len(accepted))
         if self.oldest_unsnapshotted is None:
             self.oldest_unsnapshotted = time.monotonic()
+
+    def log_bytes(self) -> int:
+        return self.wal.bytes_since_rotation
 
     def close(self) -> None:
         with self.paused():

@@ -78,7 +78,9 @@ def as_matrix(rows: list[list[float]], modality: str) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, embedder: Embedder, indexes: dict[str, VectorIndex], model_dir: Path, index_dir: Path, logs: dict[str, ChangeLog], durability: Durability):
+    def __init__(self, embedder: Embedder, indexes: dict[str, VectorIndex], model_dir: Path, index_dir: Path, logs: dict, durability: Durability | None):
+        """``durability`` None: a worker process's replica, whose ``logs`` send changes to the primary
+        (:mod:`store.replication`), which alone folds the log and holds the index directory."""
         self.embedder = embedder
         self.indexes = indexes
         self.model_dir, self.index_dir = Path(model_dir), Path(index_dir)
@@ -87,9 +89,17 @@ class Engine:
         self.logs = logs
         for changelog in logs.values():
             changelog.lock = self.lock  # one lock over both indexes: a search may read either
-        self.snapshots = Snapshotter(logs, self.index_dir, durability)
-        self.snapshots.start()
+        self.snapshots = Snapshotter(logs, self.index_dir, durability) if durability is not None else None
+        if self.snapshots is not None:
+            self.snapshots.start()
+        self.sync: Callable[[], None] = lambda: None  # a replica: wait for the changes acknowledged anywhere (Replica.catch_up)
         self._closed = False
+
+    @classmethod
+    def replica(cls, primary: "Engine", embedder: Embedder, logs: dict) -> "Engine":
+        """A worker's view of ``primary`` after a fork: the same index objects (shared copy-on-write),
+        its own encoder sessions and lock, and ``logs`` that commit through the primary."""
+        return cls(embedder, primary.indexes, primary.model_dir, primary.index_dir, logs, None)
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, durability: Durability | None = None) -> "Engine":
@@ -155,6 +165,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        if self.snapshots is None:  # a replica: the primary owns the logs and the directory
+            return
         self.snapshots.stop()
         for changelog in self.logs.values():
             changelog.close()
@@ -162,7 +174,8 @@ class Engine:
 
     def report_to(self, events: StoreEvents) -> None:
         """Send the group commits and folds of this version to ``events`` (the app's metrics)."""
-        self.snapshots.events = events
+        if self.snapshots is not None:
+            self.snapshots.events = events
         for changelog in self.logs.values():
             changelog.events = events
 
@@ -173,6 +186,7 @@ class Engine:
     # --- batched reads (one worker thread) ------------------------------------------------------
     def run_batch(self, jobs: list[SearchJob | EmbedJob]) -> list[object]:
         """Results aligned with ``jobs``: JSON bytes for a search, (B, E) array for an embed, or an exception."""
+        self.sync()
         results: list[object] = [None] * len(jobs)
         queries: dict[int, np.ndarray] = {}
         by_modality: dict[str, list[int]] = defaultdict(list)
@@ -248,6 +262,7 @@ class Engine:
         return self.logs[modality].commit(Change("delete", [item_id], []))
 
     def get(self, modality: str, item_id: str) -> Item:
+        self.sync()
         with self.lock.read():
             try:
                 return self.indexes[modality].get(item_id)
@@ -260,7 +275,7 @@ class Engine:
 
     def log_bytes(self) -> dict[str, int]:
         """Per modality, the log written since its last snapshot."""
-        return {m: changelog.wal.bytes_since_rotation for m, changelog in self.logs.items()}
+        return {m: changelog.log_bytes() for m, changelog in self.logs.items()}
 
     def describe(self) -> dict:
         return {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastapi import HTTPException, Request
 
+from service.backup import create_snapshot
 from service.batching import MicroBatcher
 from service.engine import Engine
 from service.locks import SwapGate
@@ -64,8 +65,14 @@ class ServiceState:
                 self.load_error = str(err)
                 log.error("cannot load the model or index: %s", err)
 
-    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, Engine]:
-        """Load a version and swap it in; raises ModelError / IndexLoadError and keeps the current one.
+    async def take_snapshot(self, directory: Path) -> dict:
+        """An archive of both modalities holding every change acknowledged before (its card)."""
+        async with self.gate.mutation():  # not across a version swap
+            return await asyncio.to_thread(create_snapshot, self.ready_engine(), directory)
+
+    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, str, dict[str, int]]:
+        """Load a version and swap it in: (previous version, new version, its index sizes); raises
+        ModelError / IndexLoadError and keeps the current one.
 
         Searches keep running on the version they started with; item changes wait (SwapGate), so
         none lands in the old version after the new one was read from disk.
@@ -92,7 +99,7 @@ class ServiceState:
             self.engine, self.load_error = engine, None
         self.metrics.swaps.inc()
         log.info("swapped in model %s (was %s), index sizes %s", engine.version, previous or "none", engine.sizes())
-        return previous, engine
+        return previous, engine.version, engine.sizes()
 
 
 def get_state(request: Request) -> ServiceState:

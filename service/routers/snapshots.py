@@ -45,12 +45,10 @@ def _path(state: ServiceState, name: str):
 async def take(request: Request) -> Snapshot:
     state: ServiceState = request.app.state.avsearch
     state.ready_engine()
-    async with state.gate.mutation():  # not across a version swap
-        engine = state.ready_engine()
-        try:
-            card = await asyncio.to_thread(create_snapshot, engine, state.settings.snapshot_directory())
-        except OSError as err:
-            raise HTTPException(503, f"the snapshot could not be written ({type(err).__name__}: {err}); nothing was kept; retry later") from None
+    try:
+        card = await state.take_snapshot(state.settings.snapshot_directory())
+    except OSError as err:
+        raise HTTPException(503, f"the snapshot could not be written ({type(err).__name__}: {err}); nothing was kept; retry later") from None
     return Snapshot(**card)
 
 
