@@ -23,6 +23,7 @@ from service.live_stats import SearchStats
 from service.routers import console, items, ops, search, snapshots
 from service.settings import Settings
 from service.state import ServiceState
+from store.replication import ChannelClosed
 
 UI_DIR = Path(__file__).parent / "ui"
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, s
     async def bad_input(request: Request, err: InputError) -> JSONResponse:
         """Input that passed the route's checks but not the encoder (finite features that embed to NaN)."""
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(ChannelClosed)
+    async def primary_gone(request: Request, err: ChannelClosed) -> JSONResponse:
+        """A worker whose primary process is gone (it stops too): nothing can be written or swapped."""
+        return JSONResponse({"detail": f"this worker lost the process that stores changes ({err}); nothing was applied; retry"}, status_code=503)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:

@@ -318,6 +318,7 @@ def _run_worker(settings: Settings, port: int, primary: Engine, channel: Channel
         replica = Replica(channel, published, applied, lambda m, records: _apply(engine, m, records), _error)
         engine = Engine.replica(primary, embedder, {m: RemoteShard(m, replica, embedder.manifest_hash) for m in MODALITIES})
         engine.sync = replica.catch_up
+        replica.start()
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings, state=WorkerState(settings, engine, replica)),

@@ -184,6 +184,9 @@ class Replica:
         self._ids = itertools.count()
         self.closed: str | None = None
         self.on_close: Callable[[], None] = lambda: None
+
+    def start(self) -> None:
+        """Start applying what the primary sends (records wait in the channel until then)."""
         threading.Thread(target=self._read, name="avsearch-replica", daemon=True).start()
 
     def call(self, name: str, *args: object) -> object:
