@@ -114,7 +114,7 @@ class ChangeLog:
         self._queue: list[Change] = []
         self._leading = False
         self.on_commit: Callable[[], None] = lambda: None  # the snapshotter's nudge
-        self.on_applied: Callable[[list[Change], int], None] = lambda changes, first_lsn: None  # worker processes' feed (store.replication)
+        self.on_logged: Callable[[list[Change], int], None] = lambda changes, first_lsn: None  # worker processes' feed (store.replication)
         self.events = StoreEvents()
 
     def commit(self, change: Change) -> int:
@@ -157,15 +157,15 @@ class ChangeLog:
         try:
             accepted = self._check(group)
             if accepted:
-                self._log(accepted)
+                self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
+            if accepted:  # logged: worker processes apply it while this one does, and before any writer is answered
+                self.on_logged(accepted, self.last_lsn - len(accepted) + 1)
                 with self.lock.write():
                     for run in mergeable_runs(accepted):
                         apply_record(self.index, merge_run(run))
                         for change in run:
                             change.count = len(self.index)
                             applied.add(id(change))
-                if accepted:  # before any writer is answered: workers get the records first
-                    self.on_applied(accepted, self.last_lsn - len(accepted) + 1)
         except BaseException as err:  # applying failed (out of memory): never answer 200 for a change not served
             log.critical("applying %s changes failed (%s); they are in the log and a restart applies them", self.modality, err)
             for change in group:

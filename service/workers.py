@@ -99,7 +99,7 @@ class Primary:
     def _attach(self, engine: Engine) -> None:
         engine.report_to(self.metrics)
         for modality, changelog in engine.logs.items():
-            changelog.on_applied = lambda changes, first, m=modality: self.hub.broadcast(m, records_of(changes, first), first + len(changes) - 1)
+            changelog.on_logged = lambda changes, first, m=modality: self.hub.broadcast(m, records_of(changes, first), first + len(changes) - 1)
             self.published[modality] = changelog.last_lsn
 
     def _commit(self, modality: str, model: str, op: str, ids: list, metadata: list, features, embeddings) -> int:
