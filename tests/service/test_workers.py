@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from index.build import build_indexes
 from tests.service.conftest import copy_index
 from tests.service.test_crash import DIMS, GONE, Server, Writer, _check
 
@@ -95,6 +96,32 @@ def test_forked_children_search_and_embed_after_the_parent_did(tiny):
     )
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_workers_forked_after_the_primary_ran_hnsw_inserts_search(tiny, tmp_path):
+    """The OpenMP pitfall in the server itself, with OpenMP free to use 4 threads: the primary
+    applies a batch of upserts to an HNSW index (FAISS parallel regions) in a commit thread, and,
+    after a restart, replays them from the log in the thread that forks the workers; every worker
+    forked afterwards (the first ones, and the replacement of one killed) must still search."""
+    build_indexes(tiny.model_dir, tiny.data_dir, tmp_path / "index", factory="HNSW32", device="cpu", progress=False)
+    settings = {"OMP_NUM_THREADS": "4", "AVSEARCH_WAL_SNAPSHOT_BYTES": str(2**30), "AVSEARCH_WAL_SNAPSHOT_SECONDS": "3600", **WORKERS}  # no fold: a replay
+    server = Server(tiny.model_dir, tmp_path / "index", **settings)
+    vectors = np.random.default_rng(9).standard_normal((400, DIMS["audio"])).round(5)
+    items = [{"id": f"bulk-{i}", "vector": v.tolist()} for i, v in enumerate(vectors)]
+    assert server.request("POST", "/v1/items/audio", {"items": items})[0] == 200
+    server.kill()
+    server = Server(tiny.model_dir, tmp_path / "index", **settings)
+    try:
+        victim = next(iter(_worker_connections(server)))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in _worker_connections(server):
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+        for conn in _worker_connections(server).values():
+            status, body = server.request("POST", "/v1/search", {"modality": "audio", "target": "audio", "vectors": [vectors[7].tolist()], "top_k": 3}, conn=conn)
+            assert status == 200 and body["results"][0][0]["id"] == "bulk-7", body
+    finally:
+        server.kill()
 
 
 def test_a_write_through_one_worker_is_found_at_once_through_the_other(tiny, tmp_path):
