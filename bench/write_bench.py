@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.http_bench import commit, free_port, read_response, start, stop  # noqa: E402
+from bench.server_tree import stop_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -194,7 +195,7 @@ def point(model: Path, work: Path, n: int, factory: str, args, workers: int = 1)
         after_write = asyncio.run(run_alternating(port, [upsert_request([i], rng) for i in mixed_ids], searches, args.duration))
         row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one, "search_1": alone, "search_after_write": after_write})
     finally:
-        stop(proc)
+        row["outlived_primary"] = stop_tree(proc)  # processes of its tree still there 10 s after the primary exited (killed)
         shutil.rmtree(index, ignore_errors=True)
     row["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(row), flush=True)
@@ -272,7 +273,8 @@ def compare_workers(rounds: dict[int, list[dict]]) -> dict:
         figures.append({"phase": phase, "figure": figure, "values": values, "per_round": [[r[phase][figure] for r in rounds[w]] for w in counts], "ratio": round(ratio, 3), "met": met})
     errors = [sum(r[phase]["errors"] for r in rounds[w] for phase in ("upsert_1", "upsert_16", "delete_16", "delete_1", "search_1", "search_after_write")) for w in counts]
     first = rounds[counts[0]][0]
-    return {"items": first["items"], "factory": first["factory"], "workers": counts, "rounds": len(rounds[counts[0]]), "figures": figures, "errors": errors,
+    outlived = [sum(r["outlived_primary"] for r in rounds[w]) for w in counts]
+    return {"items": first["items"], "factory": first["factory"], "workers": counts, "rounds": len(rounds[counts[0]]), "figures": figures, "errors": errors, "outlived_primary": outlived,
             "met": all(f["met"] for f in figures) and not any(errors)}
 
 
@@ -297,6 +299,7 @@ def write_worker_results(out: dict) -> None:
             label = f"{f['phase'].split('_')[0]}s/s, {clients} client{'s' if clients != '1' else ''}" if f["figure"] == "per_s" else f"{f['phase'].split('_')[0]} p99 ms, {clients} client{'s' if clients != '1' else ''}"
             lines.append(f"| {label} | " + " | ".join(f"{v:g}" for v in f["values"]) + f" | {f['ratio']:.2f} | {'✓' if f['met'] else '✗'} |")
         lines.append("| errors (all phases) | " + " | ".join(str(e) for e in c["errors"]) + f" | | {'✓' if not any(c['errors']) else '✗'} |")
+        lines.append("| processes outliving the primary by 10 s | " + " | ".join(str(o) for o in c["outlived_primary"]) + " | | |")
     (RESULTS / "write_bench_workers.md").write_text("\n".join(lines + ["", *out["notes"]]) + "\n")
 
 
