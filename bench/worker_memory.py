@@ -1,7 +1,7 @@
 """Memory of a collection served by 1 and by 2 worker processes (issue 22: ``AVSEARCH_WORKERS``).
 
-    python bench/worker_memory.py                    # 10^6 items per modality, Flat and HNSW32
-    python bench/worker_memory.py --items 10000      # validation run (seconds)
+    python bench/worker_memory.py                    # 10^6 items per modality, Flat and HNSW32 (~2 min; first use: + ~2 min of builds)
+    python bench/worker_memory.py --items 10000      # validation run (~30 s)
 
 Per index type (Flat, HNSW32): audio and visual indexes of ``--items`` random unit vectors at the
 model's embedding width E (bench/write_bench.py's ``build_index``; built once and cached in
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32"])
     parser.add_argument("--workers", default="1,2", help="the two worker counts compared")
     parser.add_argument("--searches", type=int, default=2000, help="searches through the server before the second reading")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-worker-memory"), help="model and built indexes (kept)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-http-bench"), help="model (shared with bench/http_bench.py) and built indexes, kept")
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
     args = parser.parse_args()
     workers = tuple(int(w) for w in args.workers.split(","))

@@ -1,6 +1,6 @@
 """Search throughput with 1 and 2 worker processes on one port (issue 22: ``AVSEARCH_WORKERS``).
 
-    python bench/workers_bench.py                                  # 10^5 items, 1 vs 2 workers, 3 rounds of 10 s (~2 min after the setup)
+    python bench/workers_bench.py                                  # 10^5 items, 1 vs 2 workers, 3 rounds of 10 s (~2 min; first use: + ~5 min of training and indexing)
     python bench/workers_bench.py --items 10000 --duration 3 --rounds 1    # validation
 
 Setup as bench/http_bench.py (shared cache in --work: the default preset trained on the synthetic
@@ -12,7 +12,10 @@ for ``--warmup`` seconds (not counted), then for ``--duration`` seconds with ``-
 answers are counted by status (bench/wrk_post.lua): searches/s counts the 2xx answers only; any
 non-2xx answer or socket error (connect, read, write, timeout) fails the run's target. The counts
 take turns for ``--rounds`` rounds, the order reversed each round (1,2 then 2,1, ...) so a drift in
-the shared machine's load falls on both; each figure is the median over the rounds.
+the shared machine's load falls on both; each figure is the median over the rounds. wrk is not
+pinned by default: at ~2,000 searches/s it used 4-7 % of one core here (its CPU share is recorded
+per run), so pinning it to one of the 2 cores (tried: ``--wrk-cpu 1``) made no difference that the
+machine's noise did not swamp, and would keep one worker off that core's idle time.
 
 Targets (the last count against the first): searches/s ratio >= 1.3, p99 no worse, no errors.
 Writes bench/results/workers_http.{json,md}.

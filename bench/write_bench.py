@@ -14,7 +14,7 @@ over the first's: target within 20 % (throughput at least 0.8x, p99 at most 1.2x
 load; results in ``bench/results/write_bench_workers.{json,md}``.
 
     python bench/write_bench.py                                      # 10^5 and 10^6, Flat and HNSW32, bulk 10^6
-    python bench/write_bench.py --workers 1,2 --sizes 1e6            # 1 vs 2 workers at 10^6, 3 rounds (~9 min after the builds)
+    python bench/write_bench.py --workers 1,2 --sizes 1e6            # 1 vs 2 workers at 10^6, Flat and HNSW32, 3 rounds (~8 min; first use: + ~1 min of builds)
 
 Setup: the ``tiny`` preset trained on the synthetic default and exported (cached in ``--work``):
 the write path does not depend on the model's quality. Results: ``bench/results/write_bench.{json,md}``.
