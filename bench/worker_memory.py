@@ -44,6 +44,8 @@ from index.store import INDEX_NAME, ITEMS_NAME  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 TARGET_EXTRA_PSS = 0.10  # of the index files' bytes
+
+
 def search_load(port: int, input_dims: dict[str, int], searches: int) -> None:
     rng = np.random.default_rng(0)
     audio, visual = (http_requests(rng.standard_normal((64, input_dims[m]), dtype=np.float32), binary=False, modality=m) for m in ("audio", "visual"))
