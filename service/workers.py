@@ -28,15 +28,18 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import uvicorn
 from prometheus_client import values
 
-from index.embedder import MODALITIES, Embedder, ModelError
+from index.embedder import MODALITIES, Embedder, ModelError, choose_providers
 from index.store import IndexLoadError
 from service.app import create_app, limit_threads
 from service.backup import create_snapshot
+from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
 from service.commit import Change, ChangeNotSaved, ItemNotFound, apply_record, merge_run, mergeable_runs
 from service.engine import Engine
 from service.metrics import Metrics
@@ -54,7 +57,7 @@ RESPAWN_PAUSE_S = 1.0  # between replacing workers that die at once (a crash loo
 
 def _error(kind: str, args: tuple) -> BaseException:
     """An error the primary raised, as the worker's routes expect it."""
-    known = {"ItemNotFound": ItemNotFound, "ChangeNotSaved": ChangeNotSaved, "ModelError": ModelError, "IndexLoadError": IndexLoadError, "ValueError": ValueError}
+    known = {"ItemNotFound": ItemNotFound, "ChangeNotSaved": ChangeNotSaved, "ModelError": ModelError, "IndexLoadError": IndexLoadError, "ValueError": ValueError, "BrokenProcessPool": BrokenProcessPool}
     if kind in known:
         return known[kind](*args)
     if kind.endswith("Error") and kind in {"OSError", "FileNotFoundError", "PermissionError"}:
@@ -79,6 +82,16 @@ class RemoteShard:
         pass
 
 
+class SharedParsers(Executor):
+    """A worker's parser processes: the primary's (service.bodies.share_parsers)."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def submit(self, function, /, *args, **kwargs) -> Future:
+        return self.replica.submit("parse", function, *args)
+
+
 class Primary:
     """The store's process: the collection, the hub to the workers, and the workers themselves."""
 
@@ -86,7 +99,8 @@ class Primary:
         self.settings, self.port, self.engine = settings, port, engine
         self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
         self.published = PublishedLSN(MODALITIES)
-        self.hub = Hub(self.published, {"commit": self._commit, "log_bytes": lambda: self.engine.log_bytes(), "swap": self._swap, "snapshot": self._snapshot})
+        handlers = {"commit": self._commit, "log_bytes": lambda: self.engine.log_bytes(), "swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser}
+        self.hub = Hub(self.published, handlers)
         self.workers: dict[int, int] = {}  # pid -> generation
         self.generation = 0
         self._gate = threading.Condition()  # item changes wait while a swap is under way
@@ -257,6 +271,7 @@ class Primary:
         for pid in self.workers:
             _signal(pid, signal.SIGKILL)
         self.hub.close()
+        stop_parsers()
         self.engine.close()  # the log holds every acknowledged change
 
 
@@ -314,10 +329,11 @@ def _run_worker(settings: Settings, port: int, primary: Engine, channel: Channel
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
         limit_threads(settings)  # OpenMP threads are set here, after the fork (the primary ran one)
-        embedder = Embedder(primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        embedder = primary.embedder if _shares_sessions(settings) else Embedder(primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
         replica = Replica(channel, published, applied, lambda m, records: _apply(engine, m, records), _error)
         engine = Engine.replica(primary, embedder, {m: RemoteShard(m, replica, embedder.manifest_hash) for m in MODALITIES})
         engine.sync = replica.catch_up
+        share_parsers(SharedParsers(replica))
         replica.start()
         server = uvicorn.Server(
             uvicorn.Config(
@@ -357,6 +373,13 @@ class WorkerState(ServiceState):
         return previous, version, sizes
 
 
+def _shares_sessions(settings: Settings) -> bool:
+    """Whether a worker can use the primary's encoder sessions (copy-on-write, no second copy): on
+    the CPU with one intra-op thread, a session has no thread pool for a fork to break. Others (a
+    GPU: a CUDA context never survives a fork) open their own, in the worker."""
+    return settings.intra_op_threads == 1 and choose_providers(settings.device)[0] == "CPUExecutionProvider"
+
+
 def _apply(engine: Engine, modality: str, records: list[tuple]) -> None:
     changes = [Change(op, ids, metadata, None, embeddings) for _, op, ids, metadata, embeddings in records]
     with engine.lock.write():
@@ -378,6 +401,7 @@ def serve(settings: Settings, port: int, announce) -> int:
         reserve = listening_socket(settings.host, port)  # held: a busy port fails here, before any fork
         gc.collect()
         gc.freeze()  # objects made so far stay out of the cyclic GC's scans, which would write to (and so copy) their pages in every worker
+        start_parsers()  # the workers' large bodies are parsed here: two processes for the server, not two a worker
         announce(engine)
         print(f"{settings.workers} worker processes share one index (AVSEARCH_WORKERS)", flush=True)
         primary = Primary(settings, port, engine)

@@ -191,6 +191,10 @@ class Replica:
 
     def call(self, name: str, *args: object) -> object:
         """Run ``name`` in the primary and return its result, or raise its error."""
+        return self.submit(name, *args).result()
+
+    def submit(self, name: str, *args: object) -> Future:
+        """``call`` without waiting: the future of its result."""
         future: Future = Future()
         call_id = next(self._ids)
         with self._cond:
@@ -198,7 +202,7 @@ class Replica:
                 raise ChannelClosed(self.closed)
             self._calls[call_id] = future
         self.channel.send((call_id, name, args))
-        return future.result()
+        return future
 
     def catch_up(self) -> None:
         """Wait until every change the primary had applied when this was called is applied here."""

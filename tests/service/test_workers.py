@@ -71,8 +71,9 @@ def _get_text(server: Server, path: str) -> tuple[int, str]:
 def test_forked_children_search_and_embed_after_the_parent_did(tiny):
     """The fork pitfalls the workers avoid: a child of a process that ran an OpenMP team hangs in its
     first FAISS search (libgomp), and ONNX Runtime's thread pools do not cross a fork. With the
-    primary's rules (one OpenMP thread, one encoder thread, each worker its own sessions) a forked
-    child searches with two threads and embeds, with the parent's results."""
+    primary's rules (one OpenMP thread; encoder sessions of one thread, which have no pool, shared;
+    others opened after the fork) a forked child searches with two threads and embeds, with the
+    parent's results."""
     script = textwrap.dedent(
         f"""
         import os, sys, numpy as np, faiss
@@ -89,6 +90,7 @@ def test_forked_children_search_and_embed_after_the_parent_did(tiny):
         if pid == 0:
             faiss.omp_set_num_threads(2)
             ok = (index.search(x[:200], 5)[1] == expected).all()
+            ok &= np.allclose(embedder.embed("audio", queries), embedded, atol=1e-6)  # one intra-op thread: no pool to break, shared
             ok &= np.allclose(Embedder({str(tiny.model_dir)!r}, device="cpu", intra_op_threads=2).embed("audio", queries), embedded, atol=1e-6)
             os._exit(0 if ok else 3)
         sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
