@@ -12,6 +12,8 @@ ARTIFACTS ?= artifacts
 MODEL ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Processes serving the one loaded index (service/README.md, Workers): 1 here; about one per core on bigger machines.
+WORKERS ?= $(or $(AVSEARCH_WORKERS),1)
 
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(ARTIFACTS)/model)
 # DATA that exists is used as it is, in any format of the data layer (feature directory, .npy
@@ -61,7 +63,7 @@ $(ARTIFACTS)/example_query.json: $(DATA_FILES)
 	$(PY) -m service example --data '$(DATA)' --out $@
 
 run: $(VENV)/.run-installed $(ARTIFACTS)/index/visual/info.json $(ARTIFACTS)/example_query.json
-	$(PY) -m service serve --model $(MODEL_DIR) --index $(ARTIFACTS)/index --host $(HOST) --port $(PORT) --example $(ARTIFACTS)/example_query.json
+	AVSEARCH_WORKERS=$(WORKERS) $(PY) -m service serve --model $(MODEL_DIR) --index $(ARTIFACTS)/index --host $(HOST) --port $(PORT) --example $(ARTIFACTS)/example_query.json
 
 # --- tests and benchmarks --------------------------------------------------------------------------
 # One BLAS/torch thread per process: the suite's models are tiny, and on 2 cores spinning BLAS

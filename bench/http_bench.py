@@ -71,6 +71,11 @@ def prepare(work: Path, n_items: int) -> dict:
     return {**card, "embedding_dim": embedder.embedding_dim, "model_source": "default preset trained on the synthetic default (python -m training train --config default)"}
 
 
+def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes): the code the figures measured."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +89,7 @@ def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 3
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
         try:
-            status, _ = asyncio.run(one_request(port, f"GET /readyz HTTP/1.1\r\nHost: b\r\n\r\n".encode()))
+            status, _ = asyncio.run(one_request(port, f"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()))
             if status == 200:
                 return proc
         except OSError:
@@ -118,17 +123,21 @@ async def one_request(port: int, request: bytes) -> tuple[int, bytes]:
         writer.close()
 
 
-def http_requests(queries: np.ndarray, binary: bool) -> list[bytes]:
+def search_body(query: np.ndarray, binary: bool, modality: str = "audio") -> tuple[str, str, bytes]:
+    """(path, content type, body) of a search for one ``query`` (top ``TOP_K`` of the other modality)."""
+    if binary:
+        buffer = io.BytesIO()
+        np.save(buffer, query[None].astype(np.float32))
+        return f"/v1/search?modality={modality}&top_k={TOP_K}", "application/x-npy", buffer.getvalue()
+    body = json.dumps({"modality": modality, "vectors": [[round(float(v), 6) for v in query]], "top_k": TOP_K}).encode()
+    return "/v1/search", "application/json", body
+
+
+def http_requests(queries: np.ndarray, binary: bool, modality: str = "audio") -> list[bytes]:
     out = []
     for q in queries:
-        if binary:
-            buffer = io.BytesIO()
-            np.save(buffer, q[None].astype(np.float32))
-            body, path, ctype = buffer.getvalue(), f"/v1/search?modality=audio&top_k={TOP_K}", "application/x-npy"
-        else:
-            body = json.dumps({"modality": "audio", "vectors": [[round(float(v), 6) for v in q]], "top_k": TOP_K}).encode()
-            path, ctype = "/v1/search", "application/json"
-        out.append(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        path, ctype, body = search_body(q, binary, modality)
+        out.append(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     return out
 
 
@@ -173,7 +182,7 @@ async def closed_loop(port: int, requests: list[bytes], clients: int, warmup: fl
 
 
 def batch_stats(port: int) -> tuple[float, float]:
-    _, body = asyncio.run(one_request(port, b"GET /metrics HTTP/1.1\r\nHost: b\r\n\r\n"))
+    _, body = asyncio.run(one_request(port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"))
     text = body.decode()
     total = float(re.search(r"avsearch_batch_requests_sum ([\d.e+]+)", text).group(1))
     count = float(re.search(r"avsearch_batch_requests_count ([\d.e+]+)", text).group(1))

@@ -7,6 +7,15 @@ throughput, p50 and p99. Folding into snapshots is on (every ``--snapshot-second
 include it. Bulk loading: ``--bulk`` items upserted in batches of 1000 by 4 clients into an empty
 Flat index, timed per tenth: linear in N means every tenth takes the same time.
 
+Worker processes (issue 22): ``--workers 1,2`` starts each point's server once per count with
+``AVSEARCH_WORKERS`` set, ``--rounds`` times (the order reversed each round), and reports each write
+figure (upserts/s and deletes/s, p99, 1 and 16 clients; the median over the rounds) of the last count
+over the first's: target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. No bulk
+load; results in ``bench/results/write_bench_workers.{json,md}``.
+
+    python bench/write_bench.py                                      # 10^5 and 10^6, Flat and HNSW32, bulk 10^6
+    python bench/write_bench.py --workers 1,2 --sizes 1e6            # 1 vs 2 workers at 10^6, Flat and HNSW32, 3 rounds (~8 min; first use: + ~1 min of builds)
+
 Setup: the ``tiny`` preset trained on the synthetic default and exported (cached in ``--work``):
 the write path does not depend on the model's quality. Results: ``bench/results/write_bench.{json,md}``.
 """
@@ -27,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.http_bench import free_port, read_response, start, stop  # noqa: E402
+from bench.http_bench import commit, free_port, read_response, start, stop  # noqa: E402
+from bench.server_tree import stop_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -43,8 +53,8 @@ def tiny_model(work: Path) -> Path:
     return work / "model"
 
 
-def build_index(model: Path, work: Path, n: int, factory: str) -> tuple[Path, float]:
-    """An index directory with ``n`` random audio items and a few visual ones, and its build seconds.
+def build_index(model: Path, work: Path, n: int, factory: str, visual: tuple[int, str] = (1000, "Flat")) -> tuple[Path, float]:
+    """An index directory with ``n`` random audio items and ``visual`` (count, factory) visual ones, and its build seconds.
 
     Built once per (model, n, factory) under ``work`` (10^7 HNSW32 takes half an hour here) and
     copied for each run, since the server writes its snapshots into the directory it serves.
@@ -53,20 +63,21 @@ def build_index(model: Path, work: Path, n: int, factory: str) -> tuple[Path, fl
     from index.store import VectorIndex
 
     manifest, manifest_hash = load_manifest(model)
-    built = work / f"built-{manifest_hash[:12]}-{factory.replace(',', '_')}-{n}"
+    name = f"{factory.replace(',', '_')}-{n}" + ("" if visual == (1000, "Flat") else f"-visual-{visual[1].replace(',', '_')}-{visual[0]}")
+    built = work / f"built-{manifest_hash[:12]}-{name}"
     if not (built / "build.json").is_file():
         dim = int(manifest["embedding_dim"])
         shutil.rmtree(built, ignore_errors=True)
         rng = np.random.default_rng(0)
         started = time.perf_counter()
-        for modality, count in (("audio", n), ("visual", 1000)):
+        for modality, (count, modality_factory) in (("audio", (n, factory)), ("visual", visual)):
             x = rng.standard_normal((count, dim), dtype=np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
-            index = VectorIndex.build(x, [f"base-{i}" for i in range(count)], factory=factory if modality == "audio" else "Flat", manifest_hash=manifest_hash)
+            index = VectorIndex.build(x, [f"base-{i}" for i in range(count)], factory=modality_factory, manifest_hash=manifest_hash)
             index.save(built / modality)
             del index, x
         (built / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
-    served = work / f"index-{factory.replace(',', '_')}-{n}"
+    served = work / f"index-{name}"
     shutil.rmtree(served, ignore_errors=True)
     shutil.copytree(built, served)
     return served, json.loads((built / "build.json").read_text())["seconds"]
@@ -75,17 +86,17 @@ def build_index(model: Path, work: Path, n: int, factory: str) -> tuple[Path, fl
 def upsert_request(item_ids: list[str], rng: np.random.Generator) -> bytes:
     vectors = rng.standard_normal((len(item_ids), AUDIO_DIM)).round(4)
     body = json.dumps({"items": [{"id": i, "vector": v.tolist(), "metadata": {"bench": 1}} for i, v in zip(item_ids, vectors)]}).encode()
-    return f"POST /v1/items/audio HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    return f"POST /v1/items/audio HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 def search_request(rng: np.random.Generator) -> bytes:
     """Audio features against the audio index: the one the writes change."""
     body = json.dumps({"modality": "audio", "target": "audio", "top_k": 10, "vectors": [rng.standard_normal(AUDIO_DIM).round(4).tolist()]}).encode()
-    return f"POST /v1/search HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    return f"POST /v1/search HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 def delete_request(item_id: str) -> bytes:
-    return f"DELETE /v1/items/audio/{item_id} HTTP/1.1\r\nHost: b\r\n\r\n".encode()
+    return f"DELETE /v1/items/audio/{item_id} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
 async def run_requests(port: int, requests: list[bytes], clients: int, duration: float) -> dict:
@@ -144,11 +155,12 @@ async def run_alternating(port: int, writes: list[bytes], searches: list[bytes],
     return latency_summary(latencies, errors, time.perf_counter() - started)
 
 
-def serve(model: Path, index: Path, args, snapshot_seconds: float | None = None) -> tuple[subprocess.Popen, int]:
+def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         "OMP_NUM_THREADS": "1",
-        "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(snapshot_seconds or args.snapshot_seconds),
+        "AVSEARCH_WORKERS": str(workers),
+        "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(snapshot_seconds),
         "AVSEARCH_MAX_VECTORS": "1000",
         "AVSEARCH_ACCESS_LOG": "false",
     }
@@ -161,11 +173,12 @@ def fold_mode() -> str:
     return "copy" if os.environ.get("AVSEARCH_WAL_FOLD_FORK", "true").strip().lower() in ("false", "0", "no", "off") else "fork"
 
 
-def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
+def point(model: Path, work: Path, n: int, factory: str, args, workers: int = 1) -> dict:
     index, build_s = build_index(model, work, n, factory)
     load_started = time.perf_counter()
-    proc, port = serve(model, index, args)
+    proc, port = serve(model, index, args.snapshot_seconds, workers)
     row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1), "snapshot_seconds": args.snapshot_seconds, "fold": fold_mode()}
+    row["workers"] = workers
     try:
         rng = np.random.default_rng(n)
         ids = [f"new-{i}" for i in range(args.max_requests)]
@@ -182,7 +195,7 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
         after_write = asyncio.run(run_alternating(port, [upsert_request([i], rng) for i in mixed_ids], searches, args.duration))
         row.update({"upsert_1": one, "upsert_16": many, "delete_16": del_many, "delete_1": del_one, "search_1": alone, "search_after_write": after_write})
     finally:
-        stop(proc)
+        row["outlived_primary"] = stop_tree(proc)  # processes of its tree still there 10 s after the primary exited (killed)
         shutil.rmtree(index, ignore_errors=True)
     row["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(row), flush=True)
@@ -191,7 +204,7 @@ def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
 
 def bulk(model: Path, work: Path, total: int, args) -> dict:
     index, _ = build_index(model, work, 1, "Flat")
-    proc, port = serve(model, index, args, snapshot_seconds=300)  # the default: folds by size, in proportion to the snapshot
+    proc, port = serve(model, index, snapshot_seconds=300)  # the default: folds by size, in proportion to the snapshot
     try:
         rng = np.random.default_rng(1)
         tenth = total // 10
@@ -244,6 +257,52 @@ def write_results(out: dict) -> None:
     (RESULTS / "write_bench.md").write_text("\n".join(lines) + "\n")
 
 
+# (phase, figure, better): the figures compared across worker counts, each within WORKERS_WITHIN of one worker's
+WORKER_FIGURES = [(phase, figure, better) for phase in ("upsert_1", "upsert_16", "delete_16", "delete_1") for figure, better in (("per_s", "higher"), ("p99_ms", "lower"))]
+WORKERS_WITHIN = 0.20
+
+
+def compare_workers(rounds: dict[int, list[dict]]) -> dict:
+    """Each write figure (median over the rounds) of the last worker count over the first's: throughput at least 80 %, p99 at most 120 %."""
+    counts = list(rounds)
+    figures = []
+    for phase, figure, better in WORKER_FIGURES:
+        values = [float(np.median([r[phase][figure] for r in rounds[w]])) for w in counts]
+        ratio = values[-1] / values[0]
+        met = ratio >= 1 - WORKERS_WITHIN if better == "higher" else ratio <= 1 + WORKERS_WITHIN
+        figures.append({"phase": phase, "figure": figure, "values": values, "per_round": [[r[phase][figure] for r in rounds[w]] for w in counts], "ratio": round(ratio, 3), "met": met})
+    errors = [sum(r[phase]["errors"] for r in rounds[w] for phase in ("upsert_1", "upsert_16", "delete_16", "delete_1", "search_1", "search_after_write")) for w in counts]
+    first = rounds[counts[0]][0]
+    outlived = [sum(r["outlived_primary"] for r in rounds[w]) for w in counts]
+    return {"items": first["items"], "factory": first["factory"], "workers": counts, "rounds": len(rounds[counts[0]]), "figures": figures, "errors": errors, "outlived_primary": outlived,
+            "met": all(f["met"] for f in figures) and not any(errors)}
+
+
+def write_worker_results(out: dict) -> None:
+    (RESULTS / "write_bench_workers.json").write_text(json.dumps(out, indent=2))
+    counts = out["workers"]
+    lines = [
+        "# Writes with 1 and 2 worker processes (`bench/write_bench.py --workers`)",
+        "",
+        f"`{out['command']}` on {out['machine']}, commit {out['commit']}; model: {out['model']}; phases as in write_bench.md ({out['duration']} s each, "
+        f"folds every {out['snapshot_seconds']} s), one server at a time, started with AVSEARCH_WORKERS set to each count, {out['rounds']} rounds "
+        "(the counts in turn, the order reversed each round); each figure is the median over the rounds (per round in the JSON). Load average before / after: "
+        f"{out['load_average_before']} / {out.get('load_average_after', '-')}. Target: each figure within {WORKERS_WITHIN:.0%} of one worker's "
+        "(throughput at least, p99 at most), no errors.",
+    ]
+    for c in out["comparisons"]:
+        lines += ["", f"## {c['items']:.0e} items, {c['factory']}", "",
+                  "| figure | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in counts) + f" | ratio {counts[-1]} / {counts[0]} | within {WORKERS_WITHIN:.0%} |",
+                  "|---|" + "---:|" * len(counts) + "---:|---|"]
+        for f in c["figures"]:
+            clients = f["phase"].split("_")[1]
+            label = f"{f['phase'].split('_')[0]}s/s, {clients} client{'s' if clients != '1' else ''}" if f["figure"] == "per_s" else f"{f['phase'].split('_')[0]} p99 ms, {clients} client{'s' if clients != '1' else ''}"
+            lines.append(f"| {label} | " + " | ".join(f"{v:g}" for v in f["values"]) + f" | {f['ratio']:.2f} | {'✓' if f['met'] else '✗'} |")
+        lines.append("| errors (all phases) | " + " | ".join(str(e) for e in c["errors"]) + f" | | {'✓' if not any(c['errors']) else '✗'} |")
+        lines.append("| processes outliving the primary by 10 s | " + " | ".join(str(o) for o in c["outlived_primary"]) + " | | |")
+    (RESULTS / "write_bench_workers.md").write_text("\n".join(lines + ["", *out["notes"]]) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6])
@@ -256,6 +315,9 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
     parser.add_argument("--append", action="store_true", help="add to the points (and keep the bulk figures) of the existing results")
     parser.add_argument("--sizes-none", dest="no_points", action="store_true", help="only the bulk load")
+    parser.add_argument("--workers", help="worker counts (AVSEARCH_WORKERS) measured side by side per point, e.g. 1,2: no bulk load, "
+                        "results in write_bench_workers.{json,md}, each figure's ratio against the first count")
+    parser.add_argument("--rounds", type=int, default=3, help="with --workers: servers started per count and point; each figure is the median over the rounds")
     args = parser.parse_args()
     model = tiny_model(args.work)
     out = {
@@ -265,6 +327,24 @@ def main() -> None:
         "points": [],
         "notes": args.note,
     }
+    if args.workers:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        counts = [int(w) for w in args.workers.split(",")]
+        out.update(command="python " + " ".join(["bench/write_bench.py", *sys.argv[1:]]), commit=commit(), workers=counts, rounds=args.rounds, snapshot_seconds=args.snapshot_seconds,
+                   load_average_before=[round(x, 2) for x in os.getloadavg()], comparisons=[])
+        for n in args.sizes:
+            for factory in args.factories:
+                rounds: dict[int, list[dict]] = {w: [] for w in counts}
+                for r in range(args.rounds):  # the counts in turn, the order reversed each round (1,2 then 2,1): drifts in the machine's load cancel
+                    for w in counts if r % 2 == 0 else counts[::-1]:
+                        rounds[w].append(point(model, args.work, int(n), factory, args, w))
+                        out["points"].append(rounds[w][-1])
+                out["comparisons"].append(compare_workers(rounds))
+                write_worker_results(out)
+        out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        write_worker_results(out)
+        print(f"results: {RESULTS / 'write_bench_workers.md'}")
+        return
     if args.append and (RESULTS / "write_bench.json").is_file():
         previous = json.loads((RESULTS / "write_bench.json").read_text())
         out["points"], out["notes"] = previous["points"], previous.get("notes", []) + args.note

@@ -28,6 +28,7 @@ from service.app import create_app, limit_threads
 from service.bodies import readable
 from service.settings import Settings
 from service.timeouts import deadline_protocol
+from service.workers import serve as serve_workers
 from store.collection import Collection
 from store.served import check_not_moved
 from store.snapshots import restore
@@ -42,19 +43,14 @@ def _settings(args) -> Settings:
 def _serve(args) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while loading is moot (this load reads the paths now); the app handles SIGHUP once up
     settings = _settings(args)
+    if settings.workers > 1:
+        return serve_workers(settings, args.port, lambda collection: _announce(collection, settings, args))
     limit_threads(settings)
     check_not_moved(settings.index_dir)
     collection = Collection.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.store_config())  # before binding the port
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
-    url = f"http://{settings.host}:{args.port}"
-    body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
-    print(f"\navsearch serving model {collection.version} on {url}  (API docs: {url}/docs)")
-    print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}")
-    print(f"or open the web console: {url}/ui/\n", flush=True)
-    # One process: the index lives in memory and item changes must be seen by every request.
-    if settings.anonymous_writes_refused():
-        print(f"no API key and bound to {settings.host}: item changes and reloads answer 403 (set AVSEARCH_API_KEY)", flush=True)
+    _announce(collection, settings, args)
     uvicorn.run(
         create_app(settings, collection),
         host=settings.host,
@@ -65,6 +61,16 @@ def _serve(args) -> int:
         limit_concurrency=settings.max_connections,
     )
     return 0
+
+
+def _announce(collection, settings, args) -> None:
+    url = f"http://{settings.host}:{args.port}"
+    body = f"@{args.example}" if args.example else '\'{"modality": "audio", "vectors": [[...]], "top_k": 10}\''
+    print(f"\navsearch serving model {collection.version} on {url}  (API docs: {url}/docs)")
+    print(f"try:\n  curl -s -X POST {url}/v1/search -H 'Content-Type: application/json' -d {body}")
+    print(f"or open the web console: {url}/ui/\n", flush=True)
+    if settings.anonymous_writes_refused():
+        print(f"no API key and bound to {settings.host}: item changes and reloads answer 403 (set AVSEARCH_API_KEY)", flush=True)
 
 
 def _prepare(args) -> int:

@@ -69,10 +69,11 @@ def _watch_sighup(state: ServiceState) -> bool:
         return False
 
 
-def create_app(settings: Settings | None = None, collection: Collection | None = None) -> FastAPI:
-    """The app; without ``collection`` it loads one in the background (``/readyz`` answers 503 until then)."""
+def create_app(settings: Settings | None = None, collection: Collection | None = None, state: ServiceState | None = None) -> FastAPI:
+    """The app; without ``collection`` it loads one in the background (``/readyz`` answers 503 until then).
+    ``state``: what a worker process serves (:mod:`service.workers`), instead of ``ServiceState(settings, collection)``."""
     settings = settings or Settings()
-    state = ServiceState(settings, collection)
+    state = state or ServiceState(settings, collection)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,7 +96,7 @@ def create_app(settings: Settings | None = None, collection: Collection | None =
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state
-    app.state.console = console.ConsoleState(SearchStats(state.metrics.registry))
+    app.state.console = console.ConsoleState(SearchStats(state.metrics.reading))
     for router in (search.router, items.router, ops.router, snapshots.router, console.router):  # the busiest routes are matched first
         app.include_router(router)
     # The web console: static files, matched after every API route and behind no middleware of its own.

@@ -16,7 +16,8 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -103,7 +104,7 @@ async def parse_json(request: Request, model: type[M], body: bytes | None = None
         except ValidationError as err:
             raise validation_error(err) from None
     try:
-        parsed, problem = await asyncio.get_running_loop().run_in_executor(_parser(), _validate, model, body)
+        parsed, problem = await asyncio.get_running_loop().run_in_executor(_shared or _parser(), _validate, model, body)
     except BrokenProcessPool:  # a parser process died (killed, out of memory): start new ones next time
         _parser.cache_clear()
         raise HTTPException(503, "the request parser was restarted; retry the request") from None
@@ -135,11 +136,22 @@ def _as_arrays(parsed: M) -> M:
 
 
 _parser_users = 0  # apps (lifespans) running in this process: the last one to stop stops the processes
+_shared: Executor | None = None  # a worker process's way to the primary's parsers (share_parsers)
+
+
+def share_parsers(executor: Executor) -> None:
+    """Validate large bodies with ``executor`` rather than this process's own parser processes: the
+    worker processes of one server share the primary's (:mod:`service.workers`), which spares each
+    worker two interpreters (~70 MB) and bounds the parsing of the whole server, not each worker."""
+    global _shared
+    _shared = executor
 
 
 def start_parsers() -> None:
     """Start the parser processes now (at app start-up), not in the first large request (~1 s)."""
     global _parser_users
+    if _shared is not None:
+        return
     _parser_users += 1
     for _ in range(PARSE_PROCESSES):
         _parser().submit(math.sqrt, 1.0)
@@ -149,6 +161,8 @@ def stop_parsers() -> None:
     """At app shutdown: the last app running stops the parser processes (they hold the server's
     stdout and stderr; left running, whoever waits for those to close waits forever)."""
     global _parser_users
+    if _shared is not None:
+        return
     _parser_users -= 1
     if _parser_users <= 0 and _parser.cache_info().currsize:
         _parser().shutdown(wait=True, cancel_futures=True)
@@ -165,6 +179,15 @@ def _exit_with(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True, name="avsearch-parser-watch").start()
+
+
+def validate_in_parser(function: Callable, *args: object) -> object:
+    """``function(*args)`` in this process's parser processes (the primary's, for its workers)."""
+    try:
+        return _parser().submit(function, *args).result()
+    except BrokenProcessPool:
+        _parser.cache_clear()
+        raise
 
 
 @functools.cache

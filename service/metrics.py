@@ -1,10 +1,17 @@
-"""Prometheus metrics, one registry per app (so tests can build several apps in one process)."""
+"""Prometheus metrics, one registry per app (so tests can build several apps in one process).
+
+With worker processes (:mod:`service.workers`) every process writes its figures to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and ``/metrics``, on whichever
+worker answers, adds them up over the processes (the primary's commits and folds included).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -23,15 +30,20 @@ class Metrics:
         )
         self.batch_vectors = Histogram("avsearch_batch_vectors", "query vectors per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry)
         self.batch_requests = Histogram("avsearch_batch_requests", "requests per micro-batch", buckets=BATCH_BUCKETS, registry=self.registry)
-        self.index_items = Gauge("avsearch_index_items", "items in the index, by modality", ["modality"], registry=self.registry)
+        # Gauges: every worker serves the same collection, so over workers the figure is the largest one.
+        self.index_items = Gauge("avsearch_index_items", "items in the index, by modality", ["modality"], registry=self.registry, multiprocess_mode="max")
         self.swaps = Counter("avsearch_version_swaps_total", "model/index versions swapped in", registry=self.registry)
         # The store's work (store.events.StoreEvents): group commits and checkpoints ("folds", the public metric names, kept for dashboards).
         self.commit_groups = Histogram("avsearch_commit_group_changes", "item changes per group commit (one log write and fsync)", ["modality"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.folds = Counter("avsearch_folds_total", "folds of the write-ahead log into a snapshot, by outcome (done, failed)", ["modality", "outcome"], registry=self.registry)
         self.fold_seconds = Histogram("avsearch_fold_duration_seconds", "duration of a fold, done or failed", ["modality"], buckets=FOLD_BUCKETS, registry=self.registry)
         self.fold_bytes = Histogram("avsearch_fold_log_bytes", "log bytes a fold set out to fold", ["modality"], buckets=BYTES_BUCKETS, registry=self.registry)
-        self.log_size = Gauge("avsearch_log_bytes", "write-ahead log bytes not yet folded into a snapshot (grows while folds fail)", ["modality"], registry=self.registry)
+        self.log_size = Gauge("avsearch_log_bytes", "write-ahead log bytes not yet folded into a snapshot (grows while folds fail)", ["modality"], registry=self.registry, multiprocess_mode="max")
         self._index_sizes, self._log_bytes = index_sizes, log_bytes
+        self.reading = self.registry  # what /metrics and the console read: every process's figures with workers
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.reading = CollectorRegistry()
+            MultiProcessCollector(self.reading)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -54,4 +66,4 @@ class Metrics:
             self.index_items.labels(modality).set(size)
         for modality, size in self._log_bytes().items():
             self.log_size.labels(modality).set(size)
-        return generate_latest(self.registry)
+        return generate_latest(self.reading)

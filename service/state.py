@@ -103,8 +103,14 @@ class ServiceState:
                 self.load_error = str(err)
                 log.error("cannot load the model or index: %s", err)
 
-    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, Collection]:
-        """Load a version and swap it in; raises ModelError / IndexLoadError and keeps the current one.
+    async def take_snapshot(self, directory: Path) -> dict:
+        """A snapshot file of both modalities holding every change acknowledged before (its card)."""
+        async with self.gate.mutation():  # not across a version swap
+            return await asyncio.to_thread(self.ready_collection().snapshot, directory)
+
+    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, str, dict[str, int]]:
+        """Load a version and swap it in: (previous version, new version, its index sizes); raises
+        ModelError / IndexLoadError and keeps the current one.
 
         Searches keep running on the version they started with; item changes wait (SwapGate), so
         none lands in the old version after the new one was read from disk.
@@ -131,7 +137,7 @@ class ServiceState:
             self.collection, self.load_error = collection, None
         self.metrics.swaps.inc()
         log.info("swapped in model %s (was %s), index sizes %s", collection.version, previous or "none", collection.sizes())
-        return previous, collection
+        return previous, collection.version, collection.sizes()
 
 
 def get_state(request: Request) -> ServiceState:

@@ -12,7 +12,7 @@ changes the previous version logged after ``prepare`` (:func:`store.versions.cat
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from index.embedder import MODALITIES, Embedder
 from index.store import IndexLoadError, Item, VectorIndex
-from store.changes import Change
+from store.changes import Change, apply, merge_run, mergeable_runs
 from store.checkpoints import Checkpointer
 from store.config import StoreConfig
 from store.dirlock import hold_index_dir, release_index_dir
@@ -102,16 +102,33 @@ class View:
 
 
 class Collection:
-    def __init__(self, embedder: Embedder, shards: dict[str, Shard], model_dir: Path, index_dir: Path, config: StoreConfig, lock: ReadWriteLock):
+    def __init__(self, embedder: Embedder, shards: dict[str, Shard], model_dir: Path, index_dir: Path, config: StoreConfig | None, lock: ReadWriteLock):
+        """``config`` None: a worker process's replica (:meth:`replica`), which checkpoints nothing."""
         self.embedder = embedder
         self.shards = shards
         self.model_dir, self.index_dir = Path(model_dir), Path(index_dir)
         self.version = embedder.manifest_hash[:12]
         self._lock = lock  # the shards' lock too: one over both indexes
         self._view = View({m: shard.index for m, shard in shards.items()})
-        self.checkpointer = Checkpointer(shards, self.index_dir, config)
-        self.checkpointer.start()
+        self.checkpointer = Checkpointer(shards, self.index_dir, config) if config is not None else None
+        if self.checkpointer is not None:
+            self.checkpointer.start()
+        self.sync: Callable[[], None] = lambda: None  # a replica: wait for the changes acknowledged by any process
         self._closed = False
+
+    @classmethod
+    def replica(cls, primary: "Collection", embedder: Embedder, shards: dict) -> "Collection":
+        """A worker process's view of ``primary`` after a fork (:mod:`store.replication`): the same
+        indexes (shared copy-on-write), its own lock, and ``shards`` that commit through the primary.
+        It applies the primary's changes with :meth:`apply_logged` and checkpoints nothing."""
+        return cls(embedder, shards, primary.model_dir, primary.index_dir, None, ReadWriteLock())
+
+    def apply_logged(self, modality: str, changes: list[Change]) -> None:
+        """A replica: apply changes the primary logged, in its order (consecutive ones in one call each)."""
+        index = self.shards[modality].index
+        with self._lock.write():
+            for run in mergeable_runs(changes):
+                apply(index, merge_run(run))
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, config: StoreConfig | None = None) -> "Collection":
@@ -151,6 +168,8 @@ class Collection:
         if self._closed:
             return
         self._closed = True
+        if self.checkpointer is None:  # a replica: the primary holds the logs and the directory
+            return
         self.checkpointer.stop()
         for shard in self.shards.values():
             shard.close()
@@ -165,14 +184,17 @@ class Collection:
 
     def report_to(self, events: StoreEvents) -> None:
         """Send the group commits and checkpoints of this version to ``events`` (the app's metrics)."""
-        self.checkpointer.events = events
+        if self.checkpointer is not None:
+            self.checkpointer.events = events
         for shard in self.shards.values():
             shard.report_to(events)
 
     # --- reads (any thread) ----------------------------------------------------------------------
     @contextmanager
     def reading(self) -> Iterator[View]:
-        """Both indexes as one consistent state while the block runs (item changes wait for it)."""
+        """Both indexes as one consistent state while the block runs (item changes wait for it); in a
+        replica, one that holds every change acknowledged before the call, by any process."""
+        self.sync()
         with self._lock.read():
             yield self._view
 
@@ -204,7 +226,7 @@ class Collection:
 
     def log_bytes(self) -> dict[str, int]:
         """Per modality, the log written since its last checkpoint."""
-        return {m: shard.wal.bytes_since_rotation for m, shard in self.shards.items()}
+        return {m: shard.log_bytes() for m, shard in self.shards.items()}
 
     def describe(self) -> dict:
         return {

@@ -12,13 +12,20 @@ class ItemNotFound(KeyError):
         self.modality, self.item_id = modality, item_id
         self.message = f"no {modality} item with id {item_id!r}"
 
+    def __reduce__(self):  # pickled whole: a worker process raises the primary's error (store.replication)
+        return type(self), (self.modality, self.item_id)
+
 
 class ChangeNotSaved(RuntimeError):
     """A change whose log append failed; nothing of it was applied, so the client may simply retry."""
 
     def __init__(self, modality: str, reason: str):
+        self.modality, self.reason = modality, reason
         self.message = f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later"
         super().__init__(self.message)
+
+    def __reduce__(self):
+        return type(self), (self.modality, self.reason)
 
 
 class SnapshotError(ValueError):
@@ -27,3 +34,7 @@ class SnapshotError(ValueError):
 
 class SnapshotNotFound(FileNotFoundError):
     """No snapshot file of that name."""
+
+
+class ChannelClosed(ConnectionError):
+    """A worker process's link to the primary (store.replication) is gone: nothing can be written."""

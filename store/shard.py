@@ -73,6 +73,7 @@ class Shard:
         self._queue: list[_Pending] = []
         self._leading = False
         self._on_commit: Callable[[], None] = lambda: None  # the checkpointer's nudge
+        self._on_logged: Callable[[list[Change]], None] = lambda changes: None  # the worker processes' feed (store.replication)
         self.events = StoreEvents()
 
     @classmethod
@@ -100,6 +101,11 @@ class Shard:
     def on_commit(self, nudge: Callable[[], None]) -> None:
         """Call ``nudge`` after each group commit (the checkpointer checks whether one is due)."""
         self._on_commit = nudge
+
+    def on_logged(self, feed: Callable[[list[Change]], None]) -> None:
+        """Call ``feed`` with each group's changes once they are logged, before they are applied here
+        and before any writer is answered (the primary's worker processes apply them meanwhile)."""
+        self._on_logged = feed
 
     def report_to(self, events: StoreEvents) -> None:
         self.events = events
@@ -168,7 +174,9 @@ class Shard:
         try:
             accepted = self._check(group)
             if accepted:
-                self._log(accepted)
+                self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
+            if accepted:  # logged: worker processes apply it while this one does, and before any writer is answered
+                self._on_logged([p.change for p in accepted])
                 with self.lock.write():
                     for run in mergeable_runs(accepted):
                         apply(self.index, merge_run([p.change for p in run]))
@@ -232,6 +240,9 @@ class Shard:
         self.events.committed(self.modality, len(accepted))
         if self.pending_since is None:
             self.pending_since = time.monotonic()
+
+    def log_bytes(self) -> int:
+        return self.wal.bytes_since_rotation
 
     def close(self) -> None:
         with self.paused():

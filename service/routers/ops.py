@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -19,8 +20,9 @@ OPTIONAL_BODY = body_spec(ReloadRequest)
 OPTIONAL_BODY["requestBody"]["required"] = False  # no body: reload from the configured paths
 
 
-@router.get("/healthz", response_model=Health, summary="Alive (the process answers)")
-async def healthz() -> Health:
+@router.get("/healthz", response_model=Health, summary="Alive (the process answers; X-Avsearch-Worker names which, with AVSEARCH_WORKERS > 1)")
+async def healthz(response: Response) -> Health:
+    response.headers["X-Avsearch-Worker"] = str(os.getpid())
     return Health()
 
 
@@ -71,10 +73,10 @@ async def reload(request: Request) -> ReloadResponse:
         options = ReloadRequest()
     model_dir, index_dir = (_check_under_roots(state, name, getattr(options, name)) for name in ("model_dir", "index_dir"))
     try:
-        previous, collection = await state.swap(model_dir, index_dir)  # the paths checked, not the names again: a link moved meanwhile cannot lead elsewhere
+        previous, version, sizes = await state.swap(model_dir, index_dir)  # the paths checked, not the names again: a link moved meanwhile cannot lead elsewhere
     except (ModelError, IndexLoadError, OSError, ValueError) as err:  # ValueError: paths the OS refuses
         raise HTTPException(409, f"version not swapped, the current one keeps serving: {err}") from None
-    return ReloadResponse(model=collection.version, previous_model=previous, index_sizes=collection.sizes())
+    return ReloadResponse(model=version, previous_model=previous, index_sizes=sizes)
 
 
 def _check_under_roots(state: ServiceState, name: str, requested: str | None) -> Path | None:

@@ -41,12 +41,10 @@ def _path(state: ServiceState, name: str):
 async def take(request: Request) -> Snapshot:
     state: ServiceState = request.app.state.avsearch
     state.ready_collection()
-    async with state.gate.mutation():  # not across a version swap
-        collection = state.ready_collection()
-        try:
-            card = await asyncio.to_thread(collection.snapshot, state.settings.snapshot_directory())
-        except OSError as err:
-            raise HTTPException(503, f"the snapshot could not be written ({type(err).__name__}: {err}); nothing was kept; retry later") from None
+    try:
+        card = await state.take_snapshot(state.settings.snapshot_directory())
+    except OSError as err:
+        raise HTTPException(503, f"the snapshot could not be written ({type(err).__name__}: {err}); nothing was kept; retry later") from None
     return Snapshot(**card)
 
 

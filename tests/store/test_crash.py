@@ -105,12 +105,13 @@ class Writer(threading.Thread):
         self.modality = "audio" if number % 2 else "visual"
         self.acked: list[tuple[str, object]] = []  # (id, metadata or GONE), in order
         self.unanswered: list[tuple[str, object]] | None = None  # the change in flight when the server died
+        self.stop = threading.Event()  # or until this is set
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
         mine = [i for i, v in self.state[self.modality].items() if v != GONE and i.startswith(f"w{self.number}-")]
         n = 0
-        while True:
+        while not self.stop.is_set():
             if mine and self.rng.random() < 0.3:
                 item_id = mine.pop(self.rng.randrange(len(mine)))
                 change, call = [(item_id, GONE)], ("DELETE", f"/v1/items/{self.modality}/{item_id}", None)

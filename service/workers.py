@@ -1,0 +1,379 @@
+"""``AVSEARCH_WORKERS=N``: one collection served by N uvicorn processes on one port.
+
+The process started by ``python -m service serve`` becomes the primary: it loads the collection
+once, then forks the workers, which share the index's memory copy-on-write and each listen on the
+port (``SO_REUSEPORT``: the kernel spreads connections over them). The primary serves no HTTP: it
+owns the write-ahead log, the checkpoints, snapshot archives and version swaps, and answers the
+workers' calls (:mod:`store.replication` says how a change reaches every worker before its
+answer). A worker that dies is replaced by a fork of the primary's current image. SIGTERM or
+SIGINT stops the workers (each finishes its requests) and then the primary; SIGHUP swaps versions.
+
+A version swap loads the new version in the primary, forks a new generation of workers from it,
+and stops the old one; item changes wait meanwhile (a change sent through an old worker during the
+swap is refused with 503: retry), so no search mixes versions and none misses an acknowledged change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import uvicorn
+from prometheus_client import values
+
+from index.embedder import MODALITIES, Embedder, choose_providers
+from service.app import create_app, limit_threads
+from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
+from service.metrics import Metrics
+from service.settings import Settings
+from service.state import ServiceState
+from service.timeouts import deadline_protocol
+from store.changes import Change
+from store.collection import Collection
+from store.errors import ChangeNotSaved
+from store.replication import Channel, Hub, PublishedLSN, RemoteShard, Replica
+from store.served import check_not_moved, follow
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 30.0  # a stopped worker finishing its requests; then it is killed
+RESPAWN_PAUSE_S = 1.0  # between replacing workers that die at once (a crash loop must not spin)
+
+
+class SharedParsers(Executor):
+    """A worker's parser processes: the primary's (service.bodies.share_parsers)."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def submit(self, function, /, *args, **kwargs) -> Future:
+        return self.replica.submit("parse", function, *args)
+
+
+class Primary:
+    """The store's process: the collection, the hub to the workers, and the workers themselves."""
+
+    def __init__(self, settings: Settings, port: int, collection: Collection):
+        self.settings, self.port, self.collection = settings, port, collection
+        self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
+        self.published = PublishedLSN(MODALITIES)
+        handlers = {"commit": self._commit, "log_bytes": lambda: self.collection.log_bytes(), "swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser}
+        self.hub = Hub(self.published, handlers)
+        self.workers: dict[int, int] = {}  # pid -> generation
+        self.generation = 0
+        self._gate = threading.Condition()  # item changes wait while a swap is under way
+        self._swapping, self._in_flight = False, 0
+        self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
+        self.metrics = Metrics(dict)  # the primary's commits and folds, added up with the workers' figures
+        self._attach(collection)
+
+    # --- calls from the workers ----------------------------------------------------------------
+    def _attach(self, collection: Collection) -> None:
+        collection.report_to(self.metrics)
+        for modality, shard in collection.shards.items():
+            shard.on_logged(lambda changes, m=modality: self.hub.broadcast(m, changes))
+            self.published[modality] = shard.last_lsn
+
+    def _commit(self, modality: str, model: str, change: Change) -> int:
+        with self._gate:
+            if self._swapping and model == self.collection.embedder.manifest_hash:
+                raise ChangeNotSaved(modality, "a version swap is under way and this worker serves the version being replaced")
+            self._gate.wait_for(lambda: not self._swapping)
+            self._in_flight += 1
+        try:
+            collection = self.collection
+            if model != collection.embedder.manifest_hash:  # sent through a worker of the version swapped out
+                raise ChangeNotSaved(modality, "the model was swapped while it was sent")
+            return collection.shards[modality].commit(change)
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                self._gate.notify_all()
+
+    def _snapshot(self, directory: str) -> dict:
+        with self._gate:
+            self._gate.wait_for(lambda: not self._swapping)
+            return self.collection.snapshot(Path(directory))
+
+    def _swap(self, model_dir: Path | None, index_dir: Path | None) -> tuple[str, str, dict]:
+        """Load a version, fork its workers, retire the old ones; (previous, version, sizes)."""
+        with self._gate:
+            self._gate.wait_for(lambda: not self._swapping)
+            self._swapping = True
+            self._gate.wait_for(lambda: self._in_flight == 0)
+        try:
+            current = self.collection
+            current.pause_checkpoints()
+            try:
+                if index_dir is None:
+                    check_not_moved(self.index_dir)
+                collection = load(self.settings, model_dir or self.model_dir, index_dir or self.index_dir)
+                try:
+                    served = follow(self.index_dir if index_dir is None else self.settings.index_dir, collection.index_dir)
+                except BaseException:
+                    collection.close()
+                    raise
+            except BaseException:
+                current.resume_checkpoints()
+                raise
+            self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
+            current.close()
+            self.collection = collection
+            self._attach(collection)
+            retired = self._new_generation()
+        except BaseException:
+            self._open_gate()
+            raise
+        threading.Thread(target=self._retire, args=(retired,), name="avsearch-retire", daemon=True).start()
+        log.info("swapped in model %s (was %s) across %d workers", collection.version, current.version, self.settings.workers)
+        return current.version, collection.version, collection.sizes()
+
+    def _open_gate(self) -> None:
+        with self._gate:
+            self._swapping = False
+            self._gate.notify_all()
+
+    def _retire(self, pids: list[int]) -> None:
+        """Stop the old generation; changes resume once none of it can start a search."""
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(pid in self.workers for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            if pid in self.workers:
+                _signal(pid, signal.SIGKILL)
+        while any(pid in self.workers for pid in pids):
+            time.sleep(0.05)
+        self._open_gate()
+
+    # --- the workers -----------------------------------------------------------------------------
+    def _new_generation(self) -> list[int]:
+        """Fork a full set of workers of the current version (in the main thread); returns the old pids."""
+        done = threading.Event()
+        old = [pid for pid, generation in self.workers.items() if generation == self.generation]
+        self.generation += 1
+        self._forks.put((self.settings.workers, done))
+        done.wait()
+        return old
+
+    def _fork_worker(self) -> None:
+        collection = self.collection
+        ours, theirs = socket.socketpair()
+        with _paused(collection):  # the image is exactly at the published LSNs
+            applied = {m: collection.shards[m].last_lsn for m in MODALITIES}
+            pid = os.fork()
+            if pid == 0:
+                ours.close()
+                for channel in self.hub.channels.values():  # another worker's channel open here would hide its death
+                    channel.sock.close()
+                _run_worker(self.settings, self.port, collection, Channel(theirs), self.published, applied)  # never returns
+            theirs.close()
+            self.workers[pid] = self.generation
+            self.hub.attach(pid, Channel(ours))
+        log.info("worker %d started (generation %d, model %s)", pid, self.generation, collection.version)
+
+    def run(self) -> int:
+        """Fork the workers and look after them until SIGTERM/SIGINT."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())
+        for _ in range(self.settings.workers):
+            self._fork_worker()
+        last_respawn = 0.0
+        while not stop.is_set():
+            try:
+                count, done = self._forks.get(timeout=0.1)
+                for _ in range(count):
+                    self._fork_worker()
+                done.set()
+            except queue.Empty:
+                pass
+            for pid in self._exited():
+                generation = self.workers.pop(pid)
+                self.hub.detach(pid)
+                _mark_dead(pid)
+                if generation == self.generation:  # a live worker died: replace it from the current image
+                    time.sleep(max(0.0, last_respawn + RESPAWN_PAUSE_S - time.monotonic()))
+                    last_respawn = time.monotonic()
+                    log.error("worker %d died; starting another", pid)
+                    self._fork_worker()
+        self._stop_all()
+        return 0
+
+    def _exited(self) -> list[int]:
+        gone = []
+        for pid in list(self.workers):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    gone.append(pid)
+            except ChildProcessError:
+                gone.append(pid)
+        return gone
+
+    def _swap_on_sighup(self) -> None:
+        try:
+            self._swap(None, None)
+        except Exception as err:
+            log.error("SIGHUP: version not swapped, the current one keeps serving: %s", err)
+
+    def _stop_all(self) -> None:
+        for pid in self.workers:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.workers and time.monotonic() < deadline:
+            for pid in self._exited():
+                self.workers.pop(pid)
+            time.sleep(0.05)
+        for pid in self.workers:
+            _signal(pid, signal.SIGKILL)
+        self.hub.close()
+        stop_parsers()
+        self.collection.close()  # the log holds every acknowledged change
+
+
+class _paused:
+    """Every modality's commits held off (none half-done): the indexes are at each log's last LSN."""
+
+    def __init__(self, collection: Collection):
+        self.contexts = [shard.paused() for shard in collection.shards.values()]
+
+    def __enter__(self) -> None:
+        for context in self.contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _mark_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def load(settings: Settings, model_dir: Path, index_dir: Path) -> Collection:
+    """The primary's collection: one encoder thread and one OpenMP thread (see store.replication)."""
+    return Collection.load(model_dir, index_dir, device="cpu", intra_op_threads=1, config=settings.store_config())
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """One worker's listening socket on the shared port (the kernel balances connections across them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    return sock
+
+
+def _run_worker(settings: Settings, port: int, primary: Collection, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
+    """The forked child: its own threads, encoder and lock over the shared indexes; uvicorn on the port."""
+    code = 1
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the primary gone: no log, stop
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
+        limit_threads(settings)  # OpenMP threads are set here, after the fork (the primary ran one)
+        embedder = primary.embedder if _shares_sessions(settings) else Embedder(primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        replica = Replica(channel, published, applied, lambda m, changes: collection.apply_logged(m, changes))
+        shards = {m: RemoteShard(m, primary.shards[m].index, replica, embedder.manifest_hash) for m in MODALITIES}
+        collection = Collection.replica(primary, embedder, shards)
+        collection.sync = replica.catch_up
+        share_parsers(SharedParsers(replica))
+        replica.start()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, state=WorkerState(settings, collection, replica)),
+                log_level="info",
+                access_log=settings.access_log,
+                http=deadline_protocol(settings.header_timeout, settings.body_timeout),
+                limit_concurrency=settings.max_connections,
+                timeout_graceful_shutdown=STOP_GRACE_S,
+            )
+        )
+        replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no writes, no swaps; the supervisor is gone
+        gc.freeze()
+        server.run(sockets=[listening_socket(settings.host, port)])
+        code = 0
+    except BaseException:
+        logging.getLogger(__name__).exception("worker %d failed", os.getpid())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class WorkerState(ServiceState):
+    """A worker's app state: swaps and snapshot archives are the primary's work."""
+
+    def __init__(self, settings: Settings, collection: Collection, replica: Replica):
+        super().__init__(settings, collection)
+        self.replica = replica
+
+    async def take_snapshot(self, directory: Path) -> dict:
+        return await asyncio.to_thread(self.replica.call, "snapshot", str(directory))
+
+    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, str, dict[str, int]]:
+        previous, version, sizes = await asyncio.to_thread(self.replica.call, "swap", model_dir, index_dir)
+        self.metrics.swaps.inc()  # this worker is retired next; its count stays in the shared metrics
+        return previous, version, sizes
+
+
+def _shares_sessions(settings: Settings) -> bool:
+    """Whether a worker can use the primary's encoder sessions (copy-on-write, no second copy): on
+    the CPU with one intra-op thread, a session has no thread pool for a fork to break. Others (a
+    GPU: a CUDA context never survives a fork) open their own, in the worker."""
+    return settings.intra_op_threads == 1 and choose_providers(settings.device)[0] == "CPUExecutionProvider"
+
+
+def serve(settings: Settings, port: int, announce) -> int:
+    """``python -m service serve`` with ``settings.workers`` > 1."""
+    metrics_dir = tempfile.mkdtemp(prefix="avsearch-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # every process writes its figures there...
+    values.ValueClass = values.get_value_class()  # ...from the metrics made from now on (it is read when prometheus_client is imported)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # never a thread team in the primary: forked children would hang in theirs
+        check_not_moved(settings.index_dir)
+        collection = load(settings, settings.model_dir, settings.index_dir)
+        reserve = listening_socket(settings.host, port)  # held: a busy port fails here, before any fork
+        gc.collect()
+        gc.freeze()  # objects made so far stay out of the cyclic GC's scans, which would write to (and so copy) their pages in every worker
+        start_parsers()  # the workers' large bodies are parsed here: two processes for the server, not two a worker
+        announce(collection)
+        print(f"{settings.workers} worker processes share one index (AVSEARCH_WORKERS)", flush=True)
+        primary = Primary(settings, port, collection)
+        try:
+            return primary.run()
+        finally:
+            reserve.close()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

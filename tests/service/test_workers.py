@@ -1,0 +1,238 @@
+"""AVSEARCH_WORKERS=2: one collection served by two forked workers (service.workers, store.replication).
+
+Real ``python -m service serve`` processes. A connection reaches one worker (the kernel spreads
+them); ``/healthz`` names it in ``X-Avsearch-Worker``, so the tests hold one connection per worker.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+from index.build import build_indexes
+from tests.service.conftest import copy_index
+from tests.store.test_crash import DIMS, GONE, Server, Writer, _check
+
+WORKERS = {"AVSEARCH_WORKERS": "2"}
+
+
+def _worker_connections(server: Server, count: int = 2, deadline_s: float = 30.0) -> dict[int, http.client.HTTPConnection]:
+    """One keep-alive connection to each of ``count`` live workers."""
+    found: dict[int, http.client.HTTPConnection] = {}
+    deadline = time.monotonic() + deadline_s
+    while len(found) < count:
+        assert time.monotonic() < deadline, f"reached only workers {sorted(found)}"
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            response.read()
+        except OSError:
+            time.sleep(0.05)
+            continue
+        pid = int(response.getheader("X-Avsearch-Worker"))
+        if pid in found:
+            conn.close()
+        else:
+            found[pid] = conn
+    return found
+
+
+def _metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples carrying ``labels`` in /metrics."""
+    status, text = _get_text(server, "/metrics")
+    assert status == 200
+    total = 0.0
+    for line in text.splitlines():
+        sample = line.split("{")[0].split(" ")[0]
+        if sample == name and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _get_text(server: Server, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_forked_children_search_and_embed_after_the_parent_did(tiny):
+    """The fork pitfalls the workers avoid: a child of a process that ran an OpenMP team hangs in its
+    first FAISS search (libgomp), and ONNX Runtime's thread pools do not cross a fork. With the
+    primary's rules (one OpenMP thread; encoder sessions of one thread, which have no pool, shared;
+    others opened after the fork) a forked child searches with two threads and embeds, with the
+    parent's results."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys, numpy as np, faiss
+        from index.embedder import Embedder
+        faiss.omp_set_num_threads(1)
+        x = np.random.default_rng(0).standard_normal((5000, 32)).astype("float32")
+        index = faiss.IndexHNSWFlat(32, 16)
+        index.add(x)
+        expected = index.search(x[:200], 5)[1]
+        embedder = Embedder({str(tiny.model_dir)!r}, device="cpu", intra_op_threads=1)
+        queries = np.random.default_rng(1).standard_normal((64, 128)).astype("float32")
+        embedded = embedder.embed("audio", queries)
+        pid = os.fork()
+        if pid == 0:
+            faiss.omp_set_num_threads(2)
+            ok = (index.search(x[:200], 5)[1] == expected).all()
+            ok &= np.allclose(embedder.embed("audio", queries), embedded, atol=1e-6)  # one intra-op thread: no pool to break, shared
+            ok &= np.allclose(Embedder({str(tiny.model_dir)!r}, device="cpu", intra_op_threads=2).embed("audio", queries), embedded, atol=1e-6)
+            os._exit(0 if ok else 3)
+        sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_workers_forked_after_the_primary_ran_hnsw_inserts_search(tiny, tmp_path):
+    """The OpenMP pitfall in the server itself, with OpenMP free to use 4 threads: the primary
+    applies a batch of upserts to an HNSW index (FAISS parallel regions) in a commit thread, and,
+    after a restart, replays them from the log in the thread that forks the workers; every worker
+    forked afterwards (the first ones, and the replacement of one killed) must still search."""
+    build_indexes(tiny.model_dir, tiny.data_dir, tmp_path / "index", factory="HNSW32", device="cpu", progress=False)
+    settings = {"OMP_NUM_THREADS": "4", "AVSEARCH_WAL_SNAPSHOT_BYTES": str(2**30), "AVSEARCH_WAL_SNAPSHOT_SECONDS": "3600", **WORKERS}  # no fold: a replay
+    server = Server(tiny.model_dir, tmp_path / "index", **settings)
+    vectors = np.random.default_rng(9).standard_normal((400, DIMS["audio"])).round(5)
+    items = [{"id": f"bulk-{i}", "vector": v.tolist()} for i, v in enumerate(vectors)]
+    assert server.request("POST", "/v1/items/audio", {"items": items})[0] == 200
+    server.kill()
+    server = Server(tiny.model_dir, tmp_path / "index", **settings)
+    try:
+        victim = next(iter(_worker_connections(server)))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in _worker_connections(server):
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+        for conn in _worker_connections(server).values():
+            status, body = server.request("POST", "/v1/search", {"modality": "audio", "target": "audio", "vectors": [vectors[7].tolist()], "top_k": 3}, conn=conn)
+            assert status == 200 and body["results"][0][0]["id"] == "bulk-7", body
+    finally:
+        server.kill()
+
+
+def test_a_write_through_one_worker_is_found_at_once_through_the_other(tiny, tmp_path):
+    server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
+    try:
+        (pid_a, a), (pid_b, b) = _worker_connections(server).items()
+        assert pid_a != pid_b and {pid_a, pid_b} <= set(server.processes())
+        rng = np.random.default_rng(5)
+        searches = {"a": 0, "b": 0}
+        for n in range(25):
+            writer, reader = (a, b) if n % 2 == 0 else (b, a)
+            vector = rng.standard_normal(DIMS["visual"]).round(5).tolist()
+            item = f"both-{n}"
+            status, body = server.request("POST", "/v1/items/visual", {"items": [{"id": item, "vector": vector, "metadata": {"n": n}}]}, conn=writer)
+            assert status == 200, body
+            status, body = server.request("POST", "/v1/search", {"modality": "visual", "target": "visual", "vectors": [vector], "top_k": 1}, conn=reader)
+            assert status == 200 and body["results"][0][0]["id"] == item and body["results"][0][0]["metadata"] == {"n": n}, body
+            searches["b" if reader is b else "a"] += 1
+            if n % 5 == 4:  # a delete through one worker is gone at once through the other
+                assert server.request("DELETE", f"/v1/items/visual/{item}", conn=reader)[0] == 200
+                assert server.request("GET", f"/v1/items/visual/{item}", conn=writer)[0] == 404
+        # /metrics adds up over the workers (either one answers it), the primary's group commits included
+        assert _metric(server, "avsearch_requests_total", route="/v1/search", method="POST", status="200") == 25
+        assert _metric(server, "avsearch_commit_group_changes_count", modality="visual") == 30
+        assert _metric(server, "avsearch_index_items", modality="visual") == server.request("GET", "/v1/info")[1]["index_sizes"]["visual"]
+    finally:
+        server.kill()
+
+
+def test_a_dead_worker_is_replaced_and_a_swap_reaches_every_worker(tiny, tmp_path):
+    server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
+    try:
+        first = _worker_connections(server)
+        victim = next(iter(first))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in _worker_connections(server):  # the replacement answers
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+        assert server.request("POST", "/v1/items/audio", {"items": [{"id": "after-death", "vector": [0.25] * DIMS["audio"]}]})[0] == 200
+        for conn in _worker_connections(server).values():
+            assert server.request("GET", "/v1/items/audio/after-death", conn=conn)[0] == 200
+
+        status, body = server.request("POST", "/v1/admin/reload", {})
+        assert status == 200, body
+        deadline = time.monotonic() + 30
+        while True:  # the old generation stops; a new one serves
+            workers = _worker_connections(server)
+            if not set(workers) & set(first) and len([p for p in server.processes() if p != server.proc.pid]) == 2:
+                break
+            assert time.monotonic() < deadline, f"old workers still serve: {sorted(workers)} vs {sorted(first)}"
+            time.sleep(0.2)
+        for conn in workers.values():  # the change made before the swap is in the new version, on every worker
+            assert server.request("GET", "/v1/items/audio/after-death", conn=conn)[0] == 200
+        assert _metric(server, "avsearch_version_swaps_total") == 1
+    finally:
+        server.kill()
+
+
+def test_acknowledged_changes_survive_killing_a_worker_or_the_whole_group(tiny, tmp_path):
+    """The crash test's promises with two workers: SIGKILL one worker (the others go on; it is
+    replaced) or every process at once, while writers write through both and folds run after nearly
+    every commit; every acknowledged change is there after, an unanswered one wholly or not at all."""
+    index_dir = copy_index(tiny, tmp_path / "index")
+    rng = random.Random(23)
+    state: dict[str, dict[str, object]] = {"audio": {}, "visual": {}}
+    server = Server(tiny.model_dir, index_dir, **WORKERS)
+    base_sizes = server.request("GET", "/v1/info")[1]["index_sizes"]
+    acked, kills = 0, {"worker": 0, "group": 0}
+    for round_ in range(10):
+        how = "worker" if round_ % 2 == 0 else "group"
+        writers = [Writer(server, w, round_, state, random.Random(rng.random())) for w in range(4)]
+        for w in writers:
+            w.start()
+        time.sleep(rng.uniform(0.2, 0.6))
+        if how == "worker":
+            os.kill(rng.choice([p for p in server.processes() if p != server.proc.pid]), signal.SIGKILL)
+            time.sleep(0.2)
+            for w in writers:
+                w.stop.set()
+        else:
+            for pid in server.processes():
+                os.kill(pid, signal.SIGKILL)
+            server.kill()
+        for w in writers:
+            w.join(30)
+            assert not w.is_alive()
+            for item_id, value in w.acked:
+                state[w.modality][item_id] = value
+            acked += len(w.acked)
+        kills[how] += 1
+        if how == "group":
+            server = Server(tiny.model_dir, index_dir, **WORKERS)
+        _worker_connections(server)  # both workers serve again
+        for w in writers:  # an unanswered change: all of it or none of it
+            if w.unanswered:
+                found = [server.request("GET", f"/v1/items/{w.modality}/{i}") for i, _ in w.unanswered]
+                landed = [(s == 200 and b["metadata"] == v) or (s == 404 and v == GONE) for (i, v), (s, b) in zip(w.unanswered, found)]
+                assert all(landed) or not any(landed), (w.unanswered, [(s, b.get("detail")) for s, b in found])
+                if all(landed):
+                    state[w.modality].update(w.unanswered)
+        for conn in _worker_connections(server).values():  # each worker holds every change
+            _check_through(server, conn, state)
+        _check(server, state, base_sizes)
+    server.kill()
+    assert acked > 100 and kills == {"worker": 5, "group": 5}
+
+
+def _check_through(server: Server, conn: http.client.HTTPConnection, state: dict) -> None:
+    for modality, expected in state.items():
+        for item_id, value in list(expected.items())[-20:]:
+            status, body = server.request("GET", f"/v1/items/{modality}/{item_id}", conn=conn)
+            assert (status == 200 and body["metadata"] == value) if value != GONE else status == 404, (item_id, status, body)
