@@ -300,6 +300,8 @@ def _run_worker(settings: Settings, port: int, primary: Collection, channel: Cha
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
+        for shard in primary.shards.values():  # the primary's log files: held open here, a checkpoint's deleted segments would keep their disk space
+            shard.wal.close()
         limit_threads(settings)  # OpenMP threads are set here, after the fork (the primary ran one)
         embedder = primary.embedder if _shares_sessions(settings) else Embedder(primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
         replica = Replica(channel, published, applied, lambda m, changes: collection.apply_logged(m, changes))
