@@ -106,7 +106,8 @@ class Compose:
         self.port = free_port()
         self.key = secrets.token_hex(16)
         # Writes need a key (the API binds 0.0.0.0); reads then need one too.
-        self.env = {"AVSEARCH_DATA": str(self.data), "AVSEARCH_TRAIN_CONFIG": "tiny", "AVSEARCH_PORT": str(self.port), "AVSEARCH_API_KEY": self.key}
+        # Two worker processes (AVSEARCH_WORKERS): the image serves one index from both.
+        self.env = {"AVSEARCH_DATA": str(self.data), "AVSEARCH_TRAIN_CONFIG": "tiny", "AVSEARCH_PORT": str(self.port), "AVSEARCH_API_KEY": self.key, "AVSEARCH_WORKERS": "2"}
         self.base = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {self.key}"}
 
@@ -130,6 +131,21 @@ class Compose:
                 logs = run("docker", "logs", "--tail", "40", container, check=False)
                 pytest.fail(f"{service} not healthy (status {status}, running {state['Running']}):\n{logs.stdout}{logs.stderr}", pytrace=False)
             time.sleep(1)
+
+
+def _one_client_per_worker(compose: Compose, count: int) -> list[httpx.Client]:
+    """Keep-alive clients, one on each of ``count`` worker processes (``/healthz`` names the one answering)."""
+    found: dict[str, httpx.Client] = {}
+    for _ in range(200):
+        client = httpx.Client(base_url=compose.base, timeout=10)
+        worker = client.get("/healthz").headers["X-Avsearch-Worker"]
+        if worker in found:
+            client.close()
+        else:
+            found[worker] = client
+        if len(found) == count:
+            return list(found.values())
+    pytest.fail(f"the connections reached only workers {sorted(found)}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +197,9 @@ def test_compose_flow_trains_indexes_serves_and_keeps_an_upsert_across_a_restart
     assert r.status_code == 200 and r.json()["upserted"] == 1 and r.json()["count"] == len(ids) + 1, r.text
     before = httpx.get(f"{compose.base}/v1/items/visual/docker-test-item", headers=compose.headers, timeout=10).json()
     assert before["metadata"] == {"source": "docker-test"} and len(before["embedding"]) == width
+    for worker in _one_client_per_worker(compose, 2):  # the change is there through each worker process
+        assert worker.get("/v1/items/visual/docker-test-item", headers=compose.headers).json() == before
+        worker.close()
 
     t = time.monotonic()
     compose("restart", "api")
