@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import importlib
 import logging
 import os
 import queue
@@ -77,6 +78,7 @@ class Primary:
         self.generation = 0
         self._gate = threading.Condition()  # item changes wait while a swap is under way
         self._swapping, self._in_flight = False, 0
+        self._template: WorkerTemplate | None = None  # the workers' app, built once per version
         self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
         self.metrics = Metrics(dict)  # the primary's commits and folds, added up with the workers' figures
         self._attach(collection)
@@ -173,6 +175,8 @@ class Primary:
 
     def _fork_worker(self) -> None:
         collection = self.collection
+        if self._template is None or self._template.primary is not collection:
+            self._template = WorkerTemplate(self.settings, collection)  # before the fork: shared by the workers, not built in each
         ours, theirs = socket.socketpair()
         with _paused(collection):  # the image is exactly at the published LSNs
             applied = {m: collection.shards[m].last_lsn for m in MODALITIES}
@@ -181,7 +185,7 @@ class Primary:
                 ours.close()
                 for channel in self.hub.channels.values():  # another worker's channel open here would hide its death
                     channel.sock.close()
-                _run_worker(self.settings, self.port, collection, Channel(theirs), self.published, applied)  # never returns
+                _run_worker(self.settings, self.port, self._template, Channel(theirs), self.published, applied)  # never returns
             theirs.close()
             self.workers[pid] = self.generation
             self.hub.attach(pid, Channel(ours))
@@ -292,32 +296,57 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_worker(settings: Settings, port: int, primary: Collection, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
-    """The forked child: its own threads, encoder and lock over the shared indexes; uvicorn on the port."""
+class WorkerTemplate:
+    """A worker's app and replica collection, built in the primary before the forks (so that the
+    workers share their memory, measured: 4 MB a worker); each worker connects its own channel."""
+
+    def __init__(self, settings: Settings, primary: Collection):
+        self.primary = primary
+        embedder = primary.embedder if _shares_sessions(settings) else None  # else opened in each worker, after the fork
+        shards = {m: RemoteShard(m, primary.shards[m].index, None, primary.embedder.manifest_hash) for m in MODALITIES}
+        self.collection = Collection.replica(primary, embedder or primary.embedder, shards)
+        self.state = WorkerState(settings, self.collection, None)
+        self.app = create_app(settings, state=self.state)
+        self.own_sessions = embedder is None
+
+    def connect(self, settings: Settings, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> Replica:
+        """In the worker: its channel to the primary, its encoder sessions where it needs its own."""
+        if self.own_sessions:
+            self.collection.embedder = Embedder(self.primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
+        replica = Replica(channel, published, applied, self.collection.apply_logged)
+        for shard in self.collection.shards.values():
+            shard.replica = replica
+        self.state.replica = replica
+        self.collection.sync = replica.catch_up
+        share_parsers(SharedParsers(replica))
+        replica.start()
+        return replica
+
+
+def _run_worker(settings: Settings, port: int, template: WorkerTemplate, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
+    """The forked child: its own threads and lock over the shared indexes; uvicorn on the port."""
     code = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the primary gone: no log, stop
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
-        for shard in primary.shards.values():  # the primary's log files: held open here, a checkpoint's deleted segments would keep their disk space
+        for shard in template.primary.shards.values():  # the primary's log files: held open here, a checkpoint's deleted segments would keep their disk space
             shard.wal.close()
-        limit_threads(settings)  # OpenMP threads are set here, after the fork (the primary ran one)
-        embedder = primary.embedder if _shares_sessions(settings) else Embedder(primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
-        replica = Replica(channel, published, applied, lambda m, changes: collection.apply_logged(m, changes))
-        shards = {m: RemoteShard(m, primary.shards[m].index, replica, embedder.manifest_hash) for m in MODALITIES}
-        collection = Collection.replica(primary, embedder, shards)
-        collection.sync = replica.catch_up
-        share_parsers(SharedParsers(replica))
-        replica.start()
+        if settings.search_threads > 0:  # this thread's OpenMP team, after the fork (the primary's is one thread)
+            import faiss
+
+            faiss.omp_set_num_threads(settings.search_threads)
+        replica = template.connect(settings, channel, published, applied)
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(settings, state=WorkerState(settings, collection, replica)),
+                template.app,
                 log_level="info",
                 access_log=settings.access_log,
                 http=deadline_protocol(settings.header_timeout, settings.body_timeout),
                 limit_concurrency=settings.max_connections,
                 timeout_graceful_shutdown=STOP_GRACE_S,
+                ws="none",  # no websocket routes: nothing to import for them in each worker
             )
         )
         replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no writes, no swaps; the supervisor is gone
@@ -335,9 +364,9 @@ def _run_worker(settings: Settings, port: int, primary: Collection, channel: Cha
 class WorkerState(ServiceState):
     """A worker's app state: swaps and snapshot archives are the primary's work."""
 
-    def __init__(self, settings: Settings, collection: Collection, replica: Replica):
+    def __init__(self, settings: Settings, collection: Collection, replica: Replica | None):
         super().__init__(settings, collection)
-        self.replica = replica
+        self.replica = replica  # connected in the worker (WorkerTemplate.connect)
 
     async def take_snapshot(self, directory: Path) -> dict:
         return await asyncio.to_thread(self.replica.call, "snapshot", str(directory))
@@ -355,6 +384,18 @@ def _shares_sessions(settings: Settings) -> bool:
     return settings.intra_op_threads == 1 and choose_providers(settings.device)[0] == "CPUExecutionProvider"
 
 
+def _preload(settings: Settings) -> None:
+    """Do here, once, what each worker would otherwise do at its start, so that it is shared rather
+    than copied into every worker (measured, 10^6 Flat: 3.6 MB a worker): the BLAS thread limits
+    (process-wide, inherited; threadpoolctl scans the loaded libraries) and uvicorn's lazy imports."""
+    limit_threads(settings)
+    for name in ("uvloop", "uvicorn.loops.auto", "uvicorn.loops.uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.httptools_impl"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional: uvicorn falls back to asyncio and h11
+            pass
+
+
 def serve(settings: Settings, port: int, announce) -> int:
     """``python -m service serve`` with ``settings.workers`` > 1."""
     metrics_dir = tempfile.mkdtemp(prefix="avsearch-metrics-")
@@ -363,6 +404,7 @@ def serve(settings: Settings, port: int, announce) -> int:
     try:
         import faiss
 
+        _preload(settings)
         faiss.omp_set_num_threads(1)  # never a thread team in the primary: forked children would hang in theirs
         check_not_moved(settings.index_dir)
         collection = load(settings, settings.model_dir, settings.index_dir)

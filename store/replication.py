@@ -255,7 +255,7 @@ class RemoteShard:
     """A worker's stand-in for one modality's :class:`~store.shard.Shard`: the same index (forked),
     commits made by the primary."""
 
-    def __init__(self, modality: str, index, replica: Replica, model: str):
+    def __init__(self, modality: str, index, replica: Replica | None, model: str):
         self.modality, self.index, self.replica, self.model = modality, index, replica, model
 
     def commit(self, change: Change) -> int:
