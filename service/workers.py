@@ -29,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future
+from contextlib import ExitStack, contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -91,25 +93,31 @@ class Primary:
             self.published[modality] = shard.last_lsn
 
     def _commit(self, modality: str, model: str, change: Change) -> int:
+        with self._unless_swapping(refuse_model=model, modality=modality):
+            if model != self.collection.embedder.manifest_hash:  # sent through a worker of the version swapped out
+                raise ChangeNotSaved(modality, "the model was swapped while it was sent")
+            return self.collection.shards[modality].commit(change)
+
+    def _snapshot(self, directory: str) -> dict:
+        with self._unless_swapping():
+            return self.collection.snapshot(Path(directory))
+
+    @contextmanager
+    def _unless_swapping(self, refuse_model: str | None = None, modality: str = "") -> Iterator[None]:
+        """Run the block outside any version swap (it waits for this to end, this for it). A change
+        from a worker of the version being swapped out is refused at once: that worker finishes its
+        requests before the swap ends, so waiting for the swap would wait for itself."""
         with self._gate:
-            if self._swapping and model == self.collection.embedder.manifest_hash:
-                raise ChangeNotSaved(modality, "a version swap is under way and this worker serves the version being replaced")
+            if self._swapping and refuse_model == self.collection.embedder.manifest_hash:
+                raise ChangeNotSaved(modality, "a version swap is under way; retry")
             self._gate.wait_for(lambda: not self._swapping)
             self._in_flight += 1
         try:
-            collection = self.collection
-            if model != collection.embedder.manifest_hash:  # sent through a worker of the version swapped out
-                raise ChangeNotSaved(modality, "the model was swapped while it was sent")
-            return collection.shards[modality].commit(change)
+            yield
         finally:
             with self._gate:
                 self._in_flight -= 1
                 self._gate.notify_all()
-
-    def _snapshot(self, directory: str) -> dict:
-        with self._gate:
-            self._gate.wait_for(lambda: not self._swapping)
-            return self.collection.snapshot(Path(directory))
 
     def _swap(self, model_dir: Path | None, index_dir: Path | None) -> tuple[str, str, dict]:
         """Load a version, fork its workers, retire the old ones; (previous, version, sizes)."""
@@ -251,19 +259,13 @@ class Primary:
         self.collection.close()  # the log holds every acknowledged change
 
 
-class _paused:
+@contextmanager
+def _paused(collection: Collection) -> Iterator[None]:
     """Every modality's commits held off (none half-done): the indexes are at each log's last LSN."""
-
-    def __init__(self, collection: Collection):
-        self.contexts = [shard.paused() for shard in collection.shards.values()]
-
-    def __enter__(self) -> None:
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
+    with ExitStack() as stack:
+        for shard in collection.shards.values():
+            stack.enter_context(shard.paused())
+        yield
 
 
 def _signal(pid: int, signum: int) -> None:

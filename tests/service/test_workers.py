@@ -145,8 +145,13 @@ def test_a_write_through_one_worker_is_found_at_once_through_the_other(tiny, tmp
             if n % 5 == 4:  # a delete through one worker is gone at once through the other
                 assert server.request("DELETE", f"/v1/items/visual/{item}", conn=reader)[0] == 200
                 assert server.request("GET", f"/v1/items/visual/{item}", conn=writer)[0] == 404
+        # a body over PARSE_ON_LOOP_BYTES is parsed by the primary's parser processes, for either worker
+        many = rng.standard_normal((300, DIMS["audio"])).round(6).tolist()
+        for conn in (a, b):
+            status, body = server.request("POST", "/v1/search", {"modality": "audio", "vectors": many, "top_k": 2}, conn=conn)
+            assert status == 200 and len(body["results"]) == 300, body
         # /metrics adds up over the workers (either one answers it), the primary's group commits included
-        assert _metric(server, "avsearch_requests_total", route="/v1/search", method="POST", status="200") == 25
+        assert _metric(server, "avsearch_requests_total", route="/v1/search", method="POST", status="200") == 27
         assert _metric(server, "avsearch_commit_group_changes_count", modality="visual") == 30
         assert _metric(server, "avsearch_index_items", modality="visual") == server.request("GET", "/v1/info")[1]["index_sizes"]["visual"]
     finally:
@@ -178,6 +183,8 @@ def test_a_dead_worker_is_replaced_and_a_swap_reaches_every_worker(tiny, tmp_pat
         for conn in workers.values():  # the change made before the swap is in the new version, on every worker
             assert server.request("GET", "/v1/items/audio/after-death", conn=conn)[0] == 200
         assert _metric(server, "avsearch_version_swaps_total") == 1
+        status, card = server.request("POST", "/v1/admin/snapshots", {})  # taken by the primary, once
+        assert status == 201 and card["items"]["audio"] == server.request("GET", "/v1/info")[1]["index_sizes"]["audio"], card
     finally:
         server.kill()
 
