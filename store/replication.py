@@ -3,18 +3,19 @@
 The primary loads the collection, then forks the workers: each starts from the primary's image of
 the indexes, shared copy-on-write (a page is copied only when one side writes it). Only the primary
 writes the log. A worker sends each change to the primary (:meth:`Replica.call`); the primary
-commits it (group commit, fsync), applies it to its own indexes, sends the applied records down
-every worker's channel, publishes the new last LSN in shared memory, and only then answers. A
-worker applies records in the order they arrive; before each read it compares the LSN it applied
-with the published one and waits for the few records still in flight (:meth:`Replica.catch_up`).
+commits it (group commit, fsync), sends the logged changes down every worker's channel, publishes
+their last LSN in shared memory, applies them to its own indexes, and only then answers. A worker
+applies changes in the order they arrive; before each read it compares the LSN it applied with the
+published one and waits for the few changes still in flight (:meth:`Replica.catch_up`).
 So a change acknowledged to any client is seen by every read that starts afterwards, on any worker.
-Checkpoints, snapshot archives and version swaps run in the primary only.
+Checkpoints, snapshot files and version swaps run in the primary only.
 
 Fork pitfalls, each tested (tests/service/test_workers.py):
 - GNU OpenMP is not fork-safe: a child hangs in its first parallel region when the parent ran one
-  with more than one thread. The primary therefore runs FAISS with one OpenMP thread (it only
-  applies changes); a worker sets its own thread count after the fork.
-- ONNX Runtime's thread pools do not survive a fork: each worker creates its own sessions.
+  with more than one thread in the forking thread. The primary therefore keeps that thread at one
+  OpenMP thread (it only loads and applies changes); a worker sets its own count after the fork.
+- ONNX Runtime's thread pools do not survive a fork: sessions with one intra-op thread (no pool)
+  are shared; others are opened by each worker after the fork (service.workers).
 - Locks held by the primary's other threads stay held in the child: a worker builds its own locks
   and never touches the primary's log, checkpointer or threads. Forks happen with every shard's
   commits paused, so the image is exactly at the published LSN.
@@ -84,7 +85,7 @@ class Channel:
 
 
 class PublishedLSN:
-    """The last LSN the primary applied, per modality, in memory shared with every forked worker
+    """The last LSN the primary sent to the workers, per modality, in memory shared with every forked worker
     (an anonymous shared mapping made before the forks; aligned 8-byte stores are atomic on the
     platforms this runs on, and only the primary writes)."""
 
@@ -114,7 +115,7 @@ def _sendable(err: Exception) -> Exception:
 
 # --- the primary's side ----------------------------------------------------------------------
 class Hub:
-    """The primary's end of every worker's channel: answers calls, sends applied changes to all."""
+    """The primary's end of every worker's channel: answers calls, sends logged changes to all."""
 
     def __init__(self, published: PublishedLSN, handlers: dict[str, Callable[..., object]]):
         self.published = published
