@@ -155,6 +155,7 @@ def main() -> int:
     finally:
         for process, _, _ in servers.values():
             process.terminate()
+        for process, _, _ in servers.values():
             process.wait(60)
     tracebacks = {name: log.read_text().count("Traceback") for name, (_, _, log) in servers.items()}
     write_results(sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks)

@@ -81,7 +81,8 @@ class Primary:
         self._gate = threading.Condition()  # item changes wait while a swap is under way
         self._swapping, self._in_flight = False, 0
         self._template: WorkerTemplate | None = None  # the workers' app, built once per version
-        self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
+        self._forks: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()  # SIGTERM/SIGINT: no more forks, swaps or waiting changes  # fork requests for the main thread (a child's main thread must be the process's)
         self.metrics = Metrics(dict)  # the primary's commits and folds, added up with the workers' figures
         self._attach(collection)
 
@@ -110,7 +111,9 @@ class Primary:
         with self._gate:
             if self._swapping and refuse_model == self.collection.embedder.manifest_hash:
                 raise ChangeNotSaved(modality, "a version swap is under way; retry")
-            self._gate.wait_for(lambda: not self._swapping)
+            self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
+            if self._stopping.is_set():
+                raise ChangeNotSaved(modality or "item", "the server is stopping")
             self._in_flight += 1
         try:
             yield
@@ -122,7 +125,9 @@ class Primary:
     def _swap(self, model_dir: Path | None, index_dir: Path | None) -> tuple[str, str, dict]:
         """Load a version, fork its workers, retire the old ones; (previous, version, sizes)."""
         with self._gate:
-            self._gate.wait_for(lambda: not self._swapping)
+            self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
+            if self._stopping.is_set():
+                raise RuntimeError("the server is stopping")
             self._swapping = True
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
@@ -178,7 +183,9 @@ class Primary:
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.generation += 1
         self._forks.put((self.settings.workers, done))
-        done.wait()
+        while not done.wait(0.1):  # the main thread forks; once it stops looking, nobody will
+            if self._stopping.is_set():
+                raise RuntimeError("the server is stopping")
         return old
 
     def _fork_worker(self) -> None:
@@ -201,7 +208,7 @@ class Primary:
 
     def run(self) -> int:
         """Fork the workers and look after them until SIGTERM/SIGINT."""
-        stop = threading.Event()
+        stop = self._stopping
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())
@@ -225,6 +232,8 @@ class Primary:
                     last_respawn = time.monotonic()
                     log.error("worker %d died; starting another", pid)
                     self._fork_worker()
+        with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
+            self._gate.notify_all()
         self._stop_all()
         return 0
 

@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
 
 from index.build import build_indexes
+from service.workers import STOP_GRACE_S
 from tests.service.conftest import copy_index
 from tests.store.test_crash import DIMS, GONE, Server, Writer, _check
 
@@ -243,3 +245,30 @@ def _check_through(server: Server, conn: http.client.HTTPConnection, state: dict
         for item_id, value in list(expected.items())[-20:]:
             status, body = server.request("GET", f"/v1/items/{modality}/{item_id}", conn=conn)
             assert (status == 200 and body["metadata"] == value) if value != GONE else status == 404, (item_id, status, body)
+
+
+def test_sigterm_during_a_version_swap_stops_the_server(tiny, tmp_path):
+    """Found by bench/fuzz.py: a swap waiting for the main thread to fork its workers, and a second
+    swap waiting for the first, kept a stopped primary alive forever. Both now give up."""
+    server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
+    reloads = [threading.Thread(target=lambda: _swallow(server.request, "POST", "/v1/admin/reload", {}), daemon=True) for _ in range(2)]
+    for reload in reloads:
+        reload.start()
+    time.sleep(0.3)  # the swaps are loading the version
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(STOP_GRACE_S + 20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise AssertionError("the primary did not stop after SIGTERM during a swap") from None
+    deadline = time.monotonic() + 10
+    while server.processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server.processes(), f"processes of the stopped server still run: {server.processes()}"
+
+
+def _swallow(function, *args) -> None:
+    try:
+        function(*args)
+    except (OSError, http.client.HTTPException):  # the server stopped under the request
+        pass
