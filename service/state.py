@@ -14,7 +14,8 @@ from service.batching import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
 from store.collection import Collection
-from store.served import check_not_moved, follow
+from store.served import check_not_moved
+from store.versions import load_next
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +117,9 @@ class ServiceState:
         none lands in the old version after the new one was read from disk.
         """
         async with self.gate.exclusive():
-            current = self.collection
-            if current is not None:  # no change is under way (the gate); stop its checkpoints, which may write where the new one loads from
-                await asyncio.to_thread(current.pause_checkpoints)
-            try:
-                collection = await asyncio.to_thread(self.load_collection, model_dir, index_dir)
-                try:
-                    served = await asyncio.to_thread(follow, self.index_dir if index_dir is None else self.settings.index_dir, collection.index_dir)
-                except BaseException:
-                    await asyncio.to_thread(collection.close)
-                    raise
-            except BaseException:
-                if current is not None:
-                    current.resume_checkpoints()
-                raise
+            current = self.collection  # no change is under way (the gate)
+            configured = self.index_dir if index_dir is None else self.settings.index_dir
+            collection, served = await asyncio.to_thread(load_next, current, lambda: self.load_collection(model_dir, index_dir), configured)
             self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
             if current is not None:
                 await asyncio.to_thread(current.close)  # its logs: the new version reads and appends them now when it is the same directory

@@ -49,7 +49,8 @@ from store.changes import Change
 from store.collection import Collection
 from store.errors import ChangeNotSaved
 from store.replication import Channel, Hub, PublishedLSN, RemoteShard, Replica
-from store.served import check_not_moved, follow
+from store.served import check_not_moved
+from store.versions import load_next
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -132,19 +133,8 @@ class Primary:
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
             current = self.collection
-            current.pause_checkpoints()
-            try:
-                if index_dir is None:
-                    check_not_moved(self.index_dir)
-                collection = load(self.settings, model_dir or self.model_dir, index_dir or self.index_dir)
-                try:
-                    served = follow(self.index_dir if index_dir is None else self.settings.index_dir, collection.index_dir)
-                except BaseException:
-                    collection.close()
-                    raise
-            except BaseException:
-                current.resume_checkpoints()
-                raise
+            configured = self.index_dir if index_dir is None else self.settings.index_dir
+            collection, served = load_next(current, lambda: self._load(model_dir, index_dir), configured)
             self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
             current.close()
             self.collection = collection
@@ -156,6 +146,11 @@ class Primary:
         threading.Thread(target=self._retire, args=(retired,), name="avsearch-retire", daemon=True).start()
         log.info("swapped in model %s (was %s) across %d workers", collection.version, current.version, self.settings.workers)
         return current.version, collection.version, collection.sizes()
+
+    def _load(self, model_dir: Path | None, index_dir: Path | None) -> Collection:
+        if index_dir is None:
+            check_not_moved(self.index_dir)  # a reload moved the served index elsewhere
+        return load(self.settings, model_dir or self.model_dir, index_dir or self.index_dir)
 
     def _open_gate(self) -> None:
         with self._gate:

@@ -35,7 +35,7 @@ from store.changes import Change
 from store.dirlock import is_served
 from store.layout import API_ITEMS_NAME, CARRIED_NAME, checkpoint_lsn, wal_dir
 from store.persist import load_index, swap_into_place
-from store.served import check_not_moved, point_link
+from store.served import check_not_moved, follow, point_link
 from store.shard import Shard
 from store.wal import read_records
 
@@ -180,3 +180,23 @@ def collect_versions(link: Path, keep: int, protect: list[Path]) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def load_next(current, load: Callable[[], object], configured: Path) -> tuple[object, Path]:
+    """The next version to serve, and the path it is served from (the configured index path follows
+    it, :func:`store.served.follow`). ``current``'s checkpoints pause first (they may write where the
+    next one loads from) and resume if anything fails, so ``current`` keeps serving; on success the
+    caller closes ``current`` once nothing uses it."""
+    if current is not None:
+        current.pause_checkpoints()
+    try:
+        collection = load()
+        try:
+            return collection, follow(configured, collection.index_dir)
+        except BaseException:
+            collection.close()
+            raise
+    except BaseException:
+        if current is not None:
+            current.resume_checkpoints()
+        raise
