@@ -2,6 +2,7 @@
 
     python bench/fuzz.py                      # 10^4 generated requests (about 5 minutes after the setup)
     python bench/fuzz.py --requests 2000
+    python bench/fuzz.py --workers 2          # AVSEARCH_WORKERS=2: version swaps replace worker processes
 
 Setup (cached in --work): the tiny preset trained on its synthetic set, exported and indexed. Then
 two servers (``python -m service serve`` on 127.0.0.1, the deadlines and Host checks of production
@@ -11,7 +12,8 @@ the loaded model's vector widths, so bodies reach search, embed and upsert rathe
 validation: every operation (console and admin included) in rounds, with no key, the read-write
 key, the read-only key and a wrong key, until ``--requests`` were sent. Each answer's status is
 counted; any of 500 or more is listed. Afterwards each server must answer /healthz, /readyz and a
-valid search, and its log must hold no traceback. Writes bench/results/fuzz.md and fuzz.json.
+valid search, and its log must hold no traceback. Writes bench/results/fuzz.md and fuzz.json
+(fuzz_workers2.md and .json with ``--workers 2``).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10_000, help="generated requests to send in all")
     parser.add_argument("--examples", type=int, default=60, help="most examples per operation and key in one round")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("AVSEARCH_WORKERS", "1")), help="AVSEARCH_WORKERS of both servers")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-fuzz"), help="cache of the tiny model and index")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -135,6 +138,7 @@ def main() -> int:
         copy = args.work / f"serve-{name.replace(' ', '-')}" / "index"
         shutil.rmtree(copy.parent, ignore_errors=True)
         shutil.copytree(index, copy)
+        env = {**env, "AVSEARCH_WORKERS": str(args.workers)}
         servers[name] = (*start_server(model, copy, copy.parent / "server.log", env), copy.parent / "server.log")
     variants = [("no keys", "no key"), *(("keys", h) for h in HEADERS)]
     per_variant = {variant: collections.Counter() for variant in variants}
@@ -158,14 +162,16 @@ def main() -> int:
         for process, _, _ in servers.values():
             process.wait(60)
     tracebacks = {name: log.read_text().count("Traceback") for name, (_, _, log) in servers.items()}
-    write_results(sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks)
+    write_results(args.workers, sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks)
     ok = not errors and all(alive.values()) and all(v == 200 for checks in after.values() for v in checks.values())
     return 0 if ok else 1
 
 
-def write_results(sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks) -> None:
+def write_results(workers, sent, seconds, rounds, per_variant, by_operation, errors, after, alive, tracebacks) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "fuzz" if workers == 1 else f"fuzz_workers{workers}"
     card = {
+        "workers": workers,
         "requests": sent,
         "seconds": round(seconds, 1),
         "rounds": rounds,
@@ -177,12 +183,12 @@ def write_results(sent, seconds, rounds, per_variant, by_operation, errors, afte
         "servers_alive": alive,
         "tracebacks_in_server_logs": tracebacks,
     }
-    (RESULTS / "fuzz.json").write_text(json.dumps(card, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(card, indent=2) + "\n")
     lines = [
         "# Fuzzing run (bench/fuzz.py)",
         "",
         f"{sent} generated requests in {seconds:.0f} s ({rounds} rounds over every operation of the OpenAPI schema), "
-        f"two real servers (no keys; read-write + read-only keys): **{len(errors)} answers >= 500**.",
+        f"two real servers (no keys; read-write + read-only keys), {workers} worker process(es) each (AVSEARCH_WORKERS): **{len(errors)} answers >= 500**.",
         f"Afterwards: {after}; servers alive: {alive}; tracebacks in the server logs: {tracebacks}.",
         "",
         "| server, key sent | requests | answers by status |",
@@ -196,7 +202,7 @@ def write_results(sent, seconds, rounds, per_variant, by_operation, errors, afte
         lines.append(f"| `{name}` | {sum(counts.values())} | {counts[2]} | {counts[4]} | {counts[5]} |")
     if errors:
         lines += ["", "Answers >= 500:", ""] + [f"- {e['method']} {e['path']} -> {e['status']}: {e['answer']}" for e in errors[:50]]
-    (RESULTS / "fuzz.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

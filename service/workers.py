@@ -1,16 +1,22 @@
 """``AVSEARCH_WORKERS=N``: one collection served by N uvicorn processes on one port.
 
 The process started by ``python -m service serve`` becomes the primary: it loads the collection
-once, then forks the workers, which share the index's memory copy-on-write and each listen on the
-port (``SO_REUSEPORT``: the kernel spreads connections over them). The primary serves no HTTP: it
+once, opens one listening socket per worker slot on the port (``SO_REUSEPORT``: the kernel spreads
+connections over them), then forks the workers, which share the index's memory copy-on-write; the
+worker of slot i accepts from socket i. The primary holds every socket, so connections queued on a
+slot whose worker stops or dies wait there for the next worker of that slot. The primary serves no HTTP: it
 owns the write-ahead log, the checkpoints, snapshot archives and version swaps, and answers the
 workers' calls (:mod:`store.replication` says how a change reaches every worker before its
 answer). A worker that dies is replaced by a fork of the primary's current image. SIGTERM or
 SIGINT stops the workers (each finishes its requests) and then the primary; SIGHUP swaps versions.
 
 A version swap loads the new version in the primary, forks a new generation of workers from it,
-and stops the old one; item changes wait meanwhile (a change sent through an old worker during the
-swap is refused with 503: retry), so no search mixes versions and none misses an acknowledged change.
+and retires the old one: each old worker stops taking requests (it closes its listening socket and
+its idle keep-alive connections; a busy one closes after its answer) and says so before the swap is
+answered, so no request that starts after the answer is served by the old version. The old workers
+then finish their requests and exit. Item changes wait until they have (a change sent through an
+old worker during the swap is refused with 503: retry), so no search mixes versions and none misses
+an acknowledged change.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from service.state import ServiceState
 from service.timeouts import deadline_protocol
 from store.changes import Change
 from store.collection import Collection
-from store.errors import ChangeNotSaved
+from store.errors import ChangeNotSaved, ChannelClosed
 from store.replication import Channel, Hub, PublishedLSN, RemoteShard, Replica
 from store.served import check_not_moved
 from store.versions import load_next
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 30.0  # a stopped worker finishing its requests; then it is killed
 RESPAWN_PAUSE_S = 1.0  # between replacing workers that die at once (a crash loop must not spin)
+RETIRE_WAIT_S = 10.0  # an old worker saying it takes no more requests; then it is sent SIGTERM
+BACKLOG = 2048  # connections queued on each slot's socket (uvicorn's default)
 
 
 class SharedParsers(Executor):
@@ -71,19 +79,21 @@ class SharedParsers(Executor):
 class Primary:
     """The store's process: the collection, the hub to the workers, and the workers themselves."""
 
-    def __init__(self, settings: Settings, port: int, collection: Collection):
-        self.settings, self.port, self.collection = settings, port, collection
+    def __init__(self, settings: Settings, sockets: list[socket.socket], collection: Collection):
+        self.settings, self.sockets, self.collection = settings, sockets, collection
         self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
         self.published = PublishedLSN(MODALITIES)
-        handlers = {"commit": self._commit, "log_bytes": lambda: self.collection.log_bytes(), "swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser}
+        handlers = {"commit": self._commit, "log_bytes": lambda: self.collection.log_bytes(), "swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser, "retired": self._retired}
         self.hub = Hub(self.published, handlers)
         self.workers: dict[int, int] = {}  # pid -> generation
+        self.slots: dict[int, int] = {}  # pid -> the listening socket it accepts from
+        self._retiring: dict[int, threading.Event] = {}  # old workers asked to take no more requests
         self.generation = 0
         self._gate = threading.Condition()  # item changes wait while a swap is under way
         self._swapping, self._in_flight = False, 0
         self._template: WorkerTemplate | None = None  # the workers' app, built once per version
-        self._forks: queue.Queue = queue.Queue()
-        self._stopping = threading.Event()  # SIGTERM/SIGINT: no more forks, swaps or waiting changes  # fork requests for the main thread (a child's main thread must be the process's)
+        self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
+        self._stopping = threading.Event()  # SIGTERM/SIGINT: no more forks, swaps or waiting changes
         self.metrics = Metrics(dict)  # the primary's commits and folds, added up with the workers' figures
         self._attach(collection)
 
@@ -143,6 +153,7 @@ class Primary:
         except BaseException:
             self._open_gate()
             raise
+        self._stop_taking_requests(retired)
         threading.Thread(target=self._retire, args=(retired,), name="avsearch-retire", daemon=True).start()
         log.info("swapped in model %s (was %s) across %d workers", collection.version, current.version, self.settings.workers)
         return current.version, collection.version, collection.sizes()
@@ -157,15 +168,35 @@ class Primary:
             self._swapping = False
             self._gate.notify_all()
 
-    def _retire(self, pids: list[int]) -> None:
-        """Stop the old generation; changes resume once none of it can start a search."""
+    def _stop_taking_requests(self, pids: list[int]) -> None:
+        """Ask the old generation to take no more requests, and wait until each has (or is gone)."""
+        asked = {pid: threading.Event() for pid in pids}
+        self._retiring.update(asked)
         for pid in pids:
-            _signal(pid, signal.SIGTERM)
+            self.hub.send(pid, ("retire",))
+        deadline = time.monotonic() + RETIRE_WAIT_S
+        for pid, stopped in asked.items():
+            while not stopped.wait(0.05) and pid in self.workers and time.monotonic() < deadline:
+                pass
+            if not stopped.is_set() and pid in self.workers:
+                log.warning("worker %d did not stop taking requests within %.0f s; sending SIGTERM", pid, RETIRE_WAIT_S)
+                _signal(pid, signal.SIGTERM)
+            self._retiring.pop(pid, None)
+
+    def _retired(self, pid: int) -> None:
+        """A worker's word that it takes no more requests (it finishes its own, then exits)."""
+        stopped = self._retiring.get(pid)
+        if stopped is not None:
+            stopped.set()
+
+    def _retire(self, pids: list[int]) -> None:
+        """Wait for the old generation to finish its requests and exit; changes resume once it has."""
         deadline = time.monotonic() + STOP_GRACE_S
         while any(pid in self.workers for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in pids:
             if pid in self.workers:
+                log.warning("worker %d did not finish its requests within %.0f s; killing it", pid, STOP_GRACE_S)
                 _signal(pid, signal.SIGKILL)
         while any(pid in self.workers for pid in pids):
             time.sleep(0.05)
@@ -177,13 +208,13 @@ class Primary:
         done = threading.Event()
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.generation += 1
-        self._forks.put((self.settings.workers, done))
+        self._forks.put((list(range(self.settings.workers)), done))
         while not done.wait(0.1):  # the main thread forks; once it stops looking, nobody will
             if self._stopping.is_set():
                 raise RuntimeError("the server is stopping")
         return old
 
-    def _fork_worker(self) -> None:
+    def _fork_worker(self, slot: int) -> None:
         collection = self.collection
         if self._template is None or self._template.primary is not collection:
             self._template = WorkerTemplate(self.settings, collection)  # before the fork: shared by the workers, not built in each
@@ -195,11 +226,13 @@ class Primary:
                 ours.close()
                 for channel in self.hub.channels.values():  # another worker's channel open here would hide its death
                     channel.sock.close()
-                _run_worker(self.settings, self.port, self._template, Channel(theirs), self.published, applied)  # never returns
+                for other in self.sockets[:slot] + self.sockets[slot + 1 :]:
+                    other.close()
+                _run_worker(self.settings, self.sockets[slot], self._template, Channel(theirs), self.published, applied)  # never returns
             theirs.close()
-            self.workers[pid] = self.generation
+            self.workers[pid], self.slots[pid] = self.generation, slot
             self.hub.attach(pid, Channel(ours))
-        log.info("worker %d started (generation %d, model %s)", pid, self.generation, collection.version)
+        log.info("worker %d started (slot %d, generation %d, model %s)", pid, slot, self.generation, collection.version)
 
     def run(self) -> int:
         """Fork the workers and look after them until SIGTERM/SIGINT."""
@@ -207,26 +240,26 @@ class Primary:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())
-        for _ in range(self.settings.workers):
-            self._fork_worker()
+        for slot in range(self.settings.workers):
+            self._fork_worker(slot)
         last_respawn = 0.0
         while not stop.is_set():
             try:
-                count, done = self._forks.get(timeout=0.1)
-                for _ in range(count):
-                    self._fork_worker()
+                slots, done = self._forks.get(timeout=0.1)
+                for slot in slots:
+                    self._fork_worker(slot)
                 done.set()
             except queue.Empty:
                 pass
             for pid in self._exited():
-                generation = self.workers.pop(pid)
+                generation, slot = self.workers.pop(pid), self.slots.pop(pid)
                 self.hub.detach(pid)
                 _mark_dead(pid)
                 if generation == self.generation:  # a live worker died: replace it from the current image
                     time.sleep(max(0.0, last_respawn + RESPAWN_PAUSE_S - time.monotonic()))
                     last_respawn = time.monotonic()
                     log.error("worker %d died; starting another", pid)
-                    self._fork_worker()
+                    self._fork_worker(slot)
         with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
             self._gate.notify_all()
         self._stop_all()
@@ -255,6 +288,7 @@ class Primary:
         while self.workers and time.monotonic() < deadline:
             for pid in self._exited():
                 self.workers.pop(pid)
+                self.slots.pop(pid)
             time.sleep(0.05)
         for pid in self.workers:
             _signal(pid, signal.SIGKILL)
@@ -291,15 +325,21 @@ def load(settings: Settings, model_dir: Path, index_dir: Path) -> Collection:
     return Collection.load(model_dir, index_dir, device="cpu", intra_op_threads=1, config=settings.store_config())
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """One worker's listening socket on the shared port (the kernel balances connections across them)."""
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker slot, all on one port (``SO_REUSEPORT``: the kernel spreads
+    connections over them). A busy port fails here, before any fork."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(False)
-    return sock
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        port = sock.getsockname()[1]  # port 0: the others join the port the first was given
+        sock.listen(BACKLOG)  # from now on connections queue, also while a slot's worker is replaced
+        sock.set_inheritable(False)
+        sockets.append(sock)
+    return sockets
 
 
 class WorkerTemplate:
@@ -329,7 +369,7 @@ class WorkerTemplate:
         return replica
 
 
-def _run_worker(settings: Settings, port: int, template: WorkerTemplate, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
+def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplate, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
     """The forked child: its own threads and lock over the shared indexes; uvicorn on the port."""
     code = 1
     try:
@@ -344,7 +384,8 @@ def _run_worker(settings: Settings, port: int, template: WorkerTemplate, channel
 
             faiss.omp_set_num_threads(settings.search_threads)
         replica = template.connect(settings, channel, published, applied)
-        server = uvicorn.Server(
+        server = WorkerServer(
+            replica,
             uvicorn.Config(
                 template.app,
                 log_level="info",
@@ -353,11 +394,13 @@ def _run_worker(settings: Settings, port: int, template: WorkerTemplate, channel
                 limit_concurrency=settings.max_connections,
                 timeout_graceful_shutdown=STOP_GRACE_S,
                 ws="none",  # no websocket routes: nothing to import for them in each worker
-            )
+                backlog=BACKLOG,
+            ),
         )
         replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no writes, no swaps; the supervisor is gone
+        replica.on_retire = server.retire
         gc.freeze()
-        server.run(sockets=[listening_socket(settings.host, port)])
+        server.run(sockets=[sock])
         code = 0
     except BaseException:
         logging.getLogger(__name__).exception("worker %d failed", os.getpid())
@@ -365,6 +408,53 @@ def _run_worker(settings: Settings, port: int, template: WorkerTemplate, channel
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+class WorkerServer(uvicorn.Server):
+    """A worker's uvicorn server, which the primary retires at a version swap: it stops taking
+    requests at once (its listening socket closed, so is every idle keep-alive connection, and a
+    busy one after its answer, which says ``Connection: close``), tells the primary, then finishes
+    its requests and exits."""
+
+    def __init__(self, replica: Replica, config: uvicorn.Config):
+        super().__init__(config)
+        self.replica = replica
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retire_asked = False
+        self._lock = threading.Lock()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        with self._lock:
+            self._loop, asked = asyncio.get_running_loop(), self._retire_asked
+        if asked:  # retired while starting
+            self._stop_taking_requests()
+
+    def retire(self) -> None:
+        """From the replica's thread: stop taking requests, in the event loop's thread."""
+        with self._lock:
+            self._retire_asked, loop = True, self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._stop_taking_requests)
+
+    def _stop_taking_requests(self) -> None:
+        for listener in self.servers:  # this process's handle: the primary and the next worker keep the socket
+            listener.close()
+        for connection in list(self.server_state.connections):  # what uvicorn's shutdown does, done now
+            connection.shutdown()
+        idle = [c for c in self.server_state.connections if c.transport.is_closing()]
+        self._retiring = asyncio.ensure_future(self._say_retired(idle))  # held: the loop keeps only a weak reference
+
+    async def _say_retired(self, idle: list) -> None:
+        """Once the idle connections are closed (a client then sees that before it sends on one again)."""
+        while any(c in self.server_state.connections for c in idle):  # left when its socket is closed
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0)  # the last one's socket is closed after it leaves
+        try:
+            self.replica.submit("retired", os.getpid())
+        except ChannelClosed:
+            pass
+        self.should_exit = True
 
 
 class WorkerState(ServiceState):
@@ -414,16 +504,17 @@ def serve(settings: Settings, port: int, announce) -> int:
         faiss.omp_set_num_threads(1)  # never a thread team in the primary: forked children would hang in theirs
         check_not_moved(settings.index_dir)
         collection = load(settings, settings.model_dir, settings.index_dir)
-        reserve = listening_socket(settings.host, port)  # held: a busy port fails here, before any fork
+        sockets = listening_sockets(settings.host, port, settings.workers)
         gc.collect()
         gc.freeze()  # objects made so far stay out of the cyclic GC's scans, which would write to (and so copy) their pages in every worker
         start_parsers()  # the workers' large bodies are parsed here: two processes for the server, not two a worker
         announce(collection)
         print(f"{settings.workers} worker processes share one index (AVSEARCH_WORKERS)", flush=True)
-        primary = Primary(settings, port, collection)
+        primary = Primary(settings, sockets, collection)
         try:
             return primary.run()
         finally:
-            reserve.close()
+            for sock in sockets:
+                sock.close()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

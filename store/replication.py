@@ -135,6 +135,16 @@ class Hub:
         if channel is not None:
             channel.close()
 
+    def send(self, pid: int, message: tuple) -> None:
+        """One worker's message (a gone worker's is dropped: the supervisor sees it exit)."""
+        with self._lock:
+            channel = self.channels.get(pid)
+        if channel is not None:
+            try:
+                channel.send(message)
+            except ChannelClosed:
+                self.detach(pid)
+
     def broadcast(self, modality: str, changes: list[Change]) -> None:
         """Send logged changes to every worker, then publish the last one's LSN (the order matters: a
         worker that sees the new LSN finds the changes already in its channel). Raw features stay here."""
@@ -188,6 +198,7 @@ class Replica:
         self._ids = itertools.count()
         self.closed: str | None = None
         self.on_close: Callable[[], None] = lambda: None
+        self.on_retire: Callable[[], None] = lambda: None  # the primary swapped versions: take no more requests
 
     def start(self) -> None:
         """Start applying what the primary sends (records wait in the channel until then)."""
@@ -228,6 +239,8 @@ class Replica:
                     with self._cond:
                         self.applied[modality] = last_lsn
                         self._cond.notify_all()
+                elif message[0] == "retire":
+                    self.on_retire()
                 else:
                     _, call_id, ok, payload = message
                     with self._cond:

@@ -10,6 +10,7 @@ import http.client
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,31 @@ def test_a_dead_worker_is_replaced_and_a_swap_reaches_every_worker(tiny, tmp_pat
         assert _metric(server, "avsearch_version_swaps_total") == 1
         status, card = server.request("POST", "/v1/admin/snapshots", {})  # taken by the primary, once
         assert status == 201 and card["items"]["audio"] == server.request("GET", "/v1/info")[1]["index_sizes"]["audio"], card
+    finally:
+        server.kill()
+
+
+def test_a_swap_is_answered_once_the_old_workers_take_no_more_requests(tiny, tmp_path):
+    """Found by bench/fuzz.py with 2 workers: after a swap a client's next request on a kept-alive
+    connection to an old worker failed ("Remote end closed connection"), or reached the old version.
+    Now, by the time the swap is answered, every idle connection to an old worker is closed (a
+    client sees that before it sends again), the swap's own connection is told ``Connection: close``,
+    and a new connection reaches the new generation at once."""
+    server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
+    try:
+        old = _worker_connections(server)
+        reload = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        reload.request("POST", "/v1/admin/reload", body="{}", headers={"Content-Type": "application/json"})
+        response = reload.getresponse()
+        assert response.status == 200, response.read()
+        assert response.getheader("connection") == "close"
+        for pid, conn in old.items():
+            conn.sock.setblocking(False)
+            assert conn.sock.recv(1, socket.MSG_PEEK) == b"", f"worker {pid}'s idle connection is still open"  # at EOF, not "no data yet"
+        new = _worker_connections(server)
+        assert not set(new) & set(old), f"an old worker took a connection after the swap: {sorted(new)} vs {sorted(old)}"
+        for conn in new.values():
+            assert server.request("POST", "/v1/search", {"modality": "audio", "vectors": [[0.1] * DIMS["audio"]], "top_k": 3}, conn=conn)[0] == 200
     finally:
         server.kill()
 
