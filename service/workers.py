@@ -102,6 +102,7 @@ class Primary:
         collection.report_to(self.metrics)
         for modality, shard in collection.shards.items():
             shard.on_logged(lambda changes, m=modality: self.hub.broadcast(m, changes))
+            shard.answers_before_applying = True  # the workers apply each change themselves, and a read waits for that
             self.published[modality] = shard.last_lsn
 
     def _commit(self, modality: str, model: str, change: Change) -> int:

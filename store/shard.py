@@ -7,7 +7,11 @@ applies them in memory in log order under the index's write lock, and wakes the 
 that arrive meanwhile queue for the next leader, so one fsync serves many changes under load.
 
 A change is answered only after it is in the log (and, with the default fsync policy, on disk) and
-applied, so every acknowledged change survives a kill. An append or fsync that fails is cut back
+applied, so every acknowledged change survives a kill. Where the shard's readers are other
+processes (the worker processes' primary, :mod:`store.replication`: they apply each change
+themselves, and a read waits for that), ``answers_before_applying`` answers once the change is
+logged and sent; the index sizes are counted ahead, and the next group, a checkpoint or a pause
+waits for the apply, which runs in a thread of its own. An append or fsync that fails is cut back
 out of the log and nothing of the group is applied: each writer gets :class:`ChangeNotSaved` (the
 service answers 503), and what is served stays what the log holds.
 
@@ -20,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +80,9 @@ class Shard:
         self._on_commit: Callable[[], None] = lambda: None  # the checkpointer's nudge
         self._on_logged: Callable[[list[Change]], None] = lambda changes: None  # the worker processes' feed (store.replication)
         self.events = StoreEvents()
+        self.answers_before_applying = False  # the readers apply changes themselves (see the module's docstring)
+        self.failed: BaseException | None = None  # applying a logged change failed: no commit or checkpoint until a restart replays the log
+        self._applier: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(cls, modality: str, index: VectorIndex, index_dir: Path, embedder: Embedder, config: StoreConfig, lock: ReadWriteLock) -> "Shard":
@@ -120,6 +128,7 @@ class Shard:
     def start_segment(self) -> float | None:
         """With commits paused: start a new log segment after ``last_lsn``; returns when the first
         change not in a checkpoint came (give it back to :meth:`checkpoint_failed`)."""
+        self.check_applied()
         self.wal.rotate(self.last_lsn + 1)
         since, self.pending_since = self.pending_since, None
         return since
@@ -132,9 +141,15 @@ class Shard:
         self.checkpoint_lsn = lsn
         self.wal.drop_before_current()
 
+    def check_applied(self) -> None:
+        """Raise ChangeNotSaved when the index lacks a logged change (what is saved must hold them all)."""
+        if self.failed is not None:
+            raise ChangeNotSaved(self.modality, f"applying a logged change failed ({self.failed}); restart the server to replay the log")
+
     # --- group commit ----------------------------------------------------------------------------
     def commit(self, change: Change) -> int:
         """Returns the index size once the change is logged and applied; ItemNotFound or ChangeNotSaved."""
+        self.check_applied()
         pending = _Pending(change)
         with self._cond:
             self._queue.append(pending)
@@ -144,16 +159,21 @@ class Shard:
                 self._leading = True
                 group, self._queue = self._queue, []
         if not pending.done:
+            applying = False
             try:
-                self._commit_group(group)
+                applying = self._commit_group(group)
             finally:
-                with self._cond:
-                    self._leading = False
-                    self._cond.notify_all()
-            self._on_commit()
+                if not applying:
+                    self._stop_leading()
         if pending.error is not None:
             raise pending.error
         return pending.count
+
+    def _stop_leading(self) -> None:
+        with self._cond:
+            self._leading = False
+            self._cond.notify_all()
+        self._on_commit()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -169,14 +189,23 @@ class Shard:
                 self._leading = False
                 self._cond.notify_all()
 
-    def _commit_group(self, group: list[_Pending]) -> None:
+    def _commit_group(self, group: list[_Pending]) -> bool:
+        """Whether the group's apply was handed to the applier thread (which stops leading after it)."""
         applied: set[int] = set()
+        logged = False
         try:
             accepted = self._check(group)
             if accepted:
                 self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
+            logged = bool(accepted)
             if accepted:  # logged: worker processes apply it while this one does, and before any writer is answered
                 self._on_logged([p.change for p in accepted])
+                if self.answers_before_applying:
+                    self._count_ahead(accepted)
+                    if self._applier is None:
+                        self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"avsearch-apply-{self.modality}")
+                    self._applier.submit(self._apply_then_stop_leading, accepted)
+                    return True
                 with self.lock.write():
                     for run in mergeable_runs(accepted):
                         apply(self.index, merge_run([p.change for p in run]))
@@ -185,13 +214,45 @@ class Shard:
                             applied.add(id(change))
         except BaseException as err:  # applying failed (out of memory): never answer 200 for a change not served
             log.critical("applying %s changes failed (%s); they are in the log and a restart applies them", self.modality, err)
+            if logged and self.answers_before_applying:  # the readers may have applied them: this index must not be saved
+                self.failed = err
             for change in group:
                 if change.error is None and id(change) not in applied:
                     change.error = err
             raise
         finally:
-            for change in group:
-                change.done = True
+            with self._cond:
+                for change in group:
+                    change.done = True
+                self._cond.notify_all()
+        return False
+
+    def _count_ahead(self, accepted: list[_Pending]) -> None:
+        """Each change's index size once applied, before it is (ids within one upsert are distinct)."""
+        size, added, removed = len(self.index), set(), set()
+        for change in accepted:
+            for item_id in change.ids:
+                present = item_id in added or (item_id not in removed and item_id in self.index)
+                if change.op == "delete":
+                    size -= present
+                    added.discard(item_id)
+                    removed.add(item_id)
+                else:
+                    size += not present
+                    added.add(item_id)
+                    removed.discard(item_id)
+            change.count = size
+
+    def _apply_then_stop_leading(self, accepted: list[_Pending]) -> None:
+        try:
+            with self.lock.write():
+                for run in mergeable_runs(accepted):
+                    apply(self.index, merge_run([p.change for p in run]))
+        except BaseException as err:  # the writers were answered: nothing may be saved without these changes
+            log.critical("applying %s changes failed (%s); they are in the log; restart the server to replay it", self.modality, err)
+            self.failed = err
+        finally:
+            self._stop_leading()
 
     def _check(self, group: list[_Pending]) -> list[_Pending]:
         """Deletes of ids that are not there (counting earlier changes of the group) fail alone."""
@@ -247,3 +308,5 @@ class Shard:
     def close(self) -> None:
         with self.paused():
             self.wal.close()
+        if self._applier is not None:
+            self._applier.shutdown()
