@@ -29,6 +29,7 @@ import itertools
 import logging
 import mmap
 import pickle
+import queue
 import socket
 import struct
 import threading
@@ -195,6 +196,7 @@ class Replica:
         self._apply = apply
         self._cond = threading.Condition()
         self._calls: dict[int, Future] = {}
+        self._to_apply: queue.SimpleQueue = queue.SimpleQueue()  # changes read, in log order (replies do not wait behind them)
         self._ids = itertools.count()
         self.closed: str | None = None
         self.on_close: Callable[[], None] = lambda: None
@@ -203,6 +205,7 @@ class Replica:
     def start(self) -> None:
         """Start applying what the primary sends (records wait in the channel until then)."""
         threading.Thread(target=self._read, name="avsearch-replica", daemon=True).start()
+        threading.Thread(target=self._apply_sent, name="avsearch-replica-apply", daemon=True).start()
 
     def call(self, name: str, *args: object) -> object:
         """Run ``name`` in the primary and return its result, or raise its error."""
@@ -234,11 +237,7 @@ class Replica:
             while True:
                 message = self.channel.receive()
                 if message[0] == "apply":
-                    _, modality, changes, last_lsn = message
-                    self._apply(modality, changes)
-                    with self._cond:
-                        self.applied[modality] = last_lsn
-                        self._cond.notify_all()
+                    self._to_apply.put(message[1:])
                 elif message[0] == "retire":
                     self.on_retire()
                 else:
@@ -251,9 +250,25 @@ class Replica:
                         future.set_exception(payload)
         except ChannelClosed as err:
             self._close(f"the primary process is gone ({err})")
-        except BaseException as err:  # applying failed: this worker no longer matches the log
-            log.critical("a worker could not apply a change from the primary (%s); it stops", err)
-            self._close(f"this worker could not apply a change ({err})")
+        except BaseException as err:  # a message this worker cannot take: it no longer follows the log
+            log.critical("a worker could not read a message from the primary (%s); it stops", err)
+            self._close(f"this worker could not read a message ({err})")
+        finally:
+            self._to_apply.put(None)
+
+    def _apply_sent(self) -> None:
+        """Apply the changes the primary sent, in order; a read waits for them in :meth:`catch_up`."""
+        while (sent := self._to_apply.get()) is not None:
+            modality, changes, last_lsn = sent
+            try:
+                self._apply(modality, changes)
+            except BaseException as err:  # this worker no longer matches the log
+                log.critical("a worker could not apply a change from the primary (%s); it stops", err)
+                self._close(f"this worker could not apply a change ({err})")
+                return
+            with self._cond:
+                self.applied[modality] = last_lsn
+                self._cond.notify_all()
 
     def _close(self, reason: str) -> None:
         with self._cond:
@@ -273,7 +288,8 @@ class RemoteShard:
         self.modality, self.index, self.replica, self.model = modality, index, replica, model
 
     def commit(self, change: Change) -> int:
-        """The index size once the primary logged and applied it (and this worker applied it too)."""
+        """The index size once the primary logged and applied it (this worker applies it meanwhile: a
+        read here waits for that in :meth:`Replica.catch_up`)."""
         return self.replica.call("commit", self.modality, self.model, change)
 
     def log_bytes(self) -> int:
