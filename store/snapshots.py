@@ -77,6 +77,7 @@ def create_snapshot(collection, directory: Path) -> dict:
             with ExitStack() as paused:
                 for modality in MODALITIES:
                     paused.enter_context(shards[modality].paused())
+                    shards[modality].check_applied()  # an index without an answered change must not be saved
                 for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint
                     copies[modality] = checkpointer.copy(modality)
                 lsns = {m: shards[m].last_lsn for m in MODALITIES}

@@ -72,7 +72,7 @@ def test_sizes_counted_ahead_are_those_of_applying_in_log_order(tiny, tmp_path, 
     collection.close()
 
 
-def test_a_failed_apply_after_the_answer_refuses_commits_and_checkpoints_until_a_restart_replays_the_log(tiny, tmp_path, features, monkeypatch):
+def test_a_failed_apply_after_the_answer_refuses_commits_checkpoints_and_snapshots_until_a_restart_replays_the_log(tiny, tmp_path, features, monkeypatch):
     index_dir = copy_index(tiny, tmp_path / "index")
     collection = Collection.load(tiny.model_dir, index_dir, device="cpu")
     collection.checkpointer.stop()
@@ -91,6 +91,8 @@ def test_a_failed_apply_after_the_answer_refuses_commits_and_checkpoints_until_a
         collection.upsert("visual", features.visual[1:2], ["refused"], [None])
     with pytest.raises(ChangeNotSaved, match="restart"):  # a checkpoint would save an index without the answered change and drop it from the log
         collection.checkpointer.checkpoint("visual")
+    with pytest.raises(ChangeNotSaved, match="restart"):  # so would a snapshot file
+        collection.snapshot(tmp_path / "snapshots")
     monkeypatch.undo()
     collection.close()
     restarted = Collection.load(tiny.model_dir, index_dir, device="cpu")
