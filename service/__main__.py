@@ -24,9 +24,10 @@ from pydantic import ValidationError
 from avdata.features import load_features
 from index.embedder import ModelError, load_manifest
 from index.store import IndexLoadError
-from service.app import create_app, limit_threads
+from service.app import create_app
 from service.bodies import readable
 from service.settings import Settings
+from service.threads import limit_threads
 from service.timeouts import deadline_protocol
 from service.workers import serve as serve_workers
 from store.collection import Collection

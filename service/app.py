@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,30 +25,11 @@ from service.origin import OriginMiddleware
 from service.routers import console, items, ops, search, snapshots
 from service.settings import Settings
 from service.state import ServiceState
+from service.threads import search_thread_setup
 from store.collection import Collection
 
 UI_DIR = Path(__file__).parent / "ui"
 log = logging.getLogger(__name__)
-
-
-def limit_threads(settings: Settings) -> None:
-    """Cap FAISS's OpenMP and numpy's BLAS threads for this process (``serve`` calls it).
-
-    The search of a micro-batch is small; spare BLAS threads spin-wait after each call and take the
-    core the event loop needs (measured: 5x less throughput at 64 clients on 2 cores). Process-wide,
-    so ``create_app`` leaves it to the entry point rather than changing the threads of its caller.
-    """
-    if settings.search_threads <= 0:
-        return
-    import faiss
-
-    faiss.omp_set_num_threads(settings.search_threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        log.warning("threadpoolctl is not installed: numpy's BLAS keeps its default threads (set OPENBLAS_NUM_THREADS=%d)", settings.search_threads)
-        return
-    threadpool_limits(limits=settings.search_threads)
 
 
 def _watch_sighup(state: ServiceState) -> bool:
@@ -77,6 +59,7 @@ def create_app(settings: Settings | None = None, collection: Collection | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="avsearch-io", initializer=search_thread_setup(settings)))
         state.start_batcher()
         start_parsers()
         loader = None if state.collection is not None else asyncio.get_running_loop().create_task(state.load_in_background())

@@ -147,13 +147,13 @@ def _caught(function: Callable[..., object], *args: object) -> object:
 
 
 class MicroBatcher:
-    def __init__(self, window_s: float, max_batch: int, on_batch: Callable[[int, int], None] | None = None):
+    def __init__(self, window_s: float, max_batch: int, on_batch: Callable[[int, int], None] | None = None, thread_setup: Callable[[], None] | None = None):
         self.window_s = window_s
         self.max_batch = max_batch
         self.on_batch = on_batch  # (vectors, requests) of each batch, for the metrics
         self._pending: deque[tuple[Collection, Job, asyncio.Future]] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="avsearch-batch")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="avsearch-batch", initializer=thread_setup)  # the searches' thread
         self._task: asyncio.Task | None = None
         self._last_requests = 0  # requests in the previous batch
 

@@ -13,6 +13,7 @@ from fastapi import HTTPException, Request
 from service.batching import MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
+from service.threads import search_thread_setup
 from store.collection import Collection
 from store.served import check_not_moved
 from store.versions import load_next
@@ -73,7 +74,7 @@ class ServiceState:
         self.batcher: MicroBatcher | None = None
 
     def start_batcher(self) -> None:
-        self.batcher = MicroBatcher(self.settings.batch_window_ms / 1000, self.settings.max_batch, self.metrics.observe_batch)
+        self.batcher = MicroBatcher(self.settings.batch_window_ms / 1000, self.settings.max_batch, self.metrics.observe_batch, search_thread_setup(self.settings))
         self.batcher.start()
 
     def load_collection(self, model_dir: Path | None = None, index_dir: Path | None = None) -> Collection:

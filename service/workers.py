@@ -45,11 +45,12 @@ import uvicorn
 from prometheus_client import values
 
 from index.embedder import MODALITIES, Embedder, choose_providers
-from service.app import create_app, limit_threads
+from service.app import create_app
 from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServiceState
+from service.threads import limit_threads
 from service.timeouts import deadline_protocol
 from store.changes import Change
 from store.collection import Collection
@@ -380,10 +381,6 @@ def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplat
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
         for shard in template.primary.shards.values():  # the primary's log files: held open here, a checkpoint's deleted segments would keep their disk space
             shard.wal.close()
-        if settings.search_threads > 0:  # this thread's OpenMP team, after the fork (the primary's is one thread)
-            import faiss
-
-            faiss.omp_set_num_threads(settings.search_threads)
         replica = template.connect(settings, channel, published, applied)
         server = WorkerServer(
             replica,

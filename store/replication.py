@@ -13,7 +13,8 @@ Checkpoints, snapshot files and version swaps run in the primary only.
 Fork pitfalls, each tested (tests/service/test_workers.py):
 - GNU OpenMP is not fork-safe: a child hangs in its first parallel region when the parent ran one
   with more than one thread in the forking thread. The primary therefore keeps that thread at one
-  OpenMP thread (it only loads and applies changes); a worker sets its own count after the fork.
+  OpenMP thread (it only loads and applies changes); in a worker, the threads that search set
+  theirs (service.threads).
 - ONNX Runtime's thread pools do not survive a fork: sessions with one intra-op thread (no pool)
   are shared; others are opened by each worker after the fork (service.workers).
 - Locks held by the primary's other threads stay held in the child: a worker builds its own locks

@@ -195,3 +195,18 @@ def test_npy_parsing_matches_numpy_load(array):
     want = np.load(io.BytesIO(npy_bytes(array))).astype(np.float32)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, want.reshape(got.shape))
+
+
+def test_the_threads_that_search_and_insert_use_search_threads(tiny, tmp_path):
+    """OpenMP's thread count is a per-thread setting: set only in the main thread (as it was), it never
+    reached the batcher's thread, where FAISS searches, nor asyncio.to_thread's, where inserts run,
+    which kept OMP_NUM_THREADS or one thread per core."""
+    import asyncio
+
+    import faiss
+
+    with make_client(tiny, copy_index(tiny, tmp_path / "index"), search_threads=5) as client:
+        state = client.app.state.avsearch
+        assert state.batcher._executor.submit(faiss.omp_get_max_threads).result() == 5
+        assert client.portal.call(asyncio.to_thread, faiss.omp_get_max_threads) == 5
+    assert faiss.omp_get_max_threads() != 5  # the test's own thread is left as it was

@@ -100,7 +100,7 @@ def test_serve_caps_blas_and_faiss_threads():
     """Spare BLAS threads spin after each small search and starve the event loop (bench/results/http_bench.md)."""
     code = (
         "import faiss, numpy, threadpoolctl\n"
-        "from service.app import limit_threads\n"
+        "from service.threads import limit_threads\n"
         "from service.settings import Settings\n"
         "limit_threads(Settings(search_threads=1))\n"
         "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']\n"
