@@ -227,44 +227,46 @@ def test_acknowledged_changes_survive_killing_a_worker_or_the_whole_group(tiny, 
     server = Server(tiny.model_dir, index_dir, **WORKERS)
     base_sizes = server.request("GET", "/v1/info")[1]["index_sizes"]
     acked, kills = 0, {"worker": 0, "group": 0}
-    for round_ in range(10):
-        how = "worker" if round_ % 2 == 0 else "group"
-        writers = [Writer(server, w, round_, state, random.Random(rng.random())) for w in range(4)]
-        for w in writers:
-            w.start()
-        time.sleep(rng.uniform(0.2, 0.6))
-        if how == "worker":
-            os.kill(rng.choice([p for p in server.processes() if p != server.proc.pid]), signal.SIGKILL)
-            # The primary lives on: a change the dead worker had sent may still be committed a moment
-            # after its writer saw the connection drop; let such changes finish before looking.
-            time.sleep(1.0)
+    try:
+        for round_ in range(10):
+            how = "worker" if round_ % 2 == 0 else "group"
+            writers = [Writer(server, w, round_, state, random.Random(rng.random())) for w in range(4)]
             for w in writers:
-                w.stop.set()
-        else:
-            for pid in server.processes():
-                os.kill(pid, signal.SIGKILL)
-            server.kill()
-        for w in writers:
-            w.join(30)
-            assert not w.is_alive()
-            for item_id, value in w.acked:
-                state[w.modality][item_id] = value
-            acked += len(w.acked)
-        kills[how] += 1
-        if how == "group":
-            server = Server(tiny.model_dir, index_dir, **WORKERS)
-        _worker_connections(server)  # both workers serve again
-        for w in writers:  # an unanswered change: all of it or none of it
-            if w.unanswered:
-                found = [server.request("GET", f"/v1/items/{w.modality}/{i}") for i, _ in w.unanswered]
-                landed = [(s == 200 and b["metadata"] == v) or (s == 404 and v == GONE) for (i, v), (s, b) in zip(w.unanswered, found)]
-                assert all(landed) or not any(landed), (w.unanswered, [(s, b.get("detail")) for s, b in found])
-                if all(landed):
-                    state[w.modality].update(w.unanswered)
-        for conn in _worker_connections(server).values():  # each worker holds every change
-            _check_through(server, conn, state)
-        _check(server, state, base_sizes)
-    server.kill()
+                w.start()
+            time.sleep(rng.uniform(0.2, 0.6))
+            if how == "worker":
+                os.kill(rng.choice([p for p in server.processes() if p != server.proc.pid]), signal.SIGKILL)
+                # The primary lives on: a change the dead worker had sent may still be committed a moment
+                # after its writer saw the connection drop; let such changes finish before looking.
+                time.sleep(1.0)
+                for w in writers:
+                    w.stop.set()
+            else:
+                for pid in server.processes():
+                    os.kill(pid, signal.SIGKILL)
+                server.kill()
+            for w in writers:
+                w.join(30)
+                assert not w.is_alive()
+                for item_id, value in w.acked:
+                    state[w.modality][item_id] = value
+                acked += len(w.acked)
+            kills[how] += 1
+            if how == "group":
+                server = Server(tiny.model_dir, index_dir, **WORKERS)
+            _worker_connections(server)  # both workers serve again
+            for w in writers:  # an unanswered change: all of it or none of it
+                if w.unanswered:
+                    found = [server.request("GET", f"/v1/items/{w.modality}/{i}") for i, _ in w.unanswered]
+                    landed = [(s == 200 and b["metadata"] == v) or (s == 404 and v == GONE) for (i, v), (s, b) in zip(w.unanswered, found)]
+                    assert all(landed) or not any(landed), (w.unanswered, [(s, b.get("detail")) for s, b in found])
+                    if all(landed):
+                        state[w.modality].update(w.unanswered)
+            for conn in _worker_connections(server).values():  # each worker holds every change
+                _check_through(server, conn, state)
+            _check(server, state, base_sizes)
+    finally:  # a failed round leaves no server behind
+        server.kill()
     assert acked > 100 and kills == {"worker": 5, "group": 5}
 
 
