@@ -4,9 +4,6 @@ whatever needs the index at the log's end (the next group, a checkpoint, a pause
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from index.store import VectorIndex
@@ -14,21 +11,7 @@ from store.changes import Change, apply
 from store.collection import Collection
 from store.errors import ChangeNotSaved, ItemNotFound
 from tests.service.conftest import copy_index
-
-
-def _queued_as_one_group(shard, calls) -> None:
-    """Run ``calls`` in threads, queued in this order behind a pause, so that one leader takes them all."""
-    threads = []
-    with shard.paused():
-        for call in calls:
-            threads.append(threading.Thread(target=call))
-            threads[-1].start()
-            deadline = time.monotonic() + 10
-            while shard.queued < len(threads) and time.monotonic() < deadline:
-                time.sleep(0.005)
-        assert shard.queued == len(calls)
-    for thread in threads:
-        thread.join()
+from tests.store.conftest import queued_as_one_group
 
 
 def test_sizes_counted_ahead_are_those_of_applying_in_log_order(tiny, tmp_path, features):
@@ -54,9 +37,9 @@ def test_sizes_counted_ahead_are_those_of_applying_in_log_order(tiny, tmp_path, 
         except ItemNotFound as err:
             answers[i] = err
 
-    _queued_as_one_group(shard, [lambda i=i: commit(i) for i in range(len(changes))])
+    queued_as_one_group(shard, [lambda i=i: commit(i) for i in range(len(changes))])
     changes.append(Change("upsert", ["w"], [None], features.visual[7:8], embed(slice(7, 8))))
-    _queued_as_one_group(shard, [lambda: commit(len(changes) - 1)])  # the next group: counted once the first is applied
+    queued_as_one_group(shard, [lambda: commit(len(changes) - 1)])  # the next group: counted once the first is applied
     with shard.paused():  # the apply has finished
         live = len(shard.index)
 

@@ -18,6 +18,7 @@ from store.changes import Change
 from store.wal import LogCorrupt, WriteAheadLog, encode, read_segment
 from tests.index.test_store import array_addresses, moved_arrays
 from tests.service.conftest import copy_index, make_client, persisted, wait_ready
+from tests.store.conftest import queued_as_one_group
 
 
 def _records(n: int) -> list[Change]:
@@ -163,18 +164,7 @@ def test_a_group_applies_in_log_order_whatever_it_merges(tiny, tmp_path, feature
         lambda: collection.delete("visual", features.ids[2]),
         lambda: collection.upsert("visual", features.visual[3:5], ["y", "z"], [None, {"v": 3}]),
     ]
-    shard = collection.shards["visual"]
-    threads = []
-    with shard.paused():
-        for call in calls:  # queued in this order
-            threads.append(threading.Thread(target=call))
-            threads[-1].start()
-            deadline = time.monotonic() + 10
-            while shard.queued < len(threads) and time.monotonic() < deadline:
-                time.sleep(0.005)
-        assert shard.queued == len(calls)
-    for t in threads:
-        t.join()
+    queued_as_one_group(collection.shards["visual"], calls)
     collection.close()
     for index in (collection.shards["visual"].index, persisted(tiny, index_dir, "visual")):
         assert index.get("x").metadata == {"v": 2} and index.get("z").metadata == {"v": 3} and "y" in index
