@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 30.0  # a stopped worker finishing its requests; then it is killed
 RESPAWN_PAUSE_S = 1.0  # between replacing workers that die at once (a crash loop must not spin)
+METRICS_PREFIX = "avsearch-metrics-"  # + the primary's pid: the folder of the workers' metrics files
 RETIRE_WAIT_S = 10.0  # an old worker saying it takes no more requests; then it is sent SIGTERM
 BACKLOG = 2048  # connections queued on each slot's socket (uvicorn's default)
 
@@ -322,6 +323,28 @@ def _mark_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def metrics_directory() -> str:
+    """A new folder for every process's metrics files, named for this primary. A primary that was
+    killed (SIGKILL, out of memory) left its folder behind: the folders of primaries no longer
+    running, or of an earlier process with this pid (a container's primary is pid 1 at every start),
+    are removed first."""
+    for folder in Path(tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        pid = folder.name[len(METRICS_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)  # another user's: left as it is
+    return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def load(settings: Settings, model_dir: Path, index_dir: Path) -> Collection:
     """The primary's collection: one encoder thread and one OpenMP thread (see store.replication)."""
     return Collection.load(model_dir, index_dir, device="cpu", intra_op_threads=1, config=settings.store_config())
@@ -492,7 +515,7 @@ def _preload(settings: Settings) -> None:
 
 def serve(settings: Settings, port: int, announce) -> int:
     """``python -m service serve`` with ``settings.workers`` > 1."""
-    metrics_dir = tempfile.mkdtemp(prefix="avsearch-metrics-")
+    metrics_dir = metrics_directory()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # every process writes its figures there...
     values.ValueClass = values.get_value_class()  # ...from the metrics made from now on (it is read when prometheus_client is imported)
     try:

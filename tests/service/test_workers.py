@@ -13,14 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
 from index.build import build_indexes
-from service.workers import STOP_GRACE_S
+from service.workers import METRICS_PREFIX, STOP_GRACE_S, metrics_directory
 from tests.service.conftest import copy_index
 from tests.store.test_crash import DIMS, GONE, Server, Writer, _check
 
@@ -302,3 +304,28 @@ def _swallow(function, *args) -> None:
         function(*args)
     except (OSError, http.client.HTTPException):  # the server stopped under the request
         pass
+
+
+def test_the_metrics_folders_of_killed_primaries_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no process now
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "killed": f"{METRICS_PREFIX}{gone.pid}-a1",
+            "running": f"{METRICS_PREFIX}{running.pid}-b2",
+            "same pid": f"{METRICS_PREFIX}{os.getpid()}-c3",  # an earlier primary with this pid (pid 1 in a container)
+            "unnamed": f"{METRICS_PREFIX}x9",
+            "other": "not-ours",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "counter_1.db").write_bytes(b"figures")
+        created = Path(metrics_directory())
+    finally:
+        running.kill()
+        running.wait()
+    assert created.parent == tmp_path and created.name.startswith(f"{METRICS_PREFIX}{os.getpid()}-") and not any(created.iterdir())
+    kept = {names["running"], names["unnamed"], names["other"], created.name}
+    assert {p.name for p in tmp_path.iterdir()} == kept
