@@ -21,6 +21,7 @@ Writes bench/results/ui_bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import re
@@ -131,23 +132,26 @@ async def hot_path(model: Path, index: Path, requests: int, rounds: int) -> dict
     from service.settings import Settings
 
     settings = Settings(model_dir=model, index_dir=index)
-    collection = Collection.load(model, index, device="cpu", intra_op_threads=1)
-    apps = {"with_console": create_app(settings, collection), "without_console": without_console(create_app(settings, collection))}
+    # One collection per app (a lifespan's end closes its collection), both apps started once for all rounds.
+    load = lambda: Collection.load(model, index, device="cpu", intra_op_threads=1)  # noqa: E731
+    apps = {"with_console": create_app(settings, load()), "without_console": without_console(create_app(settings, load()))}
     body = json.dumps({"modality": "audio", "ids": ["clip-000003"], "top_k": 10}).encode()
     per_request: dict[str, list[float]] = {name: [] for name in apps}
-    for round_number in range(rounds):
-        order = list(apps.items()) if round_number % 2 == 0 else list(apps.items())[::-1]  # neither always runs first
-        for name, app in order:
-            async with app.router.lifespan_context(app):
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-                    for _ in range(50):  # warm-up
-                        await client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
-                    start = time.perf_counter()
-                    for _ in range(requests // rounds):
-                        answer = await client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
-                        assert answer.status_code == 200
-                    per_request[name].append((time.perf_counter() - start) / (requests // rounds) * 1e6)
+    async with contextlib.AsyncExitStack() as running:
+        clients = {}
+        for name, app in apps.items():
+            await running.enter_async_context(app.router.lifespan_context(app))
+            clients[name] = await running.enter_async_context(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost"))
+        for round_number in range(rounds):
+            order = list(clients.items()) if round_number % 2 == 0 else list(clients.items())[::-1]  # neither always runs first
+            for name, client in order:
+                for _ in range(50):  # warm-up
+                    await client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
+                start = time.perf_counter()
+                for _ in range(requests // rounds):
+                    answer = await client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
+                    assert answer.status_code == 200, (answer.status_code, answer.text[:300])
+                per_request[name].append((time.perf_counter() - start) / (requests // rounds) * 1e6)
     median = {name: statistics.median(v) for name, v in per_request.items()}
     return {
         "requests": requests,
