@@ -291,7 +291,7 @@ def main() -> None:
     args = parser.parse_args()
     model = tiny_model(args.work)
     index, _ = build_index(model, args.work, int(args.items), "Flat")
-    proc, port = serve(model, index, None, snapshot_seconds=300)
+    proc, port = serve(model, index, snapshot_seconds=300)
     url = f"http://127.0.0.1:{port}"
     try:
         out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "items": int(args.items), "duration": args.duration, "rounds": args.rounds, "notes": args.note}
