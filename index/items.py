@@ -253,7 +253,9 @@ class ItemTable:
     def kill(self, labels: np.ndarray) -> None:
         """Mark live rows dead (their labels are never reused); KeyError for a label that is not live."""
         labels = np.unique(np.asarray(labels, np.int64))
-        if len(labels) and (labels[0] < 0 or labels[-1] >= self.rows or not self.alive[labels].all()):
+        if not len(labels):  # an upsert of new ids replaces none
+            return
+        if labels[0] < 0 or labels[-1] >= self.rows or not self.alive[labels].all():
             raise KeyError("kill() of a label that is not a live row")
         self.alive[labels] = False
         np.bitwise_and.at(self._alive_bits.values, labels // 8, ~np.left_shift(1, labels % 8).astype(np.uint8))
@@ -266,6 +268,8 @@ class ItemTable:
         return self._find(encoded, hash_ids(encoded) & self.KEY_MASK)
 
     def _find(self, encoded: list[bytes], keys: np.ndarray) -> np.ndarray:
+        if len(encoded) == 1:  # one item changed or read at a time: scalar steps, not a dozen array calls a run
+            return np.array([self._find_one(encoded[0], keys[0])], np.int64)
         found = np.full(len(encoded), -1, np.int64)
         offsets, data, alive = self._id_offsets.values, self._id_bytes.values, self.alive
         for run_keys, run_rows in self._runs:
@@ -286,6 +290,18 @@ class ItemTable:
                         found[q] = row
                         break
         return found
+
+    def _find_one(self, encoded: bytes, key: np.uint64) -> int:
+        """:meth:`_find` for one id: its live row, or -1."""
+        offsets, data, alive = self._id_offsets.values, self._id_bytes.values, self.alive
+        for run_keys, run_rows in self._runs:
+            at = int(run_keys.searchsorted(key))
+            while at < len(run_keys) and run_keys[at] == key:  # keys that collide: each confirmed by its bytes
+                row = int(run_rows[at])
+                if alive[row] and data[offsets[row] : offsets[row + 1]].tobytes() == encoded:
+                    return row
+                at += 1
+        return -1
 
     def ids_of(self, labels: np.ndarray) -> list[str]:
         labels = np.asarray(labels, np.int64)

@@ -55,7 +55,9 @@ def test_random_operations_match_a_dict(table_class):
             assert len(table._runs) == 1
         assert len(table) == len(live) and len(table._runs) <= max(1, int(np.log2(max(table.rows, 1))) + 1)
         probe = universe[::7] + ["never-added"]
-        assert table.labels_of(probe).tolist() == [live[i][0] if i in live else -1 for i in probe]
+        expected = [live[i][0] if i in live else -1 for i in probe]
+        assert table.labels_of(probe).tolist() == expected
+        assert [int(table.labels_of([i])[0]) for i in probe] == expected  # one id at a time: its own path
         labels = np.array(sorted(label for label, _ in live.values()), np.int64)
         assert table.live_labels().tolist() == labels.tolist()
         by_label = {label: (i, m) for i, (label, m) in live.items()}
