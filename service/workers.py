@@ -103,7 +103,7 @@ class Primary:
     def _attach(self, collection: Collection) -> None:
         collection.report_to(self.metrics)
         for modality, shard in collection.shards.items():
-            shard.on_logged(lambda changes, m=modality: self.hub.broadcast(m, changes))
+            shard.on_logged(lambda changes, m=modality: self.hub.logged(m, changes))
             shard.answers_before_applying = True  # the workers apply each change themselves, and a read waits for that
             self.published[modality] = shard.last_lsn
 
@@ -223,6 +223,7 @@ class Primary:
             self._template = WorkerTemplate(self.settings, collection)  # before the fork: shared by the workers, not built in each
         ours, theirs = socket.socketpair()
         with _paused(collection):  # the image is exactly at the published LSNs
+            self.hub.flush()  # a new worker's image holds every change sent so far, and it is sent none of them
             applied = {m: collection.shards[m].last_lsn for m in MODALITIES}
             pid = os.fork()
             if pid == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -205,13 +206,23 @@ class Collection:
     # --- item changes (any thread) -------------------------------------------------------------
     def upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> int:
         """Log (fsynced), apply, return the item count; ChangeNotSaved (nothing applied) when the log append fails."""
-        embeddings = self.embedder.embed(modality, vectors)
-        change = Change("upsert", list(ids), list(metadata), np.ascontiguousarray(vectors, np.float32), embeddings)
-        return self.shards[modality].commit(change)
+        return self.begin_upsert(modality, vectors, ids, metadata).result()
 
     def delete(self, modality: str, item_id: str) -> int:
         """Log, remove, return the item count; ItemNotFound, or ChangeNotSaved (nothing applied)."""
-        return self.shards[modality].commit(Change("delete", [item_id]))
+        return self.begin_delete(modality, item_id).result()
+
+    def begin_upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> Future:
+        """:meth:`upsert` as the future of its count: embedded here, then committed here (done on
+        return) or, in a replica, sent to the primary (an event loop awaits the answer without a
+        thread blocked on it)."""
+        embeddings = self.embedder.embed(modality, vectors)
+        change = Change("upsert", list(ids), list(metadata), np.ascontiguousarray(vectors, np.float32), embeddings)
+        return self.shards[modality].begin_commit(change)
+
+    def begin_delete(self, modality: str, item_id: str) -> Future:
+        """:meth:`delete` as the future of its count (see :meth:`begin_upsert`)."""
+        return self.shards[modality].begin_commit(Change("delete", [item_id]))
 
     def snapshot(self, directory: Path) -> dict:
         """A snapshot file of both modalities in ``directory`` holding every change committed so far (store.snapshots)."""

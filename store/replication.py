@@ -2,11 +2,12 @@
 
 The primary loads the collection, then forks the workers: each starts from the primary's image of
 the indexes, shared copy-on-write (a page is copied only when one side writes it). Only the primary
-writes the log. A worker sends each change to the primary (:meth:`Replica.call`); the primary
-commits it (group commit, fsync), sends the logged changes down every worker's channel, publishes
-their last LSN in shared memory, applies them to its own indexes, and only then answers. A worker
-applies changes in the order they arrive; before each read it compares the LSN it applied with the
-published one and waits for the few changes still in flight (:meth:`Replica.catch_up`).
+writes the log. A worker sends each change to the primary (:meth:`Replica.submit`); the primary
+commits it (group commit, fsync), publishes the group's last LSN in shared memory, answers, and
+then sends the logged changes down every worker's channel (:meth:`Hub.flush`) and applies them to
+its own indexes: the answer waits for neither, so on a small machine the workers' applies do not
+hold it up. A worker applies changes in the order they arrive; before each read it compares the LSN
+it applied with the published one and waits for the changes still in flight (:meth:`Replica.catch_up`).
 So a change acknowledged to any client is seen by every read that starts afterwards, on any worker.
 Checkpoints, snapshot files and version swaps run in the primary only.
 
@@ -124,6 +125,8 @@ class Hub:
         self.handlers = handlers
         self.channels: dict[int, Channel] = {}  # worker pid -> its channel
         self._lock = threading.Lock()
+        self._outbox: list[tuple] = []  # logged changes not yet sent to the workers (Hub.logged)
+        self._sending = threading.Lock()
         self._calls = ThreadPoolExecutor(64, thread_name_prefix="avsearch-primary")  # concurrent commits group into one fsync
 
     def attach(self, pid: int, channel: Channel) -> None:
@@ -147,20 +150,29 @@ class Hub:
             except ChannelClosed:
                 self.detach(pid)
 
-    def broadcast(self, modality: str, changes: list[Change]) -> None:
-        """Send logged changes to every worker, then publish the last one's LSN (the order matters: a
-        worker that sees the new LSN finds the changes already in its channel). Raw features stay here."""
-        last_lsn = changes[-1].lsn
-        message = ("apply", modality, [replace(c, features=None) for c in changes], last_lsn)
+    def logged(self, modality: str, changes: list[Change]) -> None:
+        """Changes just logged, before any writer is answered: publish their LSN now and queue them
+        for every worker, to be sent by :meth:`flush` once the writers are answered. A read that
+        starts after an answer sees the new LSN and waits for the changes to arrive
+        (:meth:`Replica.catch_up`). Raw features stay here."""
+        message = ("apply", modality, [replace(c, features=None) for c in changes], changes[-1].lsn)
         with self._lock:
-            channels = list(self.channels.items())
-        for pid, channel in channels:
-            try:
-                channel.send(message)
-            except ChannelClosed:  # a dead worker: the supervisor replaces it from this image
-                log.warning("worker %d is gone; it no longer receives changes", pid)
-                self.detach(pid)
-        self.published[modality] = last_lsn
+            self._outbox.append(message)
+        self.published[modality] = changes[-1].lsn
+
+    def flush(self) -> None:
+        """Send the queued changes to every worker, in log order (one sender at a time)."""
+        with self._sending:
+            with self._lock:
+                messages, self._outbox = self._outbox, []
+                channels = list(self.channels.items())
+            for message in messages:
+                for pid, channel in channels:
+                    try:
+                        channel.send(message)
+                    except ChannelClosed:  # a dead worker: the supervisor replaces it from this image
+                        log.warning("worker %d is gone; it no longer receives changes", pid)
+                        self.detach(pid)
 
     def _serve(self, pid: int, channel: Channel) -> None:
         while True:
@@ -180,6 +192,8 @@ class Hub:
             channel.send(reply)
         except ChannelClosed:
             pass
+        finally:
+            self.flush()  # the changes a commit logged reach the workers after its answer, which waits for none of them
 
     def close(self) -> None:
         for pid in list(self.channels):
@@ -288,10 +302,14 @@ class RemoteShard:
     def __init__(self, modality: str, index, replica: Replica | None, model: str):
         self.modality, self.index, self.replica, self.model = modality, index, replica, model
 
+    def begin_commit(self, change: Change) -> Future:
+        """The future of :meth:`commit`: sent to the primary, not waited for."""
+        return self.replica.submit("commit", self.modality, self.model, change)
+
     def commit(self, change: Change) -> int:
         """The index size once the primary logged and applied it (this worker applies it meanwhile: a
         read here waits for that in :meth:`Replica.catch_up`)."""
-        return self.replica.call("commit", self.modality, self.model, change)
+        return self.begin_commit(change).result()
 
     def log_bytes(self) -> int:
         return self.replica.call("log_bytes")[self.modality]

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +112,7 @@ class Shard:
 
     def on_logged(self, feed: Callable[[list[Change]], None]) -> None:
         """Call ``feed`` with each group's changes once they are logged, before they are applied here
-        and before any writer is answered (the primary's worker processes apply them meanwhile)."""
+        and before any writer is answered (the primary publishes them to its worker processes)."""
         self._on_logged = feed
 
     def report_to(self, events: StoreEvents) -> None:
@@ -147,6 +147,10 @@ class Shard:
             raise ChangeNotSaved(self.modality, f"applying a logged change failed ({self.failed}); restart the server to replay the log")
 
     # --- group commit ----------------------------------------------------------------------------
+    def begin_commit(self, change: Change) -> Future:
+        """:meth:`commit` as a future (done when this returns: the commit runs in the calling thread)."""
+        return finished(self.commit, change)
+
     def commit(self, change: Change) -> int:
         """Returns the index size once the change is logged and applied; ItemNotFound or ChangeNotSaved."""
         self.check_applied()
@@ -198,7 +202,7 @@ class Shard:
             if accepted:
                 self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
             logged = bool(accepted)
-            if accepted:  # logged: worker processes apply it while this one does, and before any writer is answered
+            if accepted:  # logged: published to the worker processes before any writer is answered
                 self._on_logged([p.change for p in accepted])
                 if self.answers_before_applying:
                     self._count_ahead(accepted)
@@ -310,3 +314,14 @@ class Shard:
             self.wal.close()
         if self._applier is not None:
             self._applier.shutdown()
+
+
+def finished(function: Callable, *args) -> Future:
+    """A future already done with what ``function(*args)`` returned or raised."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except BaseException as err:
+        future.set_exception(err)
+    return future
+
