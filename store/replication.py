@@ -48,6 +48,11 @@ SLOT = struct.Struct("<q")
 CATCH_UP_TIMEOUT_S = 30.0  # a worker whose records stop arriving has lost its primary
 
 
+def encode_message(message: object) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
 class Channel:
     """Length-prefixed pickled messages over one end of a socketpair; sends from any thread."""
 
@@ -56,10 +61,13 @@ class Channel:
         self._send_lock = threading.Lock()
 
     def send(self, message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.send_encoded(encode_message(message))
+
+    def send_encoded(self, frame: bytes) -> None:
+        """A message already framed by :func:`encode_message` (one encoding for many channels)."""
         with self._send_lock:
             try:
-                self.sock.sendall(HEADER.pack(len(data)) + data)
+                self.sock.sendall(frame)
             except OSError as err:
                 raise ChannelClosed(str(err)) from None
 
@@ -166,13 +174,14 @@ class Hub:
             with self._lock:
                 messages, self._outbox = self._outbox, []
                 channels = list(self.channels.items())
-            for message in messages:
-                for pid, channel in channels:
+            for frame in map(encode_message, messages):
+                for pid, channel in list(channels):
                     try:
-                        channel.send(message)
+                        channel.send_encoded(frame)
                     except ChannelClosed:  # a dead worker: the supervisor replaces it from this image
                         log.warning("worker %d is gone; it no longer receives changes", pid)
                         self.detach(pid)
+                        channels.remove((pid, channel))
 
     def _serve(self, pid: int, channel: Channel) -> None:
         while True:
