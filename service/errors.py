@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.auth import routed_path
-from store.errors import ChangeNotSaved, ChannelClosed, ItemNotFound, SnapshotError, SnapshotNotFound
+from store.errors import ChangeNotSaved, ChannelClosed, ItemNotFound, NotFollowing, SnapshotError, SnapshotNotFound
 
 STATUS: dict[type[Exception], int] = {
     ItemNotFound: 404,  # an unknown id in a get, delete, locate, or search by ids
@@ -19,6 +19,7 @@ STATUS: dict[type[Exception], int] = {
     SnapshotError: 422,  # a snapshot name the service would not have made
     ChangeNotSaved: 503,  # the log append failed, nothing applied: retry
     ChannelClosed: 503,  # a worker process whose primary is gone (it stops too): retry, another answers
+    NotFollowing: 503,  # a worker process that cannot apply the log (it stops, a fork replaces it): retry
 }
 
 
@@ -37,6 +38,8 @@ def _detail(request: Request, err: Exception) -> str:
         return err.message
     if isinstance(err, ChannelClosed):
         return f"this worker lost the process that stores changes ({err}); nothing was applied; retry"
+    if isinstance(err, NotFollowing):
+        return f"{err}; it stops and a fresh one takes its place; retry"
     return str(err)
 
 

@@ -2,7 +2,7 @@
 
 With worker processes (:mod:`service.workers`) every process writes its figures to files in
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and ``/metrics``, on whichever
-worker answers, adds them up over the processes (the primary's commits and folds included).
+worker answers, adds them up over the processes (the primary's folds included).
 """
 
 from __future__ import annotations

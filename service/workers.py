@@ -4,19 +4,20 @@ The process started by ``python -m service serve`` becomes the primary: it loads
 once, opens one listening socket per worker slot on the port (``SO_REUSEPORT``: the kernel spreads
 connections over them), then forks the workers, which share the index's memory copy-on-write; the
 worker of slot i accepts from socket i. The primary holds every socket, so connections queued on a
-slot whose worker stops or dies wait there for the next worker of that slot. The primary serves no HTTP: it
-owns the write-ahead log, the checkpoints, snapshot archives and version swaps, and answers the
-workers' calls (:mod:`store.replication` says how a change reaches every worker before its
-answer). A worker that dies is replaced by a fork of the primary's current image. SIGTERM or
+slot whose worker stops or dies wait there for the next worker of that slot. The primary serves no HTTP:
+it owns the checkpoints, snapshot archives and version swaps, follows the log the workers append to
+(:mod:`store.sharedlog` says how a change reaches every worker before its answer), and answers the
+workers' calls (:mod:`store.replication`). A worker that dies is replaced by a fork of the
+primary's current image. SIGTERM or
 SIGINT stops the workers (each finishes its requests) and then the primary; SIGHUP swaps versions.
 
 A version swap loads the new version in the primary, forks a new generation of workers from it,
 and retires the old one: each old worker stops taking requests (it closes its listening socket and
 its idle keep-alive connections; a busy one closes after its answer) and says so before the swap is
 answered, so no request that starts after the answer is served by the old version. The old workers
-then finish their requests and exit. Item changes wait until they have (a change sent through an
-old worker during the swap is refused with 503: retry), so no search mixes versions and none misses
-an acknowledged change.
+then finish their requests and exit. Item changes through the new workers wait until they have (a
+change through an old worker during the swap is refused with 503: retry), so no search mixes
+versions and none misses an acknowledged change.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future
 from contextlib import ExitStack, contextmanager
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import uvicorn
@@ -52,10 +52,10 @@ from service.settings import Settings
 from service.state import ServiceState
 from service.threads import limit_threads
 from service.timeouts import deadline_protocol
-from store.changes import Change
 from store.collection import Collection
 from store.errors import ChangeNotSaved, ChannelClosed
-from store.replication import Channel, Hub, PublishedLSN, RemoteShard, Replica
+from store.replication import Channel, Hub, Replica
+from store.sharedlog import OPEN, SEALED, WAITING, Follower, LogState, Position
 from store.served import check_not_moved
 from store.versions import load_next
 
@@ -84,50 +84,48 @@ class Primary:
     def __init__(self, settings: Settings, sockets: list[socket.socket], collection: Collection):
         self.settings, self.sockets, self.collection = settings, sockets, collection
         self.model_dir, self.index_dir = Path(settings.model_dir), Path(settings.index_dir)
-        self.published = PublishedLSN(MODALITIES)
-        handlers = {"commit": self._commit, "log_bytes": lambda: self.collection.log_bytes(), "swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser, "retired": self._retired}
-        self.hub = Hub(self.published, handlers)
+        handlers = {"swap": self._swap, "snapshot": self._snapshot, "parse": validate_in_parser, "retired": self._retired}
+        self.hub = Hub(handlers)
         self.workers: dict[int, int] = {}  # pid -> generation
         self.slots: dict[int, int] = {}  # pid -> the listening socket it accepts from
         self._retiring: dict[int, threading.Event] = {}  # old workers asked to take no more requests
         self.generation = 0
-        self._gate = threading.Condition()  # item changes wait while a swap is under way
+        self._gate = threading.Condition()  # snapshots and a second swap wait while a swap is under way
         self._swapping, self._in_flight = False, 0
         self._template: WorkerTemplate | None = None  # the workers' app, built once per version
         self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
         self._stopping = threading.Event()  # SIGTERM/SIGINT: no more forks, swaps or waiting changes
-        self.metrics = Metrics(dict)  # the primary's commits and folds, added up with the workers' figures
-        self._attach(collection)
+        self.metrics = Metrics(dict)  # the primary's folds, added up with the workers' figures
+        self._follower: Follower | None = None
+        self._attach(collection, OPEN)
 
     # --- calls from the workers ----------------------------------------------------------------
-    def _attach(self, collection: Collection) -> None:
+    def _attach(self, collection: Collection, gate: int) -> None:
+        """Serve ``collection``: the workers forked from now on append to its logs (``gate``: OPEN,
+        or WAITING until the old workers of a swap have left); this process follows them."""
         collection.report_to(self.metrics)
-        for modality, shard in collection.shards.items():
-            shard.on_logged(lambda changes, m=modality: self.hub.logged(m, changes))
-            shard.answers_before_applying = True  # the workers apply each change themselves, and a read waits for that
-            self.published[modality] = shard.last_lsn
+        state = LogState(MODALITIES, self.settings.workers)
+        for shard in collection.shards.values():
+            shard.share(state, gate)
+        if self._follower is not None:
+            self._follower.stop()
+        self._follower = Follower(lambda: [shard.catch_up() for shard in collection.shards.values()], lambda err: None).start()  # a failure is logged and refuses checkpoints (Shard.failed)
 
-    def _commit(self, modality: str, model: str, change: Change) -> int:
-        with self._unless_swapping(refuse_model=model, modality=modality):
-            if model != self.collection.embedder.manifest_hash:  # sent through a worker of the version swapped out
-                raise ChangeNotSaved(modality, "the model was swapped while it was sent")
-            return self.collection.shards[modality].commit(change)
+    def _set_gates(self, collection: Collection, gate: int) -> None:
+        for shard in collection.shards.values():
+            shard.set_gate(gate)
 
     def _snapshot(self, directory: str) -> dict:
         with self._unless_swapping():
             return self.collection.snapshot(Path(directory))
 
     @contextmanager
-    def _unless_swapping(self, refuse_model: str | None = None, modality: str = "") -> Iterator[None]:
-        """Run the block outside any version swap (it waits for this to end, this for it). A change
-        from a worker of the version being swapped out is refused at once: that worker finishes its
-        requests before the swap ends, so waiting for the swap would wait for itself."""
+    def _unless_swapping(self) -> Iterator[None]:
+        """Run the block outside any version swap (it waits for this to end, this for it)."""
         with self._gate:
-            if self._swapping and refuse_model == self.collection.embedder.manifest_hash:
-                raise ChangeNotSaved(modality, "a version swap is under way; retry")
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
-                raise ChangeNotSaved(modality or "item", "the server is stopping")
+                raise ChangeNotSaved("item", "the server is stopping")
             self._in_flight += 1
         try:
             yield
@@ -146,12 +144,13 @@ class Primary:
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
             current = self.collection
+            self._set_gates(current, SEALED)  # its workers' changes are refused (503: retry); the next version carries what it logged
             configured = self.index_dir if index_dir is None else self.settings.index_dir
             collection, served = load_next(current, lambda: self._load(model_dir, index_dir), configured)
             self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
+            self._attach(collection, WAITING)
             current.close()
             self.collection = collection
-            self._attach(collection)
             retired = self._new_generation()
         except BaseException:
             self._open_gate()
@@ -167,6 +166,8 @@ class Primary:
         return load(self.settings, model_dir or self.model_dir, index_dir or self.index_dir)
 
     def _open_gate(self) -> None:
+        """The swap is over (or failed): the served version takes changes again."""
+        self._set_gates(self.collection, OPEN)
         with self._gate:
             self._swapping = False
             self._gate.notify_all()
@@ -222,9 +223,10 @@ class Primary:
         if self._template is None or self._template.primary is not collection:
             self._template = WorkerTemplate(self.settings, collection)  # before the fork: shared by the workers, not built in each
         ours, theirs = socket.socketpair()
-        with _paused(collection):  # the image is exactly at the published LSNs
-            self.hub.flush()  # a new worker's image holds every change sent so far, and it is sent none of them
-            applied = {m: collection.shards[m].last_lsn for m in MODALITIES}
+        with _paused(collection):  # no process appends: the image is exactly at each log's end
+            positions = {m: collection.shards[m].position() for m in MODALITIES}
+            for modality, shard in collection.shards.items():  # no checkpoint deletes a segment this worker has not read
+                shard.shared.state.set_read(modality, slot, positions[modality].lsn)
             pid = os.fork()
             if pid == 0:
                 ours.close()
@@ -232,7 +234,7 @@ class Primary:
                     channel.sock.close()
                 for other in self.sockets[:slot] + self.sockets[slot + 1 :]:
                     other.close()
-                _run_worker(self.settings, self.sockets[slot], self._template, Channel(theirs), self.published, applied)  # never returns
+                _run_worker(self.settings, self.sockets[slot], self._template, Channel(theirs), positions, slot)  # never returns
             theirs.close()
             self.workers[pid], self.slots[pid] = self.generation, slot
             self.hub.attach(pid, Channel(ours))
@@ -298,6 +300,8 @@ class Primary:
             _signal(pid, signal.SIGKILL)
         self.hub.close()
         stop_parsers()
+        if self._follower is not None:
+            self._follower.stop()
         self.collection.close()  # the log holds every acknowledged change
 
 
@@ -369,33 +373,35 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
 
 
 class WorkerTemplate:
-    """A worker's app and replica collection, built in the primary before the forks (so that the
-    workers share their memory, measured: 4 MB a worker); each worker connects its own channel."""
+    """A worker's app and collection, built in the primary before the forks (so that the workers
+    share their memory, measured: 4 MB a worker); each worker joins the logs and connects its own
+    channel."""
 
     def __init__(self, settings: Settings, primary: Collection):
         self.primary = primary
         embedder = primary.embedder if _shares_sessions(settings) else None  # else opened in each worker, after the fork
-        shards = {m: RemoteShard(m, primary.shards[m].index, None, primary.embedder.manifest_hash) for m in MODALITIES}
-        self.collection = Collection.replica(primary, embedder or primary.embedder, shards)
+        self.collection = Collection.replica(primary, embedder or primary.embedder)
         self.state = WorkerState(settings, self.collection, None)
         self.app = create_app(settings, state=self.state)
         self.own_sessions = embedder is None
 
-    def connect(self, settings: Settings, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> Replica:
-        """In the worker: its channel to the primary, its encoder sessions where it needs its own."""
+    def connect(self, settings: Settings, channel: Channel, positions: dict[str, Position], slot: int) -> Replica:
+        """In the worker: the logs from where its image is, its channel to the primary, its
+        encoder sessions where it needs its own."""
+        for modality, shard in self.primary.shards.items():  # the primary's handles: held open here, a checkpoint's deleted segments would keep their disk space
+            shard.wal.close()
+            shard.shared.close()
+            self.collection.shards[modality].join(shard.shared.state, positions[modality], slot)
         if self.own_sessions:
             self.collection.embedder = Embedder(self.primary.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads)
-        replica = Replica(channel, published, applied, self.collection.apply_logged)
-        for shard in self.collection.shards.values():
-            shard.replica = replica
+        replica = Replica(channel)
         self.state.replica = replica
-        self.collection.sync = replica.catch_up
         share_parsers(SharedParsers(replica))
         replica.start()
         return replica
 
 
-def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplate, channel: Channel, published: PublishedLSN, applied: dict[str, int]) -> None:
+def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplate, channel: Channel, positions: dict[str, Position], slot: int) -> None:
     """The forked child: its own threads and lock over the shared indexes; uvicorn on the port."""
     code = 1
     try:
@@ -403,9 +409,7 @@ def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplat
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
-        for shard in template.primary.shards.values():  # the primary's log files: held open here, a checkpoint's deleted segments would keep their disk space
-            shard.wal.close()
-        replica = template.connect(settings, channel, published, applied)
+        replica = template.connect(settings, channel, positions, slot)
         server = WorkerServer(
             replica,
             uvicorn.Config(
@@ -419,8 +423,10 @@ def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplat
                 backlog=BACKLOG,
             ),
         )
-        replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no writes, no swaps; the supervisor is gone
+        replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no swaps; the supervisor is gone
         replica.on_retire = server.retire
+        shards = template.collection.shards.values()
+        Follower(lambda: [shard.catch_up() for shard in shards], lambda err: setattr(server, "should_exit", True)).start()  # this worker no longer matches the log: a fresh fork replaces it
         gc.freeze()
         server.run(sockets=[sock])
         code = 0

@@ -80,7 +80,7 @@ class Checkpointer:
         oldest = shard.pending_since
         if time.monotonic() < self._retry_at[modality]:
             return False
-        if shard.wal.bytes_since_rotation >= max(config.checkpoint_bytes, config.checkpoint_growth * self.checkpoint_size[modality]):
+        if shard.log_bytes() >= max(config.checkpoint_bytes, config.checkpoint_growth * self.checkpoint_size[modality]):
             return True
         return oldest is not None and time.monotonic() - oldest >= config.checkpoint_seconds
 
@@ -103,7 +103,7 @@ class Checkpointer:
         """Write a checkpoint of ``modality`` holding every change committed so far; returns its log sequence number."""
         shard = self.shards[modality]
         with self._locks[modality]:
-            started, log_bytes = time.perf_counter(), shard.wal.bytes_since_rotation
+            started, log_bytes = time.perf_counter(), shard.log_bytes()
             try:
                 written = self._write(modality, shard)
             except BaseException:

@@ -12,8 +12,7 @@ changes the previous version logged after ``prepare`` (:func:`store.versions.cat
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from index.embedder import MODALITIES, Embedder
 from index.store import IndexLoadError, Item, VectorIndex
-from store.changes import Change, apply, merge_run, mergeable_runs
+from store.changes import Change
 from store.checkpoints import Checkpointer
 from store.config import StoreConfig
 from store.dirlock import hold_index_dir, release_index_dir
@@ -32,6 +31,7 @@ from store.persist import load_index
 from store.shard import Shard
 from store.snapshots import create_snapshot
 from store.versions import catch_up
+from store.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
 MIN_HEADROOM = 4096  # items of room made at load (with StoreConfig.write_headroom > 0) however small the index
@@ -114,22 +114,16 @@ class Collection:
         self.checkpointer = Checkpointer(shards, self.index_dir, config) if config is not None else None
         if self.checkpointer is not None:
             self.checkpointer.start()
-        self.sync: Callable[[], None] = lambda: None  # a replica: wait for the changes acknowledged by any process
         self._closed = False
 
     @classmethod
-    def replica(cls, primary: "Collection", embedder: Embedder, shards: dict) -> "Collection":
-        """A worker process's view of ``primary`` after a fork (:mod:`store.replication`): the same
-        indexes (shared copy-on-write), its own lock, and ``shards`` that commit through the primary.
-        It applies the primary's changes with :meth:`apply_logged` and checkpoints nothing."""
-        return cls(embedder, shards, primary.model_dir, primary.index_dir, None, ReadWriteLock())
-
-    def apply_logged(self, modality: str, changes: list[Change]) -> None:
-        """A replica: apply changes the primary logged, in its order (consecutive ones in one call each)."""
-        index = self.shards[modality].index
-        with self._lock.write():
-            for run in mergeable_runs(changes):
-                apply(index, merge_run(run))
+    def replica(cls, primary: "Collection", embedder: Embedder) -> "Collection":
+        """A worker process's collection, made before the fork: the primary's indexes (shared
+        copy-on-write), its own lock, and shards that append to the same logs once the worker has
+        joined them (:meth:`Shard.join`, :mod:`store.sharedlog`). It checkpoints nothing."""
+        lock = ReadWriteLock()
+        shards = {m: Shard(m, s.index, WriteAheadLog(s.wal.directory), lock, s.model, s.last_lsn + 1, s.fsync) for m, s in primary.shards.items()}
+        return cls(embedder, shards, primary.model_dir, primary.index_dir, None, lock)
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path, device: str = "auto", intra_op_threads: int = 0, config: StoreConfig | None = None) -> "Collection":
@@ -169,7 +163,9 @@ class Collection:
         if self._closed:
             return
         self._closed = True
-        if self.checkpointer is None:  # a replica: the primary holds the logs and the directory
+        if self.checkpointer is None:  # a replica: the primary holds the directory
+            for shard in self.shards.values():
+                shard.close()
             return
         self.checkpointer.stop()
         for shard in self.shards.values():
@@ -195,7 +191,8 @@ class Collection:
     def reading(self) -> Iterator[View]:
         """Both indexes as one consistent state while the block runs (item changes wait for it); in a
         replica, one that holds every change acknowledged before the call, by any process."""
-        self.sync()
+        for shard in self.shards.values():  # with worker processes: what any of them acknowledged
+            shard.catch_up()
         with self._lock.read():
             yield self._view
 
@@ -205,24 +202,14 @@ class Collection:
 
     # --- item changes (any thread) -------------------------------------------------------------
     def upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> int:
-        """Log (fsynced), apply, return the item count; ChangeNotSaved (nothing applied) when the log append fails."""
-        return self.begin_upsert(modality, vectors, ids, metadata).result()
+        """Embed, log (fsynced), apply, return the item count; ChangeNotSaved (nothing applied) when the log append fails."""
+        embeddings = self.embedder.embed(modality, vectors)
+        change = Change("upsert", list(ids), list(metadata), np.ascontiguousarray(vectors, np.float32), embeddings)
+        return self.shards[modality].commit(change)
 
     def delete(self, modality: str, item_id: str) -> int:
         """Log, remove, return the item count; ItemNotFound, or ChangeNotSaved (nothing applied)."""
-        return self.begin_delete(modality, item_id).result()
-
-    def begin_upsert(self, modality: str, vectors: np.ndarray, ids: list[str], metadata: list[dict | None]) -> Future:
-        """:meth:`upsert` as the future of its count: embedded here, then committed here (done on
-        return) or, in a replica, sent to the primary (an event loop awaits the answer without a
-        thread blocked on it)."""
-        embeddings = self.embedder.embed(modality, vectors)
-        change = Change("upsert", list(ids), list(metadata), np.ascontiguousarray(vectors, np.float32), embeddings)
-        return self.shards[modality].begin_commit(change)
-
-    def begin_delete(self, modality: str, item_id: str) -> Future:
-        """:meth:`delete` as the future of its count (see :meth:`begin_upsert`)."""
-        return self.shards[modality].begin_commit(Change("delete", [item_id]))
+        return self.shards[modality].commit(Change("delete", [item_id]))
 
     def snapshot(self, directory: Path) -> dict:
         """A snapshot file of both modalities in ``directory`` holding every change committed so far (store.snapshots)."""

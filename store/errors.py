@@ -38,3 +38,15 @@ class SnapshotNotFound(FileNotFoundError):
 
 class ChannelClosed(ConnectionError):
     """A worker process's link to the primary (store.replication) is gone: nothing can be written."""
+
+
+class NotFollowing(ConnectionError):
+    """A worker process that can no longer apply what the others log (store.sharedlog): it serves
+    nothing more and is replaced by a fresh fork."""
+
+    def __init__(self, modality: str, reason: str):
+        self.modality, self.reason = modality, reason
+        super().__init__(f"this worker can no longer follow the {modality} log ({reason})")
+
+    def __reduce__(self):
+        return type(self), (self.modality, self.reason)

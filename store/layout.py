@@ -7,7 +7,7 @@ the store now calls that a checkpoint and keeps "snapshot" for the backup tar fi
 An index directory (one model version's collection)::
 
     <index>/audio/, <index>/visual/    one checkpoint each: the index files, CHECKPOINT_NAME, API_ITEMS_NAME
-    <index>/wal/<modality>/            the log segments after each modality's checkpoint (*.wal)
+    <index>/wal/<modality>/            the log segments after each modality's checkpoint (*.wal), APPEND_LOCK_NAME
     <index>/CARRIED_NAME               in a prepared version: what it carried from the previous one
     <index>/MOVED_NAME                 in a directory a reload left: where the served index went
     <index>/LOCK_NAME                  held (shared) by each process serving the directory
@@ -20,6 +20,7 @@ from pathlib import Path
 
 WAL_DIR = "wal"
 SEGMENT_SUFFIX = ".wal"  # segments are named by the first LSN they may hold: 00000000000000000042.wal
+APPEND_LOCK_NAME = "append.lock"  # in <index>/wal/<modality>/: held by the worker process appending (store.sharedlog)
 CHECKPOINT_NAME = "snapshot.json"  # in <index>/<modality>/: {"lsn": the last change the checkpoint holds}
 API_ITEMS_NAME = "api_items.npz"  # in <index>/<modality>/: raw features of API-written items (store.api_items)
 CARRIED_NAME = "carried.json"  # {"from": the previous version's directory, "lsn": {modality: last change carried}}
@@ -31,6 +32,10 @@ SNAPSHOT_SUFFIX = ".tar"
 
 def wal_dir(index_dir: Path, modality: str) -> Path:
     return Path(index_dir) / WAL_DIR / modality
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}{SEGMENT_SUFFIX}"
 
 
 def staging(directory: Path) -> Path:

@@ -1,15 +1,10 @@
-"""One collection served by several processes: the primary owns the store, workers hold forked replicas.
+"""The worker processes' link to their primary: calls over a socketpair, and a retirement notice.
 
 The primary loads the collection, then forks the workers: each starts from the primary's image of
-the indexes, shared copy-on-write (a page is copied only when one side writes it). Only the primary
-writes the log. A worker sends each change to the primary (:meth:`Replica.submit`); the primary
-commits it (group commit, fsync), publishes the group's last LSN in shared memory, answers, and
-then sends the logged changes down every worker's channel (:meth:`Hub.flush`) and applies them to
-its own indexes: the answer waits for neither, so on a small machine the workers' applies do not
-hold it up. A worker applies changes in the order they arrive; before each read it compares the LSN
-it applied with the published one and waits for the changes still in flight (:meth:`Replica.catch_up`).
-So a change acknowledged to any client is seen by every read that starts afterwards, on any worker.
-Checkpoints, snapshot files and version swaps run in the primary only.
+the indexes, shared copy-on-write (a page is copied only when one side writes it). Writes never go
+through here: every process appends to the one log itself (:mod:`store.sharedlog`). A worker calls
+the primary for what only it does (a version swap, a snapshot file, parsing a large body in its
+parser processes, saying it has retired), and the primary tells a worker to retire.
 
 Fork pitfalls, each tested (tests/service/test_workers.py):
 - GNU OpenMP is not fork-safe: a child hangs in its first parallel region when the parent ran one
@@ -19,8 +14,8 @@ Fork pitfalls, each tested (tests/service/test_workers.py):
 - ONNX Runtime's thread pools do not survive a fork: sessions with one intra-op thread (no pool)
   are shared; others are opened by each worker after the fork (service.workers).
 - Locks held by the primary's other threads stay held in the child: a worker builds its own locks
-  and never touches the primary's log, checkpointer or threads. Forks happen with every shard's
-  commits paused, so the image is exactly at the published LSN.
+  and never touches the primary's log handles, checkpointer or threads. Forks happen with every
+  shard's commits paused in every process, so the image is exactly at the log's end.
 
 Messages are pickled: both ends are this program, never a client.
 """
@@ -29,28 +24,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import mmap
 import pickle
-import queue
 import socket
 import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 
-from store.changes import Change
 from store.errors import ChannelClosed
 
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("<Q")
-SLOT = struct.Struct("<q")
-CATCH_UP_TIMEOUT_S = 30.0  # a worker whose records stop arriving has lost its primary
-
-
-def encode_message(message: object) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(data)) + data
 
 
 class Channel:
@@ -61,13 +45,10 @@ class Channel:
         self._send_lock = threading.Lock()
 
     def send(self, message: object) -> None:
-        self.send_encoded(encode_message(message))
-
-    def send_encoded(self, frame: bytes) -> None:
-        """A message already framed by :func:`encode_message` (one encoding for many channels)."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             try:
-                self.sock.sendall(frame)
+                self.sock.sendall(HEADER.pack(len(data)) + data)
             except OSError as err:
                 raise ChannelClosed(str(err)) from None
 
@@ -95,22 +76,6 @@ class Channel:
             pass
 
 
-class PublishedLSN:
-    """The last LSN the primary sent to the workers, per modality, in memory shared with every forked worker
-    (an anonymous shared mapping made before the forks; aligned 8-byte stores are atomic on the
-    platforms this runs on, and only the primary writes)."""
-
-    def __init__(self, modalities: tuple[str, ...]):
-        self.slots = {m: i * SLOT.size for i, m in enumerate(modalities)}
-        self._memory = mmap.mmap(-1, SLOT.size * len(modalities))
-
-    def __getitem__(self, modality: str) -> int:
-        return SLOT.unpack_from(self._memory, self.slots[modality])[0]
-
-    def __setitem__(self, modality: str, lsn: int) -> None:
-        SLOT.pack_into(self._memory, self.slots[modality], lsn)
-
-
 class RemoteError(RuntimeError):
     """An error the primary raised that does not pickle: its type and message."""
 
@@ -126,16 +91,13 @@ def _sendable(err: Exception) -> Exception:
 
 # --- the primary's side ----------------------------------------------------------------------
 class Hub:
-    """The primary's end of every worker's channel: answers calls, sends logged changes to all."""
+    """The primary's end of every worker's channel: answers calls, sends a worker a message."""
 
-    def __init__(self, published: PublishedLSN, handlers: dict[str, Callable[..., object]]):
-        self.published = published
+    def __init__(self, handlers: dict[str, Callable[..., object]]):
         self.handlers = handlers
         self.channels: dict[int, Channel] = {}  # worker pid -> its channel
         self._lock = threading.Lock()
-        self._outbox: list[tuple] = []  # logged changes not yet sent to the workers (Hub.logged)
-        self._sending = threading.Lock()
-        self._calls = ThreadPoolExecutor(64, thread_name_prefix="avsearch-primary")  # concurrent commits group into one fsync
+        self._calls = ThreadPoolExecutor(64, thread_name_prefix="avsearch-primary")  # a swap waits for the old workers' "retired" calls: never all threads busy
 
     def attach(self, pid: int, channel: Channel) -> None:
         with self._lock:
@@ -158,31 +120,6 @@ class Hub:
             except ChannelClosed:
                 self.detach(pid)
 
-    def logged(self, modality: str, changes: list[Change]) -> None:
-        """Changes just logged, before any writer is answered: publish their LSN now and queue them
-        for every worker, to be sent by :meth:`flush` once the writers are answered. A read that
-        starts after an answer sees the new LSN and waits for the changes to arrive
-        (:meth:`Replica.catch_up`). Raw features stay here."""
-        message = ("apply", modality, [replace(c, features=None) for c in changes], changes[-1].lsn)
-        with self._lock:
-            self._outbox.append(message)
-        self.published[modality] = changes[-1].lsn
-
-    def flush(self) -> None:
-        """Send the queued changes to every worker, in log order (one sender at a time)."""
-        with self._sending:
-            with self._lock:
-                messages, self._outbox = self._outbox, []
-                channels = list(self.channels.items())
-            for frame in map(encode_message, messages):
-                for pid, channel in list(channels):
-                    try:
-                        channel.send_encoded(frame)
-                    except ChannelClosed:  # a dead worker: the supervisor replaces it from this image
-                        log.warning("worker %d is gone; it no longer receives changes", pid)
-                        self.detach(pid)
-                        channels.remove((pid, channel))
-
     def _serve(self, pid: int, channel: Channel) -> None:
         while True:
             try:
@@ -201,8 +138,6 @@ class Hub:
             channel.send(reply)
         except ChannelClosed:
             pass
-        finally:
-            self.flush()  # the changes a commit logged reach the workers after its answer, which waits for none of them
 
     def close(self) -> None:
         for pid in list(self.channels):
@@ -212,24 +147,19 @@ class Hub:
 
 # --- a worker's side -------------------------------------------------------------------------
 class Replica:
-    """A worker's end: calls the primary, and applies the records it sends to the forked indexes."""
+    """A worker's end: calls the primary, and hears when to retire."""
 
-    def __init__(self, channel: Channel, published: PublishedLSN, applied: dict[str, int], apply: Callable[[str, list[Change]], None]):
-        self.channel, self.published = channel, published
-        self.applied = dict(applied)  # the LSN of the image at the fork, then of each change applied
-        self._apply = apply
+    def __init__(self, channel: Channel):
+        self.channel = channel
         self._cond = threading.Condition()
         self._calls: dict[int, Future] = {}
-        self._to_apply: queue.SimpleQueue = queue.SimpleQueue()  # changes read, in log order (replies do not wait behind them)
         self._ids = itertools.count()
         self.closed: str | None = None
         self.on_close: Callable[[], None] = lambda: None
         self.on_retire: Callable[[], None] = lambda: None  # the primary swapped versions: take no more requests
 
     def start(self) -> None:
-        """Start applying what the primary sends (records wait in the channel until then)."""
         threading.Thread(target=self._read, name="avsearch-replica", daemon=True).start()
-        threading.Thread(target=self._apply_sent, name="avsearch-replica-apply", daemon=True).start()
 
     def call(self, name: str, *args: object) -> object:
         """Run ``name`` in the primary and return its result, or raise its error."""
@@ -246,23 +176,11 @@ class Replica:
         self.channel.send((call_id, name, args))
         return future
 
-    def catch_up(self) -> None:
-        """Wait until every change the primary had applied when this was called is applied here."""
-        for modality, applied in self.applied.items():
-            target = self.published[modality]
-            if applied >= target:
-                continue
-            with self._cond:
-                if not self._cond.wait_for(lambda: self.applied[modality] >= target or self.closed, CATCH_UP_TIMEOUT_S) or self.closed:
-                    raise ChannelClosed(f"the primary process did not send {modality} change {target} ({self.closed or 'timed out'})")
-
     def _read(self) -> None:
         try:
             while True:
                 message = self.channel.receive()
-                if message[0] == "apply":
-                    self._to_apply.put(message[1:])
-                elif message[0] == "retire":
+                if message[0] == "retire":
                     self.on_retire()
                 else:
                     _, call_id, ok, payload = message
@@ -277,22 +195,6 @@ class Replica:
         except BaseException as err:  # a message this worker cannot take: it no longer follows the log
             log.critical("a worker could not read a message from the primary (%s); it stops", err)
             self._close(f"this worker could not read a message ({err})")
-        finally:
-            self._to_apply.put(None)
-
-    def _apply_sent(self) -> None:
-        """Apply the changes the primary sent, in order; a read waits for them in :meth:`catch_up`."""
-        while (sent := self._to_apply.get()) is not None:
-            modality, changes, last_lsn = sent
-            try:
-                self._apply(modality, changes)
-            except BaseException as err:  # this worker no longer matches the log
-                log.critical("a worker could not apply a change from the primary (%s); it stops", err)
-                self._close(f"this worker could not apply a change ({err})")
-                return
-            with self._cond:
-                self.applied[modality] = last_lsn
-                self._cond.notify_all()
 
     def _close(self, reason: str) -> None:
         with self._cond:
@@ -302,29 +204,3 @@ class Replica:
         for future in pending.values():
             future.set_exception(ChannelClosed(reason))
         self.on_close()
-
-
-class RemoteShard:
-    """A worker's stand-in for one modality's :class:`~store.shard.Shard`: the same index (forked),
-    commits made by the primary."""
-
-    def __init__(self, modality: str, index, replica: Replica | None, model: str):
-        self.modality, self.index, self.replica, self.model = modality, index, replica, model
-
-    def begin_commit(self, change: Change) -> Future:
-        """The future of :meth:`commit`: sent to the primary, not waited for."""
-        return self.replica.submit("commit", self.modality, self.model, change)
-
-    def commit(self, change: Change) -> int:
-        """The index size once the primary logged and applied it (this worker applies it meanwhile: a
-        read here waits for that in :meth:`Replica.catch_up`)."""
-        return self.begin_commit(change).result()
-
-    def log_bytes(self) -> int:
-        return self.replica.call("log_bytes")[self.modality]
-
-    def report_to(self, events) -> None:
-        """The primary reports the commits."""
-
-    def close(self) -> None:
-        """The primary owns the log."""

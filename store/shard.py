@@ -7,13 +7,13 @@ applies them in memory in log order under the index's write lock, and wakes the 
 that arrive meanwhile queue for the next leader, so one fsync serves many changes under load.
 
 A change is answered only after it is in the log (and, with the default fsync policy, on disk) and
-applied, so every acknowledged change survives a kill. Where the shard's readers are other
-processes (the worker processes' primary, :mod:`store.replication`: they apply each change
-themselves, and a read waits for that), ``answers_before_applying`` answers once the change is
-logged and sent; the index sizes are counted ahead, and the next group, a checkpoint or a pause
-waits for the apply, which runs in a thread of its own. An append or fsync that fails is cut back
+applied, so every acknowledged change survives a kill. An append or fsync that fails is cut back
 out of the log and nothing of the group is applied: each writer gets :class:`ChangeNotSaved` (the
 service answers 503), and what is served stays what the log holds.
+
+With worker processes (:meth:`Shard.share`, :meth:`Shard.join`) every process of the version
+appends to the one log, under its append lock, and applies what the others appended before it
+checks a group and before each read (:mod:`store.sharedlog`).
 
 Opening a shard (:meth:`Shard.open`) = its checkpoint (already loaded) + the log after it.
 """
@@ -24,7 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,15 @@ from index.embedder import Embedder
 from index.store import IndexLoadError, VectorIndex
 from store.changes import Change, apply, merge_run, mergeable_runs
 from store.config import StoreConfig
-from store.errors import ChangeNotSaved, ItemNotFound
+from store.errors import ChangeNotSaved, ItemNotFound, NotFollowing
 from store.events import StoreEvents
 from store.layout import checkpoint_lsn, wal_dir
 from store.locks import ReadWriteLock
+from store.sharedlog import OPEN, SEALED, WAITING, LogState, Position, SharedLog
 from store.wal import LogCorrupt, WriteAheadLog, encode
 
 log = logging.getLogger(__name__)
+GATE_POLL_S = 0.01  # a new version's worker polls its gate while the old workers leave
 
 
 @dataclass
@@ -78,11 +79,9 @@ class Shard:
         self._queue: list[_Pending] = []
         self._leading = False
         self._on_commit: Callable[[], None] = lambda: None  # the checkpointer's nudge
-        self._on_logged: Callable[[list[Change]], None] = lambda changes: None  # the worker processes' feed (store.replication)
         self.events = StoreEvents()
-        self.answers_before_applying = False  # the readers apply changes themselves (see the module's docstring)
-        self.failed: BaseException | None = None  # applying a logged change failed: no commit or checkpoint until a restart replays the log
-        self._applier: ThreadPoolExecutor | None = None
+        self.shared: SharedLog | None = None  # the log other processes append to too (store.sharedlog)
+        self.failed: BaseException | None = None  # applying a change other processes logged failed: this index no longer matches the log
 
     @classmethod
     def open(cls, modality: str, index: VectorIndex, index_dir: Path, embedder: Embedder, config: StoreConfig, lock: ReadWriteLock) -> "Shard":
@@ -110,11 +109,6 @@ class Shard:
         """Call ``nudge`` after each group commit (the checkpointer checks whether one is due)."""
         self._on_commit = nudge
 
-    def on_logged(self, feed: Callable[[list[Change]], None]) -> None:
-        """Call ``feed`` with each group's changes once they are logged, before they are applied here
-        and before any writer is answered (the primary publishes them to its worker processes)."""
-        self._on_logged = feed
-
     def report_to(self, events: StoreEvents) -> None:
         self.events = events
 
@@ -130,6 +124,8 @@ class Shard:
         change not in a checkpoint came (give it back to :meth:`checkpoint_failed`)."""
         self.check_applied()
         self.wal.rotate(self.last_lsn + 1)
+        if self.shared is not None:
+            self.shared.state.publish(self.modality, Position(self.last_lsn, self.last_lsn + 1, 0))
         since, self.pending_since = self.pending_since, None
         return since
 
@@ -137,20 +133,116 @@ class Shard:
         self.pending_since = since
 
     def checkpointed(self, lsn: int) -> None:
-        """The checkpoint holding the changes through ``lsn`` is on disk: the older segments go."""
+        """The checkpoint holding the changes through ``lsn`` is on disk: the older segments go
+        (with worker processes, those that every worker has read; the rest at a later checkpoint)."""
         self.checkpoint_lsn = lsn
-        self.wal.drop_before_current()
+        read = self.shared.state.slowest(self.modality) if self.shared is not None else lsn
+        self.wal.drop_through(min(lsn, read))
 
     def check_applied(self) -> None:
         """Raise ChangeNotSaved when the index lacks a logged change (what is saved must hold them all)."""
         if self.failed is not None:
             raise ChangeNotSaved(self.modality, f"applying a logged change failed ({self.failed}); restart the server to replay the log")
 
-    # --- group commit ----------------------------------------------------------------------------
-    def begin_commit(self, change: Change) -> Future:
-        """:meth:`commit` as a future (done when this returns: the commit runs in the calling thread)."""
-        return finished(self.commit, change)
+    # --- one log, several processes (store.sharedlog) --------------------------------------------
+    def share(self, state: LogState, gate: int = OPEN) -> None:
+        """The primary: publish this log's end in ``state`` for the workers forked from now on,
+        which append to it themselves; from now on this process only follows it."""
+        end = Position(self.last_lsn, self.wal.first_lsn, self.wal.end())
+        state.publish(self.modality, end)
+        state.set(self.modality, "gate", gate)
+        self.shared = SharedLog(state, self.modality, self.wal.directory, end)
 
+    def join(self, state: LogState, position: Position, slot: int) -> None:
+        """A forked worker in ``slot``: append to the log whose end ``state`` holds; this index is at
+        ``position`` (the primary set the slot there before the fork)."""
+        self.wal.open_segment(position.segment)
+        self.last_lsn = position.lsn
+        self.shared = SharedLog(state, self.modality, self.wal.directory, position, slot)
+        self.shared.tail.open()
+
+    def position(self) -> Position:
+        """Where this index is in the shared log (with commits paused: its end)."""
+        return self.shared.tail.position
+
+    def set_gate(self, gate: int) -> None:
+        """OPEN, SEALED (changes refused: a swap) or WAITING (changes held), once no append is under way."""
+        with self.shared.lock.held():
+            self.shared.state.set(self.modality, "gate", gate)
+
+    def catch_up(self) -> None:
+        """Apply what other processes logged and published before this call (a no-op alone)."""
+        shared = self.shared
+        if shared is not None and shared.lsn > self.last_lsn:
+            with shared.applying:
+                try:
+                    applied = self._follow()
+                except Exception as err:  # a record that does not read back, or does not apply
+                    self.failed = err
+                    raise NotFollowing(self.modality, f"{type(err).__name__}: {err}") from err
+            if applied:
+                self._on_commit()
+
+    def _follow(self) -> int:
+        """Apply the published records this index lacks (the caller holds ``shared.applying``)."""
+        records = self.shared.read_through(self.shared.lsn)
+        if not records:
+            return 0
+        try:
+            with self.lock.write():
+                for run in mergeable_runs(records):
+                    apply(self.index, merge_run(run))
+        except BaseException as err:  # a part may be applied: this index must be neither saved nor served
+            self.failed = err
+            raise
+        self.last_lsn = records[-1].lsn
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+        return len(records)
+
+    def _at_log_end(self) -> None:
+        """Holding the append lock and ``shared.applying``: cut a dead appender's torn tail, append to
+        the current segment, and apply every published record."""
+        end = self.shared.state.end(self.modality)
+        if self.wal.first_lsn != end.segment:
+            self.wal.open_segment(end.segment)
+        if self.wal.end() > end.end:
+            log.warning("%s: %d bytes after the last published record cut (a process killed while appending; never acknowledged)", self.wal.segment, self.wal.end() - end.end)
+            self.wal.cut(end.end)
+        self._follow()
+
+    @contextmanager
+    def _appending(self, group: list[_Pending]) -> Iterator[bool]:
+        """Shared: hold the append lock (and then ``shared.applying``) with this process at the
+        log's end, and publish the new end after the block; yields False with each change refused
+        when the version is sealed for a swap. Once it yielded True, the caller holds
+        ``shared.applying`` and releases it when the group is applied. Alone: yields True."""
+        shared = self.shared
+        if shared is None:
+            yield True
+            return
+        self.catch_up()  # most of what the others logged, applied before the lock: they wait for less
+        while True:
+            with shared.lock.held():
+                if shared.gate == SEALED:
+                    for change in group:
+                        change.error = ChangeNotSaved(self.modality, "a version swap is under way; retry")
+                    yield False
+                    return
+                if shared.gate != WAITING:
+                    shared.applying.acquire()
+                    try:
+                        self._at_log_end()
+                    except BaseException:
+                        shared.applying.release()
+                        raise
+                    yield True
+                    shared.state.publish(self.modality, Position(self.last_lsn, self.wal.first_lsn, self.wal.end()))
+                    shared.moved_to(shared.state.end(self.modality))
+                    return
+            time.sleep(GATE_POLL_S)
+
+    # --- group commit ----------------------------------------------------------------------------
     def commit(self, change: Change) -> int:
         """Returns the index size once the change is logged and applied; ItemNotFound or ChangeNotSaved."""
         self.check_applied()
@@ -163,100 +255,78 @@ class Shard:
                 self._leading = True
                 group, self._queue = self._queue, []
         if not pending.done:
-            applying = False
             try:
-                applying = self._commit_group(group)
+                self._commit_group(group)
             finally:
-                if not applying:
-                    self._stop_leading()
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+                self._on_commit()
         if pending.error is not None:
             raise pending.error
         return pending.count
 
-    def _stop_leading(self) -> None:
-        with self._cond:
-            self._leading = False
-            self._cond.notify_all()
-        self._on_commit()
-
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Hold off commits (none is half-done inside): the log's end is then ``last_lsn``, and the index is at it."""
+        """Hold off commits (none is half-done inside), in every process: the log's end is then ``last_lsn``, and the index is at it."""
         with self._cond:
             while self._leading:
                 self._cond.wait()
             self._leading = True
         try:
-            yield
+            if self.shared is None:
+                yield
+            else:  # no process appends meanwhile
+                self.catch_up()  # most of it before the lock: the workers wait for less
+                with self.shared.lock.held(), self.shared.applying:
+                    self._at_log_end()
+                    yield
         finally:
             with self._cond:
                 self._leading = False
                 self._cond.notify_all()
 
-    def _commit_group(self, group: list[_Pending]) -> bool:
-        """Whether the group's apply was handed to the applier thread (which stops leading after it)."""
-        applied: set[int] = set()
-        logged = False
+    def _commit_group(self, group: list[_Pending]) -> None:
+        holding = False  # shared.applying, from the catch-up before the check to the apply
         try:
-            accepted = self._check(group)
-            if accepted:
-                self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
-            logged = bool(accepted)
-            if accepted:  # logged: published to the worker processes before any writer is answered
-                self._on_logged([p.change for p in accepted])
-                if self.answers_before_applying:
-                    self._count_ahead(accepted)
-                    if self._applier is None:
-                        self._applier = ThreadPoolExecutor(1, thread_name_prefix=f"avsearch-apply-{self.modality}")
-                    self._applier.submit(self._apply_then_stop_leading, accepted)
-                    return True
-                with self.lock.write():
-                    for run in mergeable_runs(accepted):
-                        apply(self.index, merge_run([p.change for p in run]))
-                        for change in run:
-                            change.count = len(self.index)
-                            applied.add(id(change))
+            try:
+                with self._appending(group) as open_:
+                    holding = self.shared is not None and open_
+                    accepted = self._check(group) if open_ else []
+                    if accepted:
+                        self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
+            except Exception as err:  # nothing logged (the append lock, a catch-up that failed): each writer is told
+                for change in group:
+                    if change.error is None:
+                        change.error = err if isinstance(err, ChangeNotSaved) else ChangeNotSaved(self.modality, f"{type(err).__name__}: {err}")
+                return
+            self._apply(group, accepted)
+        finally:
+            if holding:
+                self.shared.applying.release()
+            with self._cond:
+                for change in group:
+                    change.done = True
+                self._cond.notify_all()
+
+    def _apply(self, group: list[_Pending], accepted: list[_Pending]) -> None:
+        """Apply the logged changes in log order, each told the index size after it."""
+        applied: set[int] = set()
+        try:
+            with self.lock.write():
+                for run in mergeable_runs(accepted):
+                    apply(self.index, merge_run([p.change for p in run]))
+                    for change in run:
+                        change.count = len(self.index)
+                        applied.add(id(change))
         except BaseException as err:  # applying failed (out of memory): never answer 200 for a change not served
             log.critical("applying %s changes failed (%s); they are in the log and a restart applies them", self.modality, err)
-            if logged and self.answers_before_applying:  # the readers may have applied them: this index must not be saved
+            if self.shared is not None:  # the other processes apply them: this one no longer matches the log
                 self.failed = err
             for change in group:
                 if change.error is None and id(change) not in applied:
                     change.error = err
             raise
-        finally:
-            with self._cond:
-                for change in group:
-                    change.done = True
-                self._cond.notify_all()
-        return False
-
-    def _count_ahead(self, accepted: list[_Pending]) -> None:
-        """Each change's index size once applied, before it is (ids within one upsert are distinct)."""
-        size, added, removed = len(self.index), set(), set()
-        for change in accepted:
-            for item_id in change.ids:
-                present = item_id in added or (item_id not in removed and item_id in self.index)
-                if change.op == "delete":
-                    size -= present
-                    added.discard(item_id)
-                    removed.add(item_id)
-                else:
-                    size += not present
-                    added.add(item_id)
-                    removed.discard(item_id)
-            change.count = size
-
-    def _apply_then_stop_leading(self, accepted: list[_Pending]) -> None:
-        try:
-            with self.lock.write():
-                for run in mergeable_runs(accepted):
-                    apply(self.index, merge_run([p.change for p in run]))
-        except BaseException as err:  # the writers were answered: nothing may be saved without these changes
-            log.critical("applying %s changes failed (%s); they are in the log; restart the server to replay it", self.modality, err)
-            self.failed = err
-        finally:
-            self._stop_leading()
 
     def _check(self, group: list[_Pending]) -> list[_Pending]:
         """Deletes of ids that are not there (counting earlier changes of the group) fail alone."""
@@ -307,21 +377,17 @@ class Shard:
             self.pending_since = time.monotonic()
 
     def log_bytes(self) -> int:
+        """The log written since the last checkpoint started a segment (by every process)."""
+        if self.shared is not None:
+            return self.shared.state.get(self.modality, "end")
         return self.wal.bytes_since_rotation
 
     def close(self) -> None:
-        with self.paused():
-            self.wal.close()
-        if self._applier is not None:
-            self._applier.shutdown()
-
-
-def finished(function: Callable, *args) -> Future:
-    """A future already done with what ``function(*args)`` returned or raised."""
-    future: Future = Future()
-    try:
-        future.set_result(function(*args))
-    except BaseException as err:
-        future.set_exception(err)
-    return future
+        with self._cond:  # no commit half-done (not paused(): that would apply what others logged)
+            while self._leading:
+                self._cond.wait()
+            self._leading = True
+        self.wal.close()
+        if self.shared is not None:
+            self.shared.close()
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from avdata.atomic import fsync_dir
 from store.changes import Change
-from store.layout import SEGMENT_SUFFIX
+from store.layout import SEGMENT_SUFFIX, segment_name
 
 log = logging.getLogger(__name__)
 FRAME = struct.Struct("<II")  # payload length, crc32
@@ -201,9 +201,19 @@ class WriteAheadLog:
         self._fd, self.segment = fd, path
         self.bytes_since_rotation = os.fstat(fd).st_size
 
+    def open_segment(self, first_lsn: int) -> None:
+        """Append to the segment that starts at ``first_lsn`` (another process started it)."""
+        self._open(self.directory / segment_name(first_lsn))
+
+    @property
+    def first_lsn(self) -> int:
+        """The first LSN the current segment may hold (its name)."""
+        assert self.segment is not None, "recover() first"
+        return _first_lsn(self.segment)
+
     def rotate(self, first_lsn: int) -> None:
         """Start a new segment for LSNs from ``first_lsn`` on (the caller holds off appends)."""
-        path = self.directory / f"{first_lsn:020d}{SEGMENT_SUFFIX}"
+        path = self.directory / segment_name(first_lsn)
         self.sync()  # the closed segment is whole on disk: only the last one may end in a tear
         self._open(path)
         fsync_dir(self.directory)  # the new file's name must survive a power cut too
@@ -236,16 +246,23 @@ class WriteAheadLog:
             os.fsync(self._fd)
             self.bytes_since_rotation = max(0, self.bytes_since_rotation - (end - size))
 
-    def drop_before_current(self) -> None:
-        """Delete the segments older than the current one (their records are in a checkpoint)."""
-        for path in self.segments():
-            if path != self.segment:
-                path.unlink(missing_ok=True)
+    def drop_through(self, lsn: int) -> None:
+        """Delete the segments before the current one that hold no record after ``lsn`` (a segment
+        ends where the next begins)."""
+        paths = self.segments()
+        for path, following in zip(paths, paths[1:]):
+            if path == self.segment or _first_lsn(following) - 1 > lsn:
+                break
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _first_lsn(segment: Path) -> int:
+    return int(segment.name[: -len(SEGMENT_SUFFIX)])
 
 
 def read_records(directory: Path, after: int, through: int | None = None) -> list[Change]:

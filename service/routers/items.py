@@ -50,8 +50,7 @@ async def upsert(modality: Modality, request: Request) -> UpsertResponse:
             vectors = validate(collection, modality, [item.vector for item in body.items])
         except InputError as err:
             raise HTTPException(422, f"items: {err}") from None
-        committed = await asyncio.to_thread(collection.begin_upsert, modality, vectors, ids, [item.metadata for item in body.items])
-        count = await asyncio.wrap_future(committed)  # in a worker: the primary's answer, awaited here rather than in a blocked thread
+        count = await asyncio.to_thread(collection.upsert, modality, vectors, ids, [item.metadata for item in body.items])
     return UpsertResponse(upserted=len(ids), modality=modality, count=count)
 
 
@@ -69,5 +68,5 @@ async def delete_item(modality: Modality, item_id: str, request: Request) -> Del
     state.ready_collection()
     async with state.gate.mutation():
         collection = state.ready_collection()
-        count = await asyncio.wrap_future(await asyncio.to_thread(collection.begin_delete, modality, item_id))  # ItemNotFound: 404, ChangeNotSaved: 503
+        count = await asyncio.to_thread(collection.delete, modality, item_id)  # ItemNotFound: 404, ChangeNotSaved: 503
     return DeleteResponse(deleted=item_id, modality=modality, count=count)

@@ -1,4 +1,4 @@
-"""AVSEARCH_WORKERS=2: one collection served by two forked workers (service.workers, store.replication).
+"""AVSEARCH_WORKERS=2: one collection served by two forked workers (service.workers, store.sharedlog).
 
 Real ``python -m service serve`` processes. A connection reaches one worker (the kernel spreads
 them); ``/healthz`` names it in ``X-Avsearch-Worker``, so the tests hold one connection per worker.
@@ -155,7 +155,7 @@ def test_a_write_through_one_worker_is_found_at_once_through_the_other(tiny, tmp
         for conn in (a, b):
             status, body = server.request("POST", "/v1/search", {"modality": "audio", "vectors": many, "top_k": 2}, conn=conn)
             assert status == 200 and len(body["results"]) == 300, body
-        # /metrics adds up over the workers (either one answers it), the primary's group commits included
+        # /metrics adds up over the workers (either one answers it): their group commits, their requests
         assert _metric(server, "avsearch_requests_total", route="/v1/search", method="POST", status="200") == 27
         assert _metric(server, "avsearch_commit_group_changes_count", modality="visual") == 30
         assert _metric(server, "avsearch_index_items", modality="visual") == server.request("GET", "/v1/info")[1]["index_sizes"]["visual"]
@@ -238,8 +238,7 @@ def test_acknowledged_changes_survive_killing_a_worker_or_the_whole_group(tiny, 
             time.sleep(rng.uniform(0.2, 0.6))
             if how == "worker":
                 os.kill(rng.choice([p for p in server.processes() if p != server.proc.pid]), signal.SIGKILL)
-                # The primary lives on: a change the dead worker had sent may still be committed a moment
-                # after its writer saw the connection drop; let such changes finish before looking.
+                # The others live on: let the writers through them finish before looking.
                 time.sleep(1.0)
                 for w in writers:
                     w.stop.set()

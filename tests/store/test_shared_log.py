@@ -1,0 +1,198 @@
+"""One log appended to by several processes (store.sharedlog), as the worker processes use it: a
+primary collection that only follows, and forked children that write through their own shards.
+
+Each child is forked from the primary with commits paused (as service.workers forks), joins the log
+where its image is, runs one step and reports through a pipe."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+
+from store.collection import Collection
+from store.errors import ChangeNotSaved, ItemNotFound, NotFollowing
+from store.sharedlog import OPEN, SEALED, LogState
+from tests.service.conftest import copy_index
+
+
+@pytest.fixture
+def primary(tiny, tmp_path):
+    collection = Collection.load(tiny.model_dir, copy_index(tiny, tmp_path / "index"), device="cpu", intra_op_threads=1)
+    collection.checkpointer.stop()  # checkpoints only where a test asks for one
+    state = LogState(list(collection.shards), slots=4)
+    for shard in collection.shards.values():
+        shard.share(state, OPEN)
+    yield collection
+    collection.close()
+
+
+class Child:
+    """A worker's collection forked from ``primary`` now; ``run(step, *args)`` runs ``step(collection, *args)`` in it."""
+
+    def __init__(self, primary: Collection, slot: int):
+        self.slot = slot
+        self.replica = Collection.replica(primary, primary.embedder)
+        self._orders_r, self._orders_w = os.pipe()
+        self._results_r, self._results_w = os.pipe()
+        with ExitStack() as paused:
+            for shard in primary.shards.values():
+                paused.enter_context(shard.paused())
+            positions = {m: shard.position() for m, shard in primary.shards.items()}
+            for modality, shard in primary.shards.items():
+                shard.shared.state.set_read(modality, self.slot, positions[modality].lsn)
+            self.pid = os.fork()
+        if self.pid == 0:
+            self._serve(primary, positions)  # never returns
+
+    def _serve(self, primary: Collection, positions) -> None:
+        code = 1
+        try:
+            for modality, shard in self.replica.shards.items():
+                shard.join(primary.shards[modality].shared.state, positions[modality], self.slot)
+            with os.fdopen(self._orders_r, "rb") as orders, os.fdopen(self._results_w, "wb") as results:
+                while (order := pickle.load(orders)) is not None:
+                    step, args = order
+                    try:
+                        reply = (True, step(self.replica, *args))
+                    except Exception as err:
+                        reply = (False, err)
+                    pickle.dump(reply, results)
+                    results.flush()
+            code = 0
+        finally:
+            os._exit(code)
+
+    def run(self, step, *args):
+        if not hasattr(self, "_orders"):
+            self._orders, self._results = os.fdopen(self._orders_w, "wb"), os.fdopen(self._results_r, "rb")
+        pickle.dump((step, args), self._orders)
+        self._orders.flush()
+        ok, value = pickle.load(self._results)
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self.run(nothing)  # opens the pipes if no step ran yet
+        pickle.dump(None, self._orders)
+        self._orders.flush()
+        assert os.waitpid(self.pid, 0)[1] == 0
+
+
+def upsert(collection, item_id):
+    vectors = np.full((1, collection.embedder.manifest["input_dims"]["audio"]), 0.5, np.float32)
+    return collection.upsert("audio", vectors, [item_id], [{"by": os.getpid()}])
+
+
+def delete(collection, item_id):
+    return collection.delete("audio", item_id)
+
+
+def has(collection, item_id):
+    with collection.reading() as view:
+        return view.contains("audio", item_id)
+
+
+def nothing(collection):
+    return None
+
+
+def test_each_process_appends_and_sees_what_the_others_appended(primary):
+    first, second = Child(primary, 0), Child(primary, 1)  # both images lack what the other writes
+    try:
+        size = len(primary.shards["audio"].index)
+        assert first.run(upsert, "from-first") == size + 1
+        assert second.run(has, "from-first")  # a read applies what another process published
+        assert second.run(delete, "from-first") == size  # checked against the log's state, not its image's
+        with pytest.raises(ItemNotFound):  # raised in the child
+            first.run(delete, "from-first")
+        assert not first.run(has, "from-first")
+        with primary.reading() as view:  # the primary follows too
+            assert not view.contains("audio", "from-first")
+        assert primary.shards["audio"].last_lsn == primary.shards["audio"].shared.lsn == 2
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_torn_tail_left_by_a_killed_appender_is_cut_by_the_next(primary, tiny):
+    child = Child(primary, 0)
+    try:
+        child.run(upsert, "kept")
+        segment = primary.shards["audio"].wal.directory / sorted(p.name for p in primary.shards["audio"].wal.directory.glob("*.wal"))[-1]
+        with open(segment, "ab") as f:  # what a kill half-way through an append leaves
+            f.write(b"\x40\x00\x00\x00torn")
+        child.run(upsert, "after")
+    finally:
+        child.stop()
+    index_dir = primary.index_dir
+    primary.close()
+    reopened = Collection.load(tiny.model_dir, index_dir, device="cpu")  # replays the log: no damage in the middle
+    try:
+        assert "kept" in reopened.shards["audio"].index and "after" in reopened.shards["audio"].index
+        assert reopened.shards["audio"].last_lsn == 2
+    finally:
+        reopened.close()
+
+
+def test_a_process_follows_the_log_across_checkpoints_and_none_deletes_what_it_has_not_read(primary):
+    idle, writer = Child(primary, 0), Child(primary, 1)
+    segments = lambda: sorted(primary.shards["audio"].wal.directory.glob("*.wal"))  # noqa: E731
+    try:
+        for item_id in ("first", "second", "third"):
+            writer.run(upsert, item_id)
+            primary.checkpointer.checkpoint("audio")  # a new segment each time
+        assert len(segments()) == 4  # the idle process has read none of the three with a record
+        assert all(idle.run(has, item_id) for item_id in ("first", "second", "third"))
+        primary.checkpointer.checkpoint("audio")  # nothing new: no checkpoint, no deletion
+        writer.run(upsert, "fourth")
+        primary.checkpointer.checkpoint("audio")
+        assert len(segments()) == 2  # the idle process has not read the fourth
+        assert idle.run(has, "fourth")
+        writer.run(upsert, "fifth")
+        primary.checkpointer.checkpoint("audio")
+        assert len(segments()) == 2  # nor the fifth, now; the fourth's segment went
+        assert idle.run(has, "fifth")
+        late = Child(primary, 2)
+        try:
+            assert late.run(has, "fourth") and late.run(upsert, "late") > 0
+        finally:
+            late.stop()
+        with primary.reading() as view:
+            assert view.contains("audio", "late")
+    finally:
+        idle.stop()
+        writer.stop()
+
+
+def test_a_sealed_version_refuses_changes_and_takes_them_again_once_open(primary):
+    child = Child(primary, 0)
+    try:
+        primary.shards["audio"].set_gate(SEALED)
+        with pytest.raises(ChangeNotSaved, match="swap"):
+            child.run(upsert, "refused")
+        primary.shards["audio"].set_gate(OPEN)
+        assert child.run(upsert, "taken") > 0
+        assert not child.run(has, "refused")
+    finally:
+        child.stop()
+
+
+def test_a_process_that_cannot_read_what_was_published_says_so_and_takes_no_change(primary):
+    child, writer = Child(primary, 0), Child(primary, 1)
+    try:
+        writer.run(upsert, "first")
+        primary.checkpointer.checkpoint("audio")  # a new segment, which the child has not opened
+        writer.run(upsert, "unread")
+        max(primary.shards["audio"].wal.directory.glob("*.wal")).unlink()  # what no checkpoint may do
+        with pytest.raises(NotFollowing, match="audio log"):  # 503: this worker stops, a fork replaces it
+            child.run(has, "unread")
+        with pytest.raises(ChangeNotSaved, match="restart"):
+            child.run(upsert, "refused")
+    finally:
+        child.stop()
+        writer.stop()
