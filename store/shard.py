@@ -41,6 +41,7 @@ from store.wal import LogCorrupt, WriteAheadLog, encode
 
 log = logging.getLogger(__name__)
 GATE_POLL_S = 0.01  # a new version's worker polls its gate while the old workers leave
+FOLLOW_RUN = 32  # records applied per hold of the index's write lock when catching up
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Shard:
     """One modality: its index, its log, and the group commit between them.
 
     Invariants: ``last_lsn`` is the last change logged and applied (outside :meth:`paused`, the
-    index holds exactly the changes through it); ``checkpoint_lsn`` <= ``last_lsn`` is the last one
+    index holds exactly the changes through it; with worker processes, the others may have logged
+    more since, which :meth:`catch_up` applies); ``checkpoint_lsn`` <= ``last_lsn`` is the last one
     inside the checkpoint on disk; the log holds every change after ``checkpoint_lsn``.
     """
 
@@ -171,21 +173,26 @@ class Shard:
             self.shared.state.set(self.modality, "gate", gate)
 
     def catch_up(self) -> None:
-        """Apply what other processes logged and published before this call (a no-op alone)."""
+        """Apply what other processes logged and published before this call (a no-op alone), a
+        few records at a time: a read or a commit of this process waits for one run at most."""
         shared = self.shared
-        if shared is not None and shared.lsn > self.last_lsn:
+        if shared is None:
+            return
+        target, applied = shared.lsn, 0
+        while self.last_lsn < target:
             with shared.applying:
                 try:
-                    applied = self._follow()
+                    applied += self._follow(min(target, self.last_lsn + FOLLOW_RUN))
                 except Exception as err:  # a record that does not read back, or does not apply
                     self.failed = err
                     raise NotFollowing(self.modality, f"{type(err).__name__}: {err}") from err
-            if applied:
-                self._on_commit()
+        if applied:
+            self._on_commit()
 
-    def _follow(self) -> int:
-        """Apply the published records this index lacks (the caller holds ``shared.applying``)."""
-        records = self.shared.read_through(self.shared.lsn)
+    def _follow(self, through: int) -> int:
+        """Apply the published records this index lacks, through LSN ``through`` (the caller holds
+        ``shared.applying``)."""
+        records = self.shared.read_through(through)
         if not records:
             return 0
         try:
@@ -209,7 +216,7 @@ class Shard:
         if self.wal.end() > end.end:
             log.warning("%s: %d bytes after the last published record cut (a process killed while appending; never acknowledged)", self.wal.segment, self.wal.end() - end.end)
             self.wal.cut(end.end)
-        self._follow()
+        self._follow(end.lsn)
 
     @contextmanager
     def _appending(self, group: list[_Pending]) -> Iterator[bool]:
