@@ -1,0 +1,143 @@
+"""Writes with 1 and 2 worker processes, measured side by side: both servers up at once, short
+trials alternating between them, so that the machine's drift (this VM's disk and CPU vary by 2x
+within minutes) falls on both alike.
+
+    python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 8 trials (~8 min)
+    python bench/write_workers_ab.py --items 1e5 --trials 4  # a quick look
+
+Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
+width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
+``AVSEARCH_WORKERS=1`` and ``=2`` at the same time (folds every ``--snapshot-seconds``, as in
+write_bench). Each trial runs write_bench's four phases on one server, then on the other (the order
+flips every trial), each ``--phase-seconds`` long (or until its items run out): single-item upserts
+by 1 and by 16 clients, then deletes of two thirds of those items by 16 clients and of the last
+third by 1 client; ``--pause`` seconds after each server's turn let its
+fold finish before the other is timed. Each figure is the median over the trials; the ratio is
+2 workers over 1; target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors.
+While one server is timed, the other is idle (its last fold done). Results:
+``bench/results/write_workers_ab.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.http_bench import commit  # noqa: E402
+from bench.server_tree import stop_tree  # noqa: E402
+from bench.write_bench import build_index, delete_request, run_requests, serve, tiny_model, upsert_request  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+PHASES = (("upsert", 1), ("upsert", 16), ("delete", 16), ("delete", 1))
+COUNTS = (1, 2)
+
+
+def trial(port: int, tag: str, seconds: float) -> dict:
+    """write_bench's four phases on one server: {"upsert_1": summary, ...}."""
+    rng = np.random.default_rng(zlib.crc32(tag.encode()))
+    ids = [f"{tag}-{i}" for i in range(6000)]  # more than 2 s of upserts take here
+    upserts = [upsert_request([i], rng) for i in ids]
+    out, written = {}, 0
+    for op, clients in PHASES:
+        if op == "upsert":
+            result = asyncio.run(run_requests(port, upserts[written:], clients, seconds))
+            written += result["requests"]
+        else:  # the first two thirds of what was written for 16 clients, the rest for 1 (deletes run faster than upserts)
+            share = ids[: written * 2 // 3] if clients > 1 else ids[written * 2 // 3 : written]
+            result = asyncio.run(run_requests(port, [delete_request(i) for i in share], clients, seconds))
+        out[f"{op}_{clients}"] = result
+    return out
+
+
+def compare(trials: dict[int, list[dict]]) -> list[dict]:
+    rows = []
+    for op, clients in PHASES:
+        key = f"{op}_{clients}"
+        for figure, better_high in (("per_s", True), ("p99_ms", False)):
+            one, two = (statistics.median(t[key][figure] for t in trials[w]) for w in COUNTS)
+            ratio = two / one if one else float("nan")
+            rows.append({"phase": key, "figure": figure, "1": round(one, 2), "2": round(two, 2), "ratio": round(ratio, 2), "ok": ratio >= 0.8 if better_high else ratio <= 1.2})
+    errors = {w: sum(t[k]["errors"] for t in trials[w] for k in t) for w in COUNTS}
+    rows.append({"phase": "all", "figure": "errors", "1": errors[1], "2": errors[2], "ratio": None, "ok": errors[2] == 0})
+    return rows
+
+
+def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
+    servers = {}
+    try:
+        for workers in COUNTS:
+            index, _ = build_index(model, work, n, factory)  # a fresh copy each
+            servers[workers] = serve(model, index, args.snapshot_seconds, workers)
+        trials: dict[int, list[dict]] = {w: [] for w in COUNTS}
+        for t in range(args.trials):
+            for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds))
+                time.sleep(args.pause)
+            print(f"{factory} trial {t + 1}/{args.trials}: upserts/s 1 client {trials[1][-1]['upsert_1']['per_s']} vs {trials[2][-1]['upsert_1']['per_s']}", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            stop_tree(proc)
+    return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}}
+
+
+def write_results(out: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "write_workers_ab.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [
+        "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)",
+        "",
+        f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
+        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s, {out['pause']} s after each "
+        f"server's turn, folds every {out['snapshot_seconds']} s. Each figure is the median over the trials (every trial in the JSON). "
+        f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
+        "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
+    ]
+    for point in out["points"]:
+        lines += ["", f"## {point['items']:.0e} items, {point['factory']}", "", "| phase | figure | 1 worker | 2 workers | ratio 2 / 1 | within 20% |", "|---|---|---:|---:|---:|---|"]
+        for row in point["rows"]:
+            ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {'✓' if row['ok'] else '✗'} |")
+    (RESULTS / "write_workers_ab.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=float, default=1e6)
+    parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32"])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--phase-seconds", type=float, default=2.0)
+    parser.add_argument("--pause", type=float, default=4.0, help="seconds after each server's turn (longer than --snapshot-seconds: its last fold ends first)")
+    parser.add_argument("--snapshot-seconds", type=float, default=3.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
+    args = parser.parse_args()
+    model = tiny_model(args.work)
+    out = {
+        "command": "python " + " ".join(["bench/write_workers_ab.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "commit": commit(),
+        "trials": args.trials,
+        "phase_seconds": args.phase_seconds,
+        "pause": args.pause,
+        "snapshot_seconds": args.snapshot_seconds,
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
+    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_results(out)
+    print((RESULTS / "write_workers_ab.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
