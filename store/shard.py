@@ -182,7 +182,10 @@ class Shard:
         while self.last_lsn < target:
             with shared.applying:
                 try:
-                    applied += self._follow(min(target, self.last_lsn + FOLLOW_RUN))
+                    run = self._follow(min(target, self.last_lsn + FOLLOW_RUN))
+                    if not run:  # never spin: this process's place in the log and its index disagree
+                        raise LogCorrupt(f"change {self.last_lsn + 1} is published but was not read (read through {self.shared.tail.position.lsn})")
+                    applied += run
                 except Exception as err:  # a record that does not read back, or does not apply
                     self.failed = err
                     raise NotFollowing(self.modality, f"{type(err).__name__}: {err}") from err
