@@ -151,13 +151,15 @@ def test_metrics_count_routes_statuses_batches_and_index_size(client, features):
 
 def test_concurrent_requests_are_batched_and_answered_alike(tiny, tmp_path, features):
     index_dir = copy_index(tiny, tmp_path / "index")
-    with make_client(tiny, index_dir, batch_window_ms=50) as c:
+    with make_client(tiny, index_dir, batch_window_ms=100) as c:  # the widest allowed: on a loaded machine 12 threads' requests spread over tens of ms
         wait_ready(c)
         bodies = [{"modality": "audio", "vectors": [features.audio[i].tolist()], "top_k": 3 + i % 3} for i in range(12)]
         alone = [c.post("/v1/search", json=b).json() for b in bodies]
         together: list = [None] * len(bodies)
+        start = threading.Barrier(len(bodies))
 
         def send(i: int) -> None:
+            start.wait()  # all at once, not as each thread happens to start
             together[i] = c.post("/v1/search", json=bodies[i]).json()
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
