@@ -181,6 +181,8 @@ class Shard:
         target, applied = shared.lsn, 0
         while self.last_lsn < target:
             with shared.applying:
+                if self.last_lsn >= target:  # another thread of this process applied it meanwhile (a commit, a read)
+                    break
                 try:
                     run = self._follow(min(target, self.last_lsn + FOLLOW_RUN))
                     if not run:  # never spin: this process's place in the log and its index disagree
