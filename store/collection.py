@@ -191,10 +191,14 @@ class Collection:
     def reading(self) -> Iterator[View]:
         """Both indexes as one consistent state while the block runs (item changes wait for it); in a
         replica, one that holds every change acknowledged before the call, by any process."""
-        for shard in self.shards.values():  # with worker processes: what any of them acknowledged
-            shard.catch_up()
+        self.catch_up()
         with self._lock.read():
             yield self._view
+
+    def catch_up(self) -> None:
+        """With worker processes: apply what any of them logged and published (a no-op alone)."""
+        for shard in self.shards.values():
+            shard.catch_up()
 
     def get(self, modality: str, item_id: str) -> Item:
         with self.reading() as view:
