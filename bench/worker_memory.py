@@ -2,6 +2,7 @@
 
     python bench/worker_memory.py                    # 10^6 items per modality, Flat and HNSW32 (~2 min; first use: + ~2 min of builds)
     python bench/worker_memory.py --items 10000      # validation run (~30 s)
+    python bench/worker_memory.py --factories Flat --workers 2,3 --name worker_memory_2v3   # what one more worker adds
 
 Per index type (Flat, HNSW32): audio and visual indexes of ``--items`` random unit vectors at the
 model's embedding width E (bench/write_bench.py's ``build_index``; built once and cached in
@@ -18,7 +19,7 @@ Figure of merit: (total PSS with 2 workers - total PSS with 1 worker) / the inde
 disk (index.faiss + items.bin of both modalities), after the searches; target <= 10 %. Beside it,
 the same extra over the index's resident size: the 1-worker server's PSS less that of the same
 server on a 1,000-item index (measured first), i.e. what the index holds in memory, which is what
-forking shares. Writes bench/results/worker_memory.{json,md}.
+forking shares. Writes bench/results/<--name>.{json,md} (worker_memory by default).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=2000, help="searches through the server before the second reading")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-http-bench"), help="model (shared with bench/http_bench.py) and built indexes, kept")
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
+    parser.add_argument("--name", default="worker_memory", help="results file stem under bench/results (another comparison, e.g. --workers 2,3, need not replace the 1,2 figures)")
     args = parser.parse_args()
     workers = tuple(int(w) for w in args.workers.split(","))
     assert len(workers) == 2, "--workers: two counts, e.g. 1,2"
@@ -157,8 +159,8 @@ def main() -> None:
         "rows": rows, "baseline": baseline, "figures": figures(rows, workers, baseline), "notes": args.note,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "worker_memory.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / "worker_memory.md").write_text(markdown(out))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(out))
     print(markdown(out))
 
 

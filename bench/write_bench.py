@@ -53,11 +53,12 @@ def tiny_model(work: Path) -> Path:
     return work / "model"
 
 
-def build_index(model: Path, work: Path, n: int, factory: str, visual: tuple[int, str] = (1000, "Flat")) -> tuple[Path, float]:
+def build_index(model: Path, work: Path, n: int, factory: str, visual: tuple[int, str] = (1000, "Flat"), copy: str = "") -> tuple[Path, float]:
     """An index directory with ``n`` random audio items and ``visual`` (count, factory) visual ones, and its build seconds.
 
     Built once per (model, n, factory) under ``work`` (10^7 HNSW32 takes half an hour here) and
-    copied for each run, since the server writes its snapshots into the directory it serves.
+    copied for each run, since the server writes its snapshots into the directory it serves. The
+    copy replaces the last one of that name: servers up at once each need their own ``copy`` name.
     """
     from index.embedder import load_manifest
     from index.store import VectorIndex
@@ -77,7 +78,7 @@ def build_index(model: Path, work: Path, n: int, factory: str, visual: tuple[int
             index.save(built / modality)
             del index, x
         (built / "build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
-    served = work / f"index-{name}"
+    served = work / f"index-{name}{copy}"
     shutil.rmtree(served, ignore_errors=True)
     shutil.copytree(built, served)
     return served, json.loads((built / "build.json").read_text())["seconds"]
@@ -155,7 +156,7 @@ async def run_alternating(port: int, writes: list[bytes], searches: list[bytes],
     return latency_summary(latencies, errors, time.perf_counter() - started)
 
 
-def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1) -> tuple[subprocess.Popen, int]:
+def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         "OMP_NUM_THREADS": "1",
@@ -163,6 +164,7 @@ def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1) -
         "AVSEARCH_WAL_SNAPSHOT_SECONDS": str(snapshot_seconds),
         "AVSEARCH_MAX_VECTORS": "1000",
         "AVSEARCH_ACCESS_LOG": "false",
+        **(env or {}),
     }
     cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
     return start(cmd, port, env, timeout=1800), port

@@ -4,6 +4,7 @@ within minutes) falls on both alike.
 
     python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 8 trials (~8 min)
     python bench/write_workers_ab.py --items 1e5 --trials 4  # a quick look
+    python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -15,7 +16,7 @@ third by 1 client; ``--pause`` seconds after each server's turn let its
 fold finish before the other is timed. Each figure is the median over the trials; the ratio is
 2 workers over 1; target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors.
 While one server is timed, the other is idle (its last fold done). Results:
-``bench/results/write_workers_ab.{json,md}``.
+``bench/results/<--name>.{json,md}`` (write_workers_ab by default).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     servers = {}
     try:
         for workers in COUNTS:
-            index, _ = build_index(model, work, n, factory)  # a fresh copy each
-            servers[workers] = serve(model, index, args.snapshot_seconds, workers)
+            index, _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
+            follow = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else None
+            servers[workers] = serve(model, index, args.snapshot_seconds, workers, follow)
         trials: dict[int, list[dict]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
@@ -92,15 +94,15 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}}
 
 
-def write_results(out: dict) -> None:
+def write_results(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "write_workers_ab.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [
         "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
         f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s, {out['pause']} s after each "
-        f"server's turn, folds every {out['snapshot_seconds']} s. Each figure is the median over the trials (every trial in the JSON). "
+        f"server's turn, folds every {out['snapshot_seconds']} s, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
         "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
     ]
@@ -109,7 +111,7 @@ def write_results(out: dict) -> None:
         for row in point["rows"]:
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
             lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {'✓' if row['ok'] else '✗'} |")
-    (RESULTS / "write_workers_ab.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -120,7 +122,9 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=2.0)
     parser.add_argument("--pause", type=float, default=4.0, help="seconds after each server's turn (longer than --snapshot-seconds: its last fold ends first)")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
+    parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
+    parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
     args = parser.parse_args()
     model = tiny_model(args.work)
     out = {
@@ -131,12 +135,13 @@ def main() -> None:
         "phase_seconds": args.phase_seconds,
         "pause": args.pause,
         "snapshot_seconds": args.snapshot_seconds,
+        "follow_seconds": args.follow_seconds,
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
     out["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    write_results(out)
-    print((RESULTS / "write_workers_ab.md").read_text())
+    write_results(out, args.name)
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
