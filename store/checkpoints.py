@@ -77,7 +77,7 @@ class Checkpointer:
 
     def due(self, modality: str) -> bool:
         shard, config = self.shards[modality], self.config
-        oldest = shard.pending_since
+        oldest = shard.oldest_unfolded()
         if time.monotonic() < self._retry_at[modality]:
             return False
         if shard.log_bytes() >= max(config.checkpoint_bytes, config.checkpoint_growth * self.checkpoint_size[modality]):

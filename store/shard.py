@@ -131,6 +131,14 @@ class Shard:
         since, self.pending_since = self.pending_since, None
         return since
 
+    def oldest_unfolded(self) -> float | None:
+        """When the first change not in a checkpoint came (monotonic), or None. With worker
+        processes, changes the others published count from when this process first saw them, so a
+        checkpoint falls due whether or not this process has applied them yet (the checkpoint does)."""
+        if self.pending_since is None and self.shared is not None and self.shared.lsn > self.last_lsn:
+            self.pending_since = time.monotonic()
+        return self.pending_since
+
     def checkpoint_failed(self, since: float | None) -> None:
         self.pending_since = since
 

@@ -6,6 +6,7 @@ where its image is, runs one step and reports through a pipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from contextlib import ExitStack
@@ -167,6 +168,23 @@ def test_a_process_follows_the_log_across_checkpoints_and_none_deletes_what_it_h
     finally:
         idle.stop()
         writer.stop()
+
+
+def test_a_checkpoint_falls_due_for_changes_the_primary_has_not_applied_yet(primary, monkeypatch):
+    """The primary's follower may lag (or run rarely: AVSEARCH_FOLLOW_SECONDS): what the workers
+    published still makes a checkpoint due, and the checkpoint applies it first."""
+    checkpointer, shard = primary.checkpointer, primary.shards["audio"]
+    monkeypatch.setattr(checkpointer, "config", dataclasses.replace(checkpointer.config, checkpoint_seconds=0.0))
+    assert not checkpointer.due("audio")  # nothing logged
+    child = Child(primary, 0)
+    try:
+        child.run(upsert, "unapplied")
+    finally:
+        child.stop()
+    assert shard.last_lsn == 0 and shard.shared.lsn == 1  # the primary has not followed
+    assert checkpointer.due("audio")
+    assert checkpointer.checkpoint("audio") == 1 == shard.last_lsn
+    assert "unapplied" in shard.index and not checkpointer.due("audio")
 
 
 def test_a_sealed_version_refuses_changes_and_takes_them_again_once_open(primary):
