@@ -7,14 +7,10 @@ throughput, p50 and p99. Folding into snapshots is on (every ``--snapshot-second
 include it. Bulk loading: ``--bulk`` items upserted in batches of 1000 by 4 clients into an empty
 Flat index, timed per tenth: linear in N means every tenth takes the same time.
 
-Worker processes (issue 22): ``--workers 1,2`` starts each point's server once per count with
-``AVSEARCH_WORKERS`` set, ``--rounds`` times (the order reversed each round), and reports each write
-figure (upserts/s and deletes/s, p99, 1 and 16 clients; the median over the rounds) of the last count
-over the first's: target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. No bulk
-load; results in ``bench/results/write_bench_workers.{json,md}``.
+Worker processes (issue 22): ``bench/write_workers_ab.py`` compares 1 and 2 workers with both
+servers up at once (one after the other, this VM's drift exceeded the difference measured).
 
     python bench/write_bench.py                                      # 10^5 and 10^6, Flat and HNSW32, bulk 10^6
-    python bench/write_bench.py --workers 1,2 --sizes 1e6            # 1 vs 2 workers at 10^6, Flat and HNSW32, 3 rounds (~8 min; first use: + ~1 min of builds)
 
 Setup: the ``tiny`` preset trained on the synthetic default and exported (cached in ``--work``):
 the write path does not depend on the model's quality. Results: ``bench/results/write_bench.{json,md}``.
@@ -175,12 +171,11 @@ def fold_mode() -> str:
     return "copy" if os.environ.get("AVSEARCH_WAL_FOLD_FORK", "true").strip().lower() in ("false", "0", "no", "off") else "fork"
 
 
-def point(model: Path, work: Path, n: int, factory: str, args, workers: int = 1) -> dict:
+def point(model: Path, work: Path, n: int, factory: str, args) -> dict:
     index, build_s = build_index(model, work, n, factory)
     load_started = time.perf_counter()
-    proc, port = serve(model, index, args.snapshot_seconds, workers)
+    proc, port = serve(model, index, args.snapshot_seconds)
     row: dict = {"items": n, "factory": factory, "build_s": round(build_s, 1), "start_s": round(time.perf_counter() - load_started, 1), "snapshot_seconds": args.snapshot_seconds, "fold": fold_mode()}
-    row["workers"] = workers
     try:
         rng = np.random.default_rng(n)
         ids = [f"new-{i}" for i in range(args.max_requests)]
@@ -259,52 +254,6 @@ def write_results(out: dict) -> None:
     (RESULTS / "write_bench.md").write_text("\n".join(lines) + "\n")
 
 
-# (phase, figure, better): the figures compared across worker counts, each within WORKERS_WITHIN of one worker's
-WORKER_FIGURES = [(phase, figure, better) for phase in ("upsert_1", "upsert_16", "delete_16", "delete_1") for figure, better in (("per_s", "higher"), ("p99_ms", "lower"))]
-WORKERS_WITHIN = 0.20
-
-
-def compare_workers(rounds: dict[int, list[dict]]) -> dict:
-    """Each write figure (median over the rounds) of the last worker count over the first's: throughput at least 80 %, p99 at most 120 %."""
-    counts = list(rounds)
-    figures = []
-    for phase, figure, better in WORKER_FIGURES:
-        values = [float(np.median([r[phase][figure] for r in rounds[w]])) for w in counts]
-        ratio = values[-1] / values[0]
-        met = ratio >= 1 - WORKERS_WITHIN if better == "higher" else ratio <= 1 + WORKERS_WITHIN
-        figures.append({"phase": phase, "figure": figure, "values": values, "per_round": [[r[phase][figure] for r in rounds[w]] for w in counts], "ratio": round(ratio, 3), "met": met})
-    errors = [sum(r[phase]["errors"] for r in rounds[w] for phase in ("upsert_1", "upsert_16", "delete_16", "delete_1", "search_1", "search_after_write")) for w in counts]
-    first = rounds[counts[0]][0]
-    outlived = [sum(r["outlived_primary"] for r in rounds[w]) for w in counts]
-    return {"items": first["items"], "factory": first["factory"], "workers": counts, "rounds": len(rounds[counts[0]]), "figures": figures, "errors": errors, "outlived_primary": outlived,
-            "met": all(f["met"] for f in figures) and not any(errors)}
-
-
-def write_worker_results(out: dict) -> None:
-    (RESULTS / "write_bench_workers.json").write_text(json.dumps(out, indent=2))
-    counts = out["workers"]
-    lines = [
-        "# Writes with 1 and 2 worker processes (`bench/write_bench.py --workers`)",
-        "",
-        f"`{out['command']}` on {out['machine']}, commit {out['commit']}; model: {out['model']}; phases as in write_bench.md ({out['duration']} s each, "
-        f"folds every {out['snapshot_seconds']} s), one server at a time, started with AVSEARCH_WORKERS set to each count, {out['rounds']} rounds "
-        "(the counts in turn, the order reversed each round); each figure is the median over the rounds (per round in the JSON). Load average before / after: "
-        f"{out['load_average_before']} / {out.get('load_average_after', '-')}. Target: each figure within {WORKERS_WITHIN:.0%} of one worker's "
-        "(throughput at least, p99 at most), no errors.",
-    ]
-    for c in out["comparisons"]:
-        lines += ["", f"## {c['items']:.0e} items, {c['factory']}", "",
-                  "| figure | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in counts) + f" | ratio {counts[-1]} / {counts[0]} | within {WORKERS_WITHIN:.0%} |",
-                  "|---|" + "---:|" * len(counts) + "---:|---|"]
-        for f in c["figures"]:
-            clients = f["phase"].split("_")[1]
-            label = f"{f['phase'].split('_')[0]}s/s, {clients} client{'s' if clients != '1' else ''}" if f["figure"] == "per_s" else f"{f['phase'].split('_')[0]} p99 ms, {clients} client{'s' if clients != '1' else ''}"
-            lines.append(f"| {label} | " + " | ".join(f"{v:g}" for v in f["values"]) + f" | {f['ratio']:.2f} | {'✓' if f['met'] else '✗'} |")
-        lines.append("| errors (all phases) | " + " | ".join(str(e) for e in c["errors"]) + f" | | {'✓' if not any(c['errors']) else '✗'} |")
-        lines.append("| processes outliving the primary by 10 s | " + " | ".join(str(o) for o in c["outlived_primary"]) + " | | |")
-    (RESULTS / "write_bench_workers.md").write_text("\n".join(lines + ["", *out["notes"]]) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6])
@@ -317,9 +266,6 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
     parser.add_argument("--append", action="store_true", help="add to the points (and keep the bulk figures) of the existing results")
     parser.add_argument("--sizes-none", dest="no_points", action="store_true", help="only the bulk load")
-    parser.add_argument("--workers", help="worker counts (AVSEARCH_WORKERS) measured side by side per point, e.g. 1,2: no bulk load, "
-                        "results in write_bench_workers.{json,md}, each figure's ratio against the first count")
-    parser.add_argument("--rounds", type=int, default=3, help="with --workers: servers started per count and point; each figure is the median over the rounds")
     args = parser.parse_args()
     model = tiny_model(args.work)
     out = {
@@ -329,24 +275,6 @@ def main() -> None:
         "points": [],
         "notes": args.note,
     }
-    if args.workers:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        counts = [int(w) for w in args.workers.split(",")]
-        out.update(command="python " + " ".join(["bench/write_bench.py", *sys.argv[1:]]), commit=commit(), workers=counts, rounds=args.rounds, snapshot_seconds=args.snapshot_seconds,
-                   load_average_before=[round(x, 2) for x in os.getloadavg()], comparisons=[])
-        for n in args.sizes:
-            for factory in args.factories:
-                rounds: dict[int, list[dict]] = {w: [] for w in counts}
-                for r in range(args.rounds):  # the counts in turn, the order reversed each round (1,2 then 2,1): drifts in the machine's load cancel
-                    for w in counts if r % 2 == 0 else counts[::-1]:
-                        rounds[w].append(point(model, args.work, int(n), factory, args, w))
-                        out["points"].append(rounds[w][-1])
-                out["comparisons"].append(compare_workers(rounds))
-                write_worker_results(out)
-        out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        write_worker_results(out)
-        print(f"results: {RESULTS / 'write_bench_workers.md'}")
-        return
     if args.append and (RESULTS / "write_bench.json").is_file():
         previous = json.loads((RESULTS / "write_bench.json").read_text())
         out["points"], out["notes"] = previous["points"], previous.get("notes", []) + args.note
