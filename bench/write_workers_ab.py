@@ -12,10 +12,11 @@ width; bench/write_bench.py builds and caches it), served by ``python -m service
 write_bench). Each trial runs write_bench's four phases on one server, then on the other (the order
 flips every trial), each ``--phase-seconds`` long (or until its items run out): single-item upserts
 by 1 and by 16 clients, then deletes of two thirds of those items by 16 clients and of the last
-third by 1 client; ``--pause`` seconds after each server's turn let its
-fold finish before the other is timed. Each figure is the median over the trials; the ratio is
+third by 1 client. After each server's turn the bench waits until that server's audio checkpoint
+holds every change of the turn (its fold written: a fixed pause was too short at 10^6 HNSW32, and
+one server's fold then ran during the other's turn), then ``--pause`` seconds. Each figure is the median over the trials; the ratio is
 2 workers over 1; target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors.
-While one server is timed, the other is idle (its last fold done). Results:
+While one server is timed, the other is idle. Each server serves its own copy of the index. Results:
 ``bench/results/<--name>.{json,md}`` (write_workers_ab by default).
 """
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from bench.http_bench import commit  # noqa: E402
 from bench.server_tree import stop_tree  # noqa: E402
 from bench.write_bench import build_index, delete_request, run_requests, serve, tiny_model, upsert_request  # noqa: E402
+from store.layout import CHECKPOINT_NAME  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PHASES = (("upsert", 1), ("upsert", 16), ("delete", 16), ("delete", 1))
@@ -75,23 +77,40 @@ def compare(trials: dict[int, list[dict]]) -> list[dict]:
     return rows
 
 
+def folded(index: Path, changes: int, timeout: float = 120.0) -> float:
+    """Wait until the audio checkpoint holds all ``changes`` made so far (its fold written, so no
+    fold of this server runs while the other is timed); the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if json.loads((index / "audio" / CHECKPOINT_NAME).read_text())["lsn"] >= changes:
+                return time.monotonic() - started
+        except (FileNotFoundError, ValueError):  # between a fold's files being replaced
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{index}: the audio checkpoint does not hold change {changes} after {timeout:.0f} s")
+
+
 def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
-    servers = {}
+    servers, indexes, changes = {}, {}, dict.fromkeys(COUNTS, 0)
     try:
         for workers in COUNTS:
-            index, _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
+            indexes[workers], _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
             follow = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else None
-            servers[workers] = serve(model, index, args.snapshot_seconds, workers, follow)
+            servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, workers, follow)
         trials: dict[int, list[dict]] = {w: [] for w in COUNTS}
+        waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
                 trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds))
+                changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
+                waited[workers].append(round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
             print(f"{factory} trial {t + 1}/{args.trials}: upserts/s 1 client {trials[1][-1]['upsert_1']['per_s']} vs {trials[2][-1]['upsert_1']['per_s']}", flush=True)
     finally:
         for proc, _ in servers.values():
             stop_tree(proc)
-    return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}}
+    return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}, "fold_waits_s": {str(w): waited[w] for w in COUNTS}}
 
 
 def write_results(out: dict, name: str) -> None:
@@ -101,8 +120,8 @@ def write_results(out: dict, name: str) -> None:
         "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
-        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s, {out['pause']} s after each "
-        f"server's turn, folds every {out['snapshot_seconds']} s, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
+        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, its last fold written, then "
+        f"{out['pause']} s; folds every {out['snapshot_seconds']} s, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
         "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
     ]
@@ -120,7 +139,7 @@ def main() -> None:
     parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32"])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--phase-seconds", type=float, default=2.0)
-    parser.add_argument("--pause", type=float, default=4.0, help="seconds after each server's turn (longer than --snapshot-seconds: its last fold ends first)")
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds after each server's turn, once its last fold is written")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))

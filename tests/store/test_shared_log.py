@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import threading
 from contextlib import ExitStack
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from store.collection import Collection
 from store.errors import ChangeNotSaved, ItemNotFound, NotFollowing
-from store.sharedlog import OPEN, SEALED, LogState
+from store.sharedlog import OPEN, SEALED, Follower, LogState
 from tests.service.conftest import copy_index
 
 
@@ -214,3 +215,20 @@ def test_a_process_that_cannot_read_what_was_published_says_so_and_takes_no_chan
     finally:
         child.stop()
         writer.stop()
+
+
+def test_the_background_follower_runs_only_when_a_core_would_idle():
+    """SCHED_IDLE, not nice 19 (store.sharedlog.Follower says why), and only for its own thread."""
+    seen, done = [], threading.Event()
+
+    def catch_up():
+        seen.append(os.sched_getscheduler(0))
+        done.set()
+
+    follower = Follower(catch_up, lambda err: None, interval=0.01).start()
+    try:
+        assert done.wait(5)
+    finally:
+        follower.stop()
+    assert seen[0] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
