@@ -2,8 +2,8 @@
 trials alternating between them, so that the machine's drift (this VM's disk and CPU vary by 2x
 within minutes) falls on both alike.
 
-    python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 8 trials (~8 min)
-    python bench/write_workers_ab.py --items 1e5 --trials 4  # a quick look
+    python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 6 trials (~12 min)
+    python bench/write_workers_ab.py --items 1e5 --trials 2  # a quick look
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
@@ -50,7 +50,7 @@ COUNTS = (1, 2)
 def trial(port: int, tag: str, seconds: float) -> dict:
     """write_bench's four phases on one server: {"upsert_1": summary, ...}."""
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
-    ids = [f"{tag}-{i}" for i in range(6000)]  # more than 2 s of upserts take here
+    ids = [f"{tag}-{i}" for i in range(int(4000 * seconds))]  # more than two phases of upserts take here
     upserts = [upsert_request([i], rng) for i in ids]
     out, written = {}, 0
     for op, clients in PHASES:
@@ -137,8 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=float, default=1e6)
     parser.add_argument("--factories", nargs="+", default=["Flat", "HNSW32"])
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--phase-seconds", type=float, default=2.0)
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--phase-seconds", type=float, default=6.0, help="at least twice --snapshot-seconds: every phase then holds folds on both servers (with 2 s phases, which phase a fold fell in differed between them)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds after each server's turn, once its last fold is written")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
