@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,11 +84,16 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """The server, once /readyz answers 200. Its log goes to a file (``proc.log_path``), not a pipe:
+    a pipe nobody reads fills up (64 KB) and then stops every thread of the server that logs."""
+    log_file = tempfile.NamedTemporaryFile("w", prefix=f"avsearch-bench-{port}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    log_file.close()
+    proc.log_path = Path(log_file.name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{cmd[:4]} exited: {proc.log_path.read_text()[-2000:]}")
         try:
             status, _ = asyncio.run(one_request(port, f"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()))
             if status == 200:
