@@ -224,11 +224,11 @@ class Follower:
 
     Its thread runs when a core would otherwise idle (Linux's SCHED_IDLE, per thread; nice 19
     elsewhere): every process applies every change, so on a busy machine the foreground (the
-    answer to a write, a search) goes first. Not nice 19 where SCHED_IDLE exists: measured here
-    (Linux 6.18), two nice-19 busy loops tripled a single client's upsert p99 (1.9 -> 5.9 ms) while
-    two SCHED_IDLE ones left it as it was, since a nice-19 thread still keeps its core for a slice
-    when a normal one wakes. A read never misses a change for it: it applies what is still missing
-    itself, at its own priority."""
+    answer to a write, a search) goes first. SCHED_IDLE rather than nice 19 because any normal
+    thread that wakes takes its core at once, where a nice-19 one may keep it for the rest of its
+    slice. Neither makes the work free: on this 2-core VM, busy loops at either priority beside a
+    server raised a single client's upsert p99 by 1.3-1.6x (bench/background_priority.py). A read
+    never misses a change for it: it applies what is still missing itself, at its own priority."""
 
     def __init__(self, catch_up: Callable[[], None], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
         self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval
