@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from store.config import StoreConfig
+from store.sharedlog import FOLLOW_EVERY_S
 
 
 class Settings(BaseSettings):
@@ -28,7 +29,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, gt=0, description="most query vectors the micro-batcher runs in one encoder+index call")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per encoder call (0 = one per core)")
     workers: int = Field(1, ge=1, le=512, description="processes serving one collection on one port (`serve`): the index is loaded once and shared; writes, folds and swaps run in one primary process. 1 on a 1-2 core machine; about one per core beyond (see service/README.md)")
-    follow_seconds: float = Field(0.5, gt=0, description="with workers > 1: how often each process applies, in the background and at the lowest priority, the changes the other workers logged (a read applies what is still missing itself). Longer: less background work while writes stream in, more left for the next request on another worker and for the next checkpoint (on a 2-core machine no better for write latency: bench/results/write_workers_ab_nofollow.md)")
+    follow_seconds: float = Field(FOLLOW_EVERY_S, gt=0, description="with workers > 1: how often each process applies, in the background and at the lowest priority, the changes the other workers logged (a read applies what is still missing itself). Longer: less background work while writes stream in, more left for the next request on another worker and for the next checkpoint (on a 2-core machine no better for write latency: bench/results/write_workers_ab_nofollow.md)")
     search_threads: int = Field(1, ge=0, description="FAISS OpenMP and numpy BLAS threads of `serve` (0 = their defaults, one per core)")
     report_dir: Path | None = Field(None, description="training report folder (python -m training compare --out) whose plots the console shows; unset = none")
     access_log: bool = Field(False, description="uvicorn access log (the Prometheus metrics count every request anyway)")
