@@ -233,8 +233,8 @@ class Shard:
 
     @contextmanager
     def _appending(self, group: list[_Pending]) -> Iterator[bool]:
-        """Shared: hold the append lock (and then ``shared.applying``) with this process at the
-        log's end, and publish the new end after the block; yields False with each change refused
+        """Shared: hold ``shared.applying`` and then the append lock (never the other way round)
+        with this process at the log's end, and publish the new end after the block; yields False with each change refused
         when the version is sealed for a swap. Once it yielded True, the caller holds
         ``shared.applying`` and releases it when the group is applied. Alone: yields True."""
         shared = self.shared
@@ -243,23 +243,27 @@ class Shard:
             return
         self.catch_up()  # most of what the others logged, applied before the lock: they wait for less
         while True:
-            with shared.lock.held():
-                if shared.gate == SEALED:
-                    for change in group:
-                        change.error = ChangeNotSaved(self.modality, "a version swap is under way; retry")
-                    yield False
-                    return
-                if shared.gate != WAITING:
-                    shared.applying.acquire()
-                    try:
-                        self._at_log_end()
-                    except BaseException:
+            shared.applying.acquire()  # before the append lock, never under it: this process's follower may hold it, preempted at idle priority, and every process's writes would wait with us
+            handed_over = False
+            try:
+                with shared.lock.held():
+                    if shared.gate == SEALED:
+                        for change in group:
+                            change.error = ChangeNotSaved(self.modality, "a version swap is under way; retry")
                         shared.applying.release()
-                        raise
-                    yield True
-                    shared.state.publish(self.modality, Position(self.last_lsn, self.wal.first_lsn, self.wal.end()))
-                    shared.moved_to(shared.state.end(self.modality))
-                    return
+                        handed_over = True
+                        yield False
+                        return
+                    if shared.gate != WAITING:
+                        self._at_log_end()
+                        handed_over = True  # the caller releases it once the group is applied
+                        yield True
+                        shared.state.publish(self.modality, Position(self.last_lsn, self.wal.first_lsn, self.wal.end()))
+                        shared.moved_to(shared.state.end(self.modality))
+                        return
+            finally:
+                if not handed_over:
+                    shared.applying.release()
             time.sleep(GATE_POLL_S)
 
     # --- group commit ----------------------------------------------------------------------------
@@ -298,7 +302,7 @@ class Shard:
                 yield
             else:  # no process appends meanwhile
                 self.catch_up()  # most of it before the lock: the workers wait for less
-                with self.shared.lock.held(), self.shared.applying:
+                with self.shared.applying, self.shared.lock.held():  # in this order, as a commit takes them
                     self._at_log_end()
                     yield
         finally:

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pickle
 import threading
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -215,6 +216,41 @@ def test_a_process_that_cannot_read_what_was_published_says_so_and_takes_no_chan
     finally:
         child.stop()
         writer.stop()
+
+
+def stall_own_follower_then_upsert(collection, item_id, seconds):
+    """In a worker: a thread holds this process's apply lock for ``seconds`` (its background follower,
+    at idle priority, preempted mid-run on a busy machine), and a commit of this process starts meanwhile."""
+    applying, held = collection.shards["audio"].shared.applying, threading.Event()
+
+    def starved_follower():
+        with applying:
+            held.set()
+            time.sleep(seconds)
+
+    threading.Thread(target=starved_follower, daemon=True).start()
+    held.wait()
+    threading.Thread(target=upsert, args=(collection, item_id), daemon=True).start()
+    time.sleep(0.3)  # the commit is under way, waiting for the apply lock
+
+
+def test_a_process_waiting_on_its_own_follower_holds_no_other_process_up(primary):
+    """A commit takes its process's apply lock before the log's append lock, never while holding it:
+    the follower runs at idle priority, and every process's writes would wait for it to get a core."""
+    stalled, other = Child(primary, 0), Child(primary, 1)
+    try:
+        stalled.run(stall_own_follower_then_upsert, "behind-the-follower", 4.0)
+        started = time.monotonic()
+        other.run(upsert, "not-held-up")
+        assert time.monotonic() - started < 2.0  # not the 3.7 s left of the stall
+        deadline = time.monotonic() + 10
+        while not other.run(has, "behind-the-follower"):  # the stalled commit completes once its follower lets go
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert stalled.run(has, "not-held-up")
+    finally:
+        stalled.stop()
+        other.stop()
 
 
 def test_the_background_follower_runs_only_when_a_core_would_idle():
