@@ -68,7 +68,7 @@ def decode(payload: bytes) -> Change:
     header = json.loads(payload[4 : 4 + n])
     offset, arrays = 4 + n, []
     for shape in header["shapes"]:
-        count = math.prod(shape)  # not np.prod: a third of a follower's time went to its overhead (bench/cpu_probe)
+        count = math.prod(shape)  # not np.prod: a third of a follower's time went to its overhead (bench/follow_cost.py --profile)
         arrays.append(np.frombuffer(payload, "<f4", count, offset).reshape(shape))
         offset += 4 * count
     features, embeddings = (arrays + [None, None])[:2]
