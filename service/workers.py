@@ -109,7 +109,7 @@ class Primary:
             shard.share(state, gate)
         if self._follower is not None:
             self._follower.stop()
-        self._follower = Follower(collection.catch_up, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged and refuses checkpoints (Shard.failed)
+        self._follower = Follower(collection.catch_up, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged, and run() stops the server
 
     def _set_gates(self, collection: Collection, gate: int) -> None:
         for shard in collection.shards.values():
@@ -248,8 +248,11 @@ class Primary:
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())
         for slot in range(self.settings.workers):
             self._fork_worker(slot)
-        last_respawn = 0.0
+        last_respawn, failure = 0.0, None
         while not stop.is_set():
+            if failure := self.collection.failure():  # the image of every checkpoint and every fork: a worker forked now would serve it
+                log.critical("the primary's index no longer matches the log (%s): stopping the workers. A restart loads the last checkpoint and replays the log (or says where the log is damaged)", failure)
+                break
             try:
                 slots, done = self._forks.get(timeout=0.1)
                 for slot in slots:
@@ -266,10 +269,11 @@ class Primary:
                     last_respawn = time.monotonic()
                     log.error("worker %d died; starting another", pid)
                     self._fork_worker(slot)
+        stop.set()
         with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
             self._gate.notify_all()
         self._stop_all()
-        return 0
+        return 1 if failure else 0
 
     def _exited(self) -> list[int]:
         gone = []

@@ -200,6 +200,14 @@ class Collection:
         for shard in self.shards.values():
             shard.catch_up()
 
+    def failure(self) -> str | None:
+        """With worker processes: why a modality's index no longer matches its log (a change another
+        process logged did not read back or apply), or None. Such an index is neither saved nor served."""
+        for modality, shard in self.shards.items():
+            if shard.failed is not None:
+                return f"{modality}: {type(shard.failed).__name__}: {shard.failed}"
+        return None
+
     def get(self, modality: str, item_id: str) -> Item:
         with self.reading() as view:
             return view.get(modality, item_id)

@@ -271,6 +271,37 @@ def test_acknowledged_changes_survive_killing_a_worker_or_the_whole_group(tiny, 
     assert acked > 100 and kills == {"worker": 5, "group": 5}
 
 
+def test_a_primary_whose_index_no_longer_matches_the_log_stops_the_server(tiny, tmp_path):
+    """Found with bench/write_workers_ab.py (two servers on one directory): a primary that could not
+    apply what the workers logged went on answering /readyz while it took no checkpoint and its log
+    grew without end, and the workers it forked next started from its stale image. Now it stops every
+    worker and exits with 1, saying why and that a restart replays the log."""
+    index_dir = copy_index(tiny, tmp_path / "index")
+    server = Server(tiny.model_dir, index_dir, **WORKERS, AVSEARCH_FOLLOW_SECONDS="2", AVSEARCH_WAL_SNAPSHOT_BYTES="100000000", AVSEARCH_WAL_SNAPSHOT_SECONDS="3600")
+    try:
+        assert server.request("POST", "/v1/items/audio", {"items": [{"id": "unreadable", "vector": [0.25] * DIMS["audio"]}]})[0] == 200
+        segment = max((index_dir / "wal" / "audio").glob("*.wal"))
+        with open(segment, "r+b") as log_file:  # the record just logged no longer reads back for the processes that follow
+            log_file.seek(-1, os.SEEK_END)
+            last = log_file.read(1)[0]
+            log_file.seek(-1, os.SEEK_END)
+            log_file.write(bytes([last ^ 0xFF]))
+        try:
+            code = server.proc.wait(STOP_GRACE_S + 20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the primary kept serving an index that no longer matches its log") from None
+        stderr = server.proc.stderr.read()
+        assert code == 1, stderr[-3000:]
+        assert "no longer matches" in stderr and "restart" in stderr, stderr[-3000:]
+        deadline = time.monotonic() + 10
+        while server.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not server.processes(), f"workers of the stopped server still run: {server.processes()}"
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+
+
 def _check_through(server: Server, conn: http.client.HTTPConnection, state: dict) -> None:
     for modality, expected in state.items():
         for item_id, value in list(expected.items())[-20:]:
