@@ -5,6 +5,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 6 trials (~12 min)
     python bench/write_workers_ab.py --items 1e5 --trials 2  # a quick look
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
+    python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -45,6 +46,7 @@ from store.layout import checkpoint_lsn  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 PHASES = (("upsert", 1), ("upsert", 16), ("delete", 16), ("delete", 1))
 COUNTS = (1, 2)
+NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
 
 
 def trial(port: int, tag: str, seconds: float) -> dict:
@@ -93,18 +95,20 @@ def folded(index: Path, changes: int, timeout: float = 120.0) -> float:
 
 def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     servers, indexes, changes = {}, {}, dict.fromkeys(COUNTS, 0)
-    follow = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else None
+    env = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else {}
+    if args.no_folds:  # neither by age nor by size
+        env |= {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(NO_FOLD_S), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(NO_FOLD_BYTES), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}
     try:
         for workers in COUNTS:
             indexes[workers], _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
-            servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, workers, follow)
+            servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, workers, env)
         trials: dict[int, list[dict]] = {w: [] for w in COUNTS}
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
                 trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
-                waited[workers].append(round(folded(indexes[workers], changes[workers]), 1))
+                waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
             print(f"{factory} trial {t + 1}/{args.trials}: upserts/s 1 client {trials[1][-1]['upsert_1']['per_s']} vs {trials[2][-1]['upsert_1']['per_s']}", flush=True)
     finally:
@@ -120,8 +124,8 @@ def write_results(out: dict, name: str) -> None:
         "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
-        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, its last fold written, then "
-        f"{out['pause']} s; folds every {out['snapshot_seconds']} s, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
+        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
+        f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
         "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
     ]
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=6.0, help="at least twice --snapshot-seconds: every phase then holds folds on both servers (with 2 s phases, which phase a fold fell in differed between them)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds after each server's turn, once its last fold is written")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
+    parser.add_argument("--no-folds", action="store_true", help="no checkpoint on either server during the run: what the folds add to the figures (the trials then do not wait for one)")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
@@ -155,6 +160,7 @@ def main() -> None:
         "pause": args.pause,
         "snapshot_seconds": args.snapshot_seconds,
         "follow_seconds": args.follow_seconds,
+        "no_folds": args.no_folds,
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]

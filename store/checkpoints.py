@@ -142,13 +142,14 @@ class Checkpointer:
         log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
         return True
 
-    def copy(self, modality: str) -> FrozenIndex | ForkedCopy:
+    def copy(self, modality: str, background: bool = True) -> FrozenIndex | ForkedCopy:
         """The index as it is now, to be saved while commits go on (call it with the modality's
-        commits paused and its checkpoint lock held; :func:`discard` it if it will not be saved)."""
+        commits paused and its checkpoint lock held; :func:`discard` it if it will not be saved).
+        ``background``: written at idle priority (a checkpoint; not a snapshot, whose caller waits)."""
         index = self.shards[modality].index
         if self.config.fork and CAN_FORK:
             try:
-                return ForkedCopy(index, layout.forked(self.index_dir / modality), self.config.checkpoint_timeout)
+                return ForkedCopy(index, layout.forked(self.index_dir / modality), self.config.checkpoint_timeout, idle=background)
             except OSError as err:  # ENOMEM, EAGAIN: the copy in memory still works
                 log.warning("could not fork a snapshot writer for %s (%s); copying the index in memory (commits wait meanwhile)", modality, err)
         return index.frozen()

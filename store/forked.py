@@ -7,8 +7,10 @@ HNSW32 items on a 2-core machine. ``fork()`` gives a child the same image at onc
 to it), so commits wait only for the fork. The child writes the index directory with
 :meth:`VectorIndex.save` and exits; the parent waits for it outside the pause and takes the
 directory. The child touches nothing but the index and its files (no threads, no OpenMP, no
-logging), and dies with the server (``PR_SET_PDEATHSIG``), so a killed server leaves only an
-unfinished directory, which :func:`store.persist.recover` deletes.
+logging), for a checkpoint runs only when a core would otherwise idle (requests go first: under a
+load that keeps every core busy the checkpoint waits, and the log grows meanwhile), and dies with the server
+(``PR_SET_PDEATHSIG``), so a killed server leaves only an unfinished directory, which
+:func:`store.persist.recover` deletes.
 
 Linux only (``fork`` of a threaded process is not safe on macOS); elsewhere, or when the fork
 fails (no memory for the page tables), the checkpoint copies in memory.
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 from index.store import VectorIndex
+from store.priority import run_when_idle
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -36,9 +39,10 @@ CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")
 
 class ForkedCopy:
     """What ``index.save`` writes, written by a child into ``directory``; :meth:`save` waits for it
-    and moves the directory where the caller wants it. Make it while the index cannot change."""
+    and moves the directory where the caller wants it. Make it while the index cannot change.
+    ``idle``: the child runs only when a core would otherwise idle (a checkpoint: nobody waits for it)."""
 
-    def __init__(self, index: VectorIndex, directory: Path, timeout: float = 3600.0):
+    def __init__(self, index: VectorIndex, directory: Path, timeout: float = 3600.0, idle: bool = False):
         self.directory, self.count, self.timeout = Path(directory), len(index), timeout
         shutil.rmtree(self.directory, ignore_errors=True)
         errors_read, errors_write = os.pipe()
@@ -51,7 +55,7 @@ class ForkedCopy:
             raise
         if self.pid == 0:
             os.close(errors_read)
-            _write_and_exit(index, self.directory, errors_write, parent)
+            _write_and_exit(index, self.directory, errors_write, parent, idle)
         os.close(errors_write)
         self._errors = errors_read
 
@@ -100,7 +104,7 @@ class ForkedCopy:
         return self.count
 
 
-def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: int) -> None:
+def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: int, idle: bool) -> None:
     code = 1
     try:
         gc.disable()  # a collection could close an inherited file object whose descriptor number is reused below
@@ -112,6 +116,8 @@ def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: in
         # The server's sockets too: a connection it closes must not stay open in here.
         os.closerange(3, errors)
         os.closerange(errors + 1, os.sysconf("SC_OPEN_MAX"))
+        if idle:  # requests go first: with folds every 3 s, a writer at their priority set the p99 of single writes
+            run_when_idle()
         index.save(directory)  # every file fsynced; the parent syncs the directory
         code = 0
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from store.changes import Change
 from store.layout import APPEND_LOCK_NAME, segment_name
+from store.priority import run_when_idle
 from store.wal import FRAME, LogCorrupt, decode
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ SLOT = struct.Struct("<q")
 FIELDS = ("lsn", "segment", "end", "gate")
 OPEN, SEALED, WAITING = 0, 1, 2  # the gate's states
 FOLLOW_EVERY_S = 0.5
-FOLLOW_NICE = 19  # the Follower thread's nice value where SCHED_IDLE is not to be had (0 normal, 19 the lowest)
 NOT_READING = 2**63 - 1
 
 
@@ -222,13 +222,12 @@ class Follower:
     """Applies, every ``interval`` seconds, what the other processes appended, so that a read or
     the next checkpoint finds little left to apply; ``on_failure`` when applying fails.
 
-    Its thread runs when a core would otherwise idle (Linux's SCHED_IDLE, per thread; nice 19
-    elsewhere): every process applies every change, so on a busy machine the foreground (the
-    answer to a write, a search) goes first. SCHED_IDLE rather than nice 19 because any normal
-    thread that wakes takes its core at once, where a nice-19 one may keep it for the rest of its
-    slice. Neither makes the work free: on this 2-core VM, busy loops at either priority beside a
-    server raised a single client's upsert p99 by 1.3-1.6x (bench/background_priority.py). A read
-    never misses a change for it: it applies what is still missing itself, at its own priority."""
+    Its thread runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`):
+    every process applies every change, so on a busy machine the foreground (the answer to a write,
+    a search) goes first. It holds this process's apply lock while it applies, so a commit takes
+    that lock before the log's append lock, never under it: a follower preempted mid-run would hold
+    up every process's writes. A read never misses a change for it: it applies what is still
+    missing itself, at its own priority."""
 
     def __init__(self, catch_up: Callable[[], None], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
         self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval
@@ -245,13 +244,7 @@ class Follower:
             self._thread.join()
 
     def _run(self) -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-        except (AttributeError, OSError):  # not Linux
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FOLLOW_NICE)
-            except (AttributeError, OSError):  # not allowed: at the process's priority
-                pass
+        run_when_idle()
         while not self._stop.wait(self.interval):
             try:
                 self._catch_up()

@@ -78,8 +78,8 @@ def create_snapshot(collection, directory: Path) -> dict:
                 for modality in MODALITIES:
                     paused.enter_context(shards[modality].paused())
                     shards[modality].check_applied()  # an index without an answered change must not be saved
-                for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint
-                    copies[modality] = checkpointer.copy(modality)
+                for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint, at the server's priority: the caller waits
+                    copies[modality] = checkpointer.copy(modality, background=False)
                 lsns = {m: shards[m].last_lsn for m in MODALITIES}
             carried = {m: api_items_of(collection.index_dir, m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
             for modality, index in copies.items():  # a forked writer writes beside the live index: keep checkpoints off until it is moved out

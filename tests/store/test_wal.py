@@ -232,6 +232,34 @@ def test_a_fork_that_fails_falls_back_to_a_copy_in_memory_and_says_so(tiny, tmp_
     assert VectorIndex.load(index_dir / "visual").get("a").metadata == {"n": 1}
 
 
+def test_a_checkpoint_writer_runs_only_when_a_core_would_idle_and_a_snapshot_writer_does_not(tiny, tmp_path, features, monkeypatch):
+    """A checkpoint is background work: its writer must not take a core from requests (with folds
+    every 3 s it set the p99 of single writes: bench/results/write_workers_ab.md). A snapshot file's
+    caller waits for it: its writers run at the server's priority."""
+    seen, save = tmp_path / "writer", VectorIndex.save
+
+    def recording(index, directory):  # runs in the forked child
+        seen.write_text(f"{os.getpid()} {os.sched_getscheduler(0)}")
+        return save(index, directory)
+
+    index_dir = copy_index(tiny, tmp_path / "index")
+    collection = Collection.load(tiny.model_dir, index_dir, device="cpu", config=StoreConfig(fork=True))
+    try:
+        collection.checkpointer.stop()
+        collection.upsert("visual", features.visual[:1], ["a"], [{"n": 1}])
+        monkeypatch.setattr(VectorIndex, "save", recording)
+        assert collection.checkpointer.checkpoint("visual") == 1
+        writer, policy = map(int, seen.read_text().split())
+        assert writer != os.getpid() and policy == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the server itself is left as it was
+        collection.snapshot(tmp_path / "snapshots")
+        writer, policy = map(int, seen.read_text().split())
+        assert writer != os.getpid() and policy == os.SCHED_OTHER
+    finally:
+        collection.close()
+    assert persisted(tiny, index_dir, "visual").get("a").metadata == {"n": 1}
+
+
 def test_a_forked_writer_past_its_timeout_is_stopped_and_the_log_keeps_every_change(tiny, tmp_path, features, monkeypatch):
     def hung(index, directory):
         time.sleep(60)  # a writer stuck on a dead disk
