@@ -8,8 +8,8 @@ to it), so commits wait only for the fork. The child writes the index directory 
 :meth:`VectorIndex.save` and exits; the parent waits for it outside the pause and takes the
 directory. The child touches nothing but the index and its files (no threads, no OpenMP, no
 logging), for a checkpoint runs only when a core would otherwise idle (requests go first: under a
-load that keeps every core busy the checkpoint waits, and the log grows meanwhile), and dies with the server
-(``PR_SET_PDEATHSIG``), so a killed server leaves only an unfinished directory, which
+load that keeps every core busy the checkpoint waits, and the log grows meanwhile), and dies with
+the server (``PR_SET_PDEATHSIG``), so a killed server leaves only an unfinished directory, which
 :func:`store.persist.recover` deletes.
 
 Linux only (``fork`` of a threaded process is not safe on macOS); elsewhere, or when the fork

@@ -234,8 +234,8 @@ class Shard:
     @contextmanager
     def _appending(self, group: list[_Pending]) -> Iterator[bool]:
         """Shared: hold ``shared.applying`` and then the append lock (never the other way round)
-        with this process at the log's end, and publish the new end after the block; yields False with each change refused
-        when the version is sealed for a swap. Once it yielded True, the caller holds
+        with this process at the log's end, and publish the new end after the block; yields False
+        with each change refused when the version is sealed for a swap. Once it yielded True, the caller holds
         ``shared.applying`` and releases it when the group is applied. Alone: yields True."""
         shared = self.shared
         if shared is None:
@@ -250,8 +250,6 @@ class Shard:
                     if shared.gate == SEALED:
                         for change in group:
                             change.error = ChangeNotSaved(self.modality, "a version swap is under way; retry")
-                        shared.applying.release()
-                        handed_over = True
                         yield False
                         return
                     if shared.gate != WAITING:
