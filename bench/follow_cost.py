@@ -123,10 +123,10 @@ def main() -> None:
     finally:
         primary.close()
         shutil.rmtree(index, ignore_errors=True)
-    out = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]]), "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", "rows": rows}
+    out = {"command": "python " + " ".join(["bench/follow_cost.py", *sys.argv[1:]]), "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "follow_cost.json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [f"# Applying what another worker logged (`{out['command']}`)", "", f"{out['machine']}, commit {out['commit']}; a {args.items:,}-item Flat index of the tiny model, single-item changes, each its own log record; CPU time of `Collection.catch_up` (what each other process runs per change).", "", f"| change | changes a round | rounds | CPU us per change, median | fastest |", "|---|---:|---:|---:|---:|"]
+    lines = [f"# Applying what another worker logged (`{out['command']}`)", "", f"{out['machine']}, commit {out['commit']}; a {args.items:,}-item Flat index of the tiny model, single-item changes, each its own log record; CPU time of `Collection.catch_up` (what each other process runs per change).", "", "| change | changes a round | rounds | CPU us per change, median | fastest |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['changes']:,} | {len(r['rounds_cpu_s'])} | {r['median_us']} | {r['fastest_us']} |" for r in rows]
     (RESULTS / "follow_cost.md").write_text("\n".join(lines) + "\n")
 
