@@ -11,13 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.auth import routed_path
-from store.errors import ChangeNotSaved, ChannelClosed, ItemNotFound, NotFollowing, SnapshotError, SnapshotNotFound
+from store.errors import ChangeNotDurable, ChangeNotSaved, ChannelClosed, ItemNotFound, NotFollowing, SnapshotError, SnapshotNotFound
 
 STATUS: dict[type[Exception], int] = {
     ItemNotFound: 404,  # an unknown id in a get, delete, locate, or search by ids
     SnapshotNotFound: 404,
     SnapshotError: 422,  # a snapshot name the service would not have made
     ChangeNotSaved: 503,  # the log append failed, nothing applied: retry
+    ChangeNotDurable: 503,  # in the log and served, its fsync failed: send it again once the disk is fixed
     ChannelClosed: 503,  # a worker process whose primary is gone (it stops too): retry, another answers
     NotFollowing: 503,  # a worker process that cannot apply the log (it stops, a fork replaces it): retry
 }
@@ -34,7 +35,7 @@ def _detail(request: Request, err: Exception) -> str:
         return f"{err.message}; check the id and the modality"
     if isinstance(err, SnapshotNotFound):
         return f"{err}; GET /v1/admin/snapshots lists them"
-    if isinstance(err, ChangeNotSaved):
+    if isinstance(err, (ChangeNotSaved, ChangeNotDurable)):
         return err.message
     if isinstance(err, ChannelClosed):
         return f"this worker lost the process that stores changes ({err}); nothing was applied; retry"

@@ -28,6 +28,21 @@ class ChangeNotSaved(RuntimeError):
         return type(self), (self.modality, self.reason)
 
 
+class ChangeNotDurable(RuntimeError):
+    """With worker processes: a change in the log, and served by every process, whose fsync failed.
+    Its records were published before the fsync (so that the processes' fsyncs overlap), so they
+    cannot be taken back; a power cut may lose it, a kill does not."""
+
+    def __init__(self, modality: str, reason: str):
+        self.modality, self.reason = modality, reason
+        self.message = (f"the {modality} change is in the log and served, but the disk did not confirm it ({reason}): "
+                        "a power cut may lose it; send it again once the disk is fixed to be sure")
+        super().__init__(self.message)
+
+    def __reduce__(self):
+        return type(self), (self.modality, self.reason)
+
+
 class SnapshotError(ValueError):
     """A snapshot name or file that cannot be used; the message says why."""
 

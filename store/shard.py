@@ -32,7 +32,7 @@ from index.embedder import Embedder
 from index.store import IndexLoadError, VectorIndex
 from store.changes import Change, apply, merge_run, mergeable_runs
 from store.config import StoreConfig
-from store.errors import ChangeNotSaved, ItemNotFound, NotFollowing
+from store.errors import ChangeNotDurable, ChangeNotSaved, ItemNotFound, NotFollowing
 from store.events import StoreEvents
 from store.layout import checkpoint_lsn, wal_dir
 from store.locks import ReadWriteLock
@@ -316,12 +316,14 @@ class Shard:
                     holding = self.shared is not None and open_
                     accepted = self._check(group) if open_ else []
                     if accepted:
-                        self._log(accepted)  # a failed append empties it (each change then holds ChangeNotSaved)
+                        self._log(accepted, sync=not holding)  # a failed append empties it (each change then holds ChangeNotSaved)
             except Exception as err:  # nothing logged (the append lock, a catch-up that failed): each writer is told
                 for change in group:
                     if change.error is None:
                         change.error = err if isinstance(err, ChangeNotSaved) else ChangeNotSaved(self.modality, f"{type(err).__name__}: {err}")
                 return
+            if holding and accepted:
+                self._sync_published(accepted)
             self._apply(group, accepted)
         finally:
             if holding:
@@ -370,7 +372,8 @@ class Shard:
             accepted.append(change)
         return accepted
 
-    def _log(self, accepted: list[_Pending]) -> None:
+    def _log(self, accepted: list[_Pending], sync: bool = True) -> None:
+        """Append the group (and fsync it, unless ``sync`` is False: :meth:`_sync_published` does)."""
         frames = []
         for lsn, change in enumerate(accepted, start=self.last_lsn + 1):
             change.change.lsn, change.change.model = lsn, self.model
@@ -379,7 +382,7 @@ class Shard:
         try:
             start = self.wal.end()  # before the append: a write that fails half-way is cut back to here
             self.wal.append(b"".join(frames))
-            if self.fsync:
+            if self.fsync and sync:
                 self.wal.sync()
         except Exception as err:  # OSError mostly (disk full, I/O error)
             reason = f"{type(err).__name__}: {err}"
@@ -397,6 +400,24 @@ class Shard:
         self.events.committed(self.modality, len(accepted))
         if self.pending_since is None:
             self.pending_since = time.monotonic()
+
+    def _sync_published(self, accepted: list[_Pending]) -> None:
+        """Shared: fsync a group appended and published, after letting go of the append lock. Other
+        processes append meanwhile and their fsyncs overlap this one: one disk flush can cover
+        several processes' groups, where fsyncs under the lock would queue one behind another
+        (behind a checkpoint's writeback, seconds each). The group is answered only after this
+        fsync, as alone; another process may serve it a little before (only a power cut loses it).
+        A failed fsync cannot be cut back (others may have applied or appended after it): the
+        group is applied here too, so every process agrees, and its writers are told (ChangeNotDurable)."""
+        if not self.fsync:
+            return
+        try:
+            self.wal.sync()
+        except OSError as err:
+            reason = f"{type(err).__name__}: {err}"
+            log.critical("fsync of the %s write-ahead log failed (%s); %d changes already in the log are not confirmed on disk", self.modality, reason, len(accepted))
+            for change in accepted:
+                change.error = ChangeNotDurable(self.modality, reason)
 
     def log_bytes(self) -> int:
         """The log written since the last checkpoint started a segment (by every process)."""

@@ -14,8 +14,10 @@ other modality's lock while the primary, pausing both, waits for it.) Under the 
    answered;
 3. applies what the other processes appended since it last looked (:class:`LogTail` reads it from
    the segment files), so that a delete is checked against the log's state;
-4. appends its group, fsyncs, and publishes the new end, the LSN last.
-It lets go, applies its group, and answers.
+4. appends its group and publishes the new end, the LSN last.
+It lets go, fsyncs, applies its group, and answers. The fsync comes after the lock so that the
+processes' fsyncs overlap (one disk flush can cover several groups) rather than queue behind one
+another; a group is answered only after its fsync, but another process may serve it before.
 
 Reading. Before each read a process compares the published LSN with the one it applied and applies
 the records in between from the files. So a change acknowledged by any worker is seen by every read

@@ -7,6 +7,7 @@ where its image is, runs one step and reports through a pipe."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from store.collection import Collection
-from store.errors import ChangeNotSaved, ItemNotFound, NotFollowing
+from store.errors import ChangeNotDurable, ChangeNotSaved, ItemNotFound, NotFollowing
 from store.sharedlog import OPEN, SEALED, Follower, LogState
 from tests.service.conftest import copy_index
 
@@ -250,6 +251,94 @@ def test_a_process_waiting_on_its_own_follower_holds_no_other_process_up(primary
         assert stalled.run(has, "not-held-up")
     finally:
         stalled.stop()
+        other.stop()
+
+
+OUTCOMES: dict[str, object] = {}  # in a child: what its background commits returned
+
+
+def upsert_in_background(collection, item_id):
+    def run():
+        try:
+            OUTCOMES[item_id] = upsert(collection, item_id)
+        except Exception as err:
+            OUTCOMES[item_id] = err
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def outcome(collection, item_id):
+    return OUTCOMES.get(item_id)
+
+
+def stall_own_fsync_then_upsert(collection, item_id, seconds):
+    """In a worker: its next fsync of the audio log takes ``seconds`` (a disk busy writing a
+    checkpoint back), and a commit starts."""
+    wal, syncing = collection.shards["audio"].wal, threading.Event()
+    real_sync = wal.sync
+
+    def slow_sync():
+        wal.sync = real_sync
+        syncing.set()
+        time.sleep(seconds)
+        real_sync()
+
+    wal.sync = slow_sync
+    upsert_in_background(collection, item_id)
+    assert syncing.wait(5)
+
+
+def test_a_process_waiting_for_its_fsync_holds_no_other_process_up(primary):
+    """A commit fsyncs after letting go of the append lock: one worker's group waiting on a slow disk
+    does not queue every other worker's group behind it (their fsyncs overlap), and it is answered
+    once its own fsync is done."""
+    stalled, other = Child(primary, 0), Child(primary, 1)
+    try:
+        size = len(primary.shards["audio"].index)
+        stalled.run(stall_own_fsync_then_upsert, "slow-to-sync", 4.0)
+        started = time.monotonic()
+        assert other.run(upsert, "not-held-up") == size + 2  # after the stalled one, in log order
+        assert time.monotonic() - started < 2.0  # not the 3.7 s left of the stall
+        assert stalled.run(outcome, "slow-to-sync") is None  # not answered before its fsync
+        deadline = time.monotonic() + 10
+        while (answer := stalled.run(outcome, "slow-to-sync")) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert answer == size + 1
+        assert stalled.run(has, "not-held-up") and other.run(has, "slow-to-sync")
+    finally:
+        stalled.stop()
+        other.stop()
+
+
+def fail_next_fsync(collection):
+    wal = collection.shards["audio"].wal
+    real_sync = wal.sync
+
+    def failing_sync():
+        wal.sync = real_sync
+        raise OSError(errno.EIO, "Input/output error")
+
+    wal.sync = failing_sync
+
+
+def test_a_group_whose_fsync_fails_is_reported_unconfirmed_and_every_process_still_agrees(primary):
+    """Its records were published before the fsync (other processes may apply them meanwhile), so they
+    cannot be cut back as a lone process cuts them: the answer says the change is in the log but
+    the disk did not confirm it, and every process, this one too, serves it."""
+    failing, other = Child(primary, 0), Child(primary, 1)
+    try:
+        size = len(primary.shards["audio"].index)
+        failing.run(fail_next_fsync)
+        with pytest.raises(ChangeNotDurable) as refused:
+            failing.run(upsert, "unconfirmed")
+        assert "Input/output error" in str(refused.value) and "power cut" in str(refused.value)
+        assert failing.run(has, "unconfirmed") and other.run(has, "unconfirmed")
+        assert failing.run(upsert, "confirmed") == size + 2  # the disk works again: commits go on
+        primary.catch_up()
+        assert len(primary.shards["audio"].index) == size + 2
+    finally:
+        failing.stop()
         other.stop()
 
 
