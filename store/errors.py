@@ -16,31 +16,30 @@ class ItemNotFound(KeyError):
         return type(self), (self.modality, self.item_id)
 
 
-class ChangeNotSaved(RuntimeError):
-    """A change whose log append failed; nothing of it was applied, so the client may simply retry."""
+class _ChangeError(RuntimeError):
+    """A change of ``modality`` that went wrong for ``reason``; subclasses word the message."""
 
     def __init__(self, modality: str, reason: str):
         self.modality, self.reason = modality, reason
-        self.message = f"the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later"
+        self.message = self.wording.format(modality=modality, reason=reason)
         super().__init__(self.message)
 
-    def __reduce__(self):
+    def __reduce__(self):  # pickled whole: a worker process raises it from the primary's answers (store.replication)
         return type(self), (self.modality, self.reason)
 
 
-class ChangeNotDurable(RuntimeError):
+class ChangeNotSaved(_ChangeError):
+    """A change whose log append failed; nothing of it was applied, so the client may simply retry."""
+
+    wording = "the {modality} change was not saved ({reason}); nothing was applied, so nothing changed; retry later"
+
+
+class ChangeNotDurable(_ChangeError):
     """With worker processes: a change in the log, and served by every process, whose fsync failed.
     Its records were published before the fsync (so that the processes' fsyncs overlap), so they
     cannot be taken back; a power cut may lose it, a kill does not."""
 
-    def __init__(self, modality: str, reason: str):
-        self.modality, self.reason = modality, reason
-        self.message = (f"the {modality} change is in the log and served, but the disk did not confirm it ({reason}): "
-                        "a power cut may lose it; send it again once the disk is fixed to be sure")
-        super().__init__(self.message)
-
-    def __reduce__(self):
-        return type(self), (self.modality, self.reason)
+    wording = "the {modality} change is in the log and served, but the disk did not confirm it ({reason}): a power cut may lose it; send it again once the disk is fixed to be sure"
 
 
 class SnapshotError(ValueError):
