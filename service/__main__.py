@@ -26,6 +26,7 @@ from index.embedder import ModelError, load_manifest
 from index.store import IndexLoadError
 from service.app import create_app
 from service.bodies import readable
+from service.prefork import release_free_heap
 from service.settings import Settings
 from service.threads import limit_threads
 from service.timeouts import deadline_protocol
@@ -49,6 +50,7 @@ def _serve(args) -> int:
     limit_threads(settings)
     check_not_moved(settings.index_dir)
     collection = Collection.load(settings.model_dir, settings.index_dir, settings.device, settings.intra_op_threads, settings.store_config())  # before binding the port
+    release_free_heap()
     gc.collect()
     gc.freeze()  # the index's id maps (hundreds of thousands of objects) leave the cyclic GC's scans: shorter pauses
     _announce(collection, settings, args)

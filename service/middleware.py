@@ -10,6 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.encoding import dumps
 from service.metrics import Metrics
 
+WARM_UP = "avsearch.warm_up"  # scope key of a request a server makes to itself before it serves (service.prefork): not counted
+
 
 class BodyTooLarge(Exception):
     def __init__(self, limit: int):
@@ -23,7 +25,7 @@ class MetricsMiddleware:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or WARM_UP in scope:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500

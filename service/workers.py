@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import importlib
 import logging
 import os
 import queue
@@ -48,9 +47,9 @@ from index.embedder import MODALITIES, Embedder, choose_providers
 from service.app import create_app
 from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
 from service.metrics import Metrics
+from service.prefork import preload, release_free_heap, warm_up
 from service.settings import Settings
 from service.state import ServiceState
-from service.threads import limit_threads
 from service.timeouts import deadline_protocol
 from store.collection import Collection
 from store.errors import ChangeNotSaved, ChannelClosed
@@ -377,9 +376,9 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
 
 
 class WorkerTemplate:
-    """A worker's app and collection, built in the primary before the forks (so that the workers
-    share their memory, measured: 4 MB a worker); each worker joins the logs and connects its own
-    channel."""
+    """A worker's app, uvicorn config and collection, built and warmed up in the primary before the
+    forks so that the workers share their memory (measured: 4 MB a worker, and service.prefork's
+    warm-up); each worker joins the logs and connects its own channel."""
 
     def __init__(self, settings: Settings, primary: Collection):
         self.primary = primary
@@ -388,6 +387,21 @@ class WorkerTemplate:
         self.state = WorkerState(settings, self.collection, None)
         self.app = create_app(settings, state=self.state)
         self.own_sessions = embedder is None
+        self.config = uvicorn.Config(
+            self.app,
+            log_level="info",
+            access_log=settings.access_log,
+            http=deadline_protocol(settings.header_timeout, settings.body_timeout),
+            limit_concurrency=settings.max_connections,
+            timeout_graceful_shutdown=STOP_GRACE_S,
+            ws="none",  # no websocket routes: nothing to import for them in each worker
+            backlog=BACKLOG,
+        )
+        self.config.load()  # the protocol classes and the app's outer wrappers, here rather than in each worker
+        try:
+            warm_up(self.app, self.collection, search=not self.own_sessions)
+        except Exception as err:  # an optimisation: the workers start colder, and serve the same
+            log.warning("warming the workers' app before the fork failed (%s: %s); each worker warms its own", type(err).__name__, err)
 
     def connect(self, settings: Settings, channel: Channel, positions: dict[str, Position], slot: int) -> Replica:
         """In the worker: the logs from where its image is, its channel to the primary, its
@@ -414,19 +428,7 @@ def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplat
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app forwards it to the primary
         replica = template.connect(settings, channel, positions, slot)
-        server = WorkerServer(
-            replica,
-            uvicorn.Config(
-                template.app,
-                log_level="info",
-                access_log=settings.access_log,
-                http=deadline_protocol(settings.header_timeout, settings.body_timeout),
-                limit_concurrency=settings.max_connections,
-                timeout_graceful_shutdown=STOP_GRACE_S,
-                ws="none",  # no websocket routes: nothing to import for them in each worker
-                backlog=BACKLOG,
-            ),
-        )
+        server = WorkerServer(replica, template.config)
         replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no swaps; the supervisor is gone
         replica.on_retire = server.retire
         Follower(template.collection.catch_up, lambda err: setattr(server, "should_exit", True), settings.follow_seconds).start()  # this worker no longer matches the log: a fresh fork replaces it
@@ -511,18 +513,6 @@ def _shares_sessions(settings: Settings) -> bool:
     return settings.intra_op_threads == 1 and choose_providers(settings.device)[0] == "CPUExecutionProvider"
 
 
-def _preload(settings: Settings) -> None:
-    """Do here, once, what each worker would otherwise do at its start, so that it is shared rather
-    than copied into every worker (measured, 10^6 Flat: 3.6 MB a worker): the BLAS thread limits
-    (process-wide, inherited; threadpoolctl scans the loaded libraries) and uvicorn's lazy imports."""
-    limit_threads(settings)
-    for name in ("uvloop", "uvicorn.loops.auto", "uvicorn.loops.uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.httptools_impl"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # optional: uvicorn falls back to asyncio and h11
-            pass
-
-
 def serve(settings: Settings, port: int, announce) -> int:
     """``python -m service serve`` with ``settings.workers`` > 1."""
     metrics_dir = metrics_directory()
@@ -531,11 +521,12 @@ def serve(settings: Settings, port: int, announce) -> int:
     try:
         import faiss
 
-        _preload(settings)
+        preload(settings)
         faiss.omp_set_num_threads(1)  # never a thread team in the primary: forked children would hang in theirs
         check_not_moved(settings.index_dir)
         collection = load(settings, settings.model_dir, settings.index_dir)
         sockets = listening_sockets(settings.host, port, settings.workers)
+        release_free_heap()
         gc.collect()
         gc.freeze()  # objects made so far stay out of the cyclic GC's scans, which would write to (and so copy) their pages in every worker
         start_parsers()  # the workers' large bodies are parsed here: two processes for the server, not two a worker

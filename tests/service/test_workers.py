@@ -136,6 +136,8 @@ def test_a_write_through_one_worker_is_found_at_once_through_the_other(tiny, tmp
     try:
         (pid_a, a), (pid_b, b) = _worker_connections(server).items()
         assert pid_a != pid_b and {pid_a, pid_b} <= set(server.processes())
+        # the harness's one /readyz that answered 200; the primary's warm-up before the forks is not counted
+        assert _metric(server, "avsearch_requests_total", route="/readyz", method="GET", status="200") == 1
         rng = np.random.default_rng(5)
         searches = {"a": 0, "b": 0}
         for n in range(25):
