@@ -37,6 +37,7 @@ from index.embedder import load_manifest  # noqa: E402
 PAGE = 4096
 TYPE_NAME_OFFSET = 24  # PyTypeObject.tp_name, after ob_refcnt, ob_type and ob_size (64-bit)
 USER_SPACE = 1 << 47
+UNCHANGED = "no word differs (written and restored: a reference count taken and let go)"
 
 
 def private_dirty_mb(pid: int) -> float:
@@ -112,8 +113,31 @@ def copied_pages(primary: int, worker: int) -> tuple[int, collections.Counter, c
             pages += 1
             by_mapping[name or "anonymous"] += 1
             changed = {_kind(theirs, before, offset) for offset in range(0, PAGE, 8) if before[offset : offset + 8] != after[offset : offset + 8]}
-            kinds[" and ".join(sorted(changed)) if len(changed) == 1 else _mixed(changed)] += 1
+            kinds[UNCHANGED if not changed else " and ".join(sorted(changed)) if len(changed) == 1 else _mixed(changed)] += 1
     return pages, by_mapping, kinds
+
+
+def copy_owners(primary: int, workers: list[int]) -> collections.Counter:
+    """Pages mapped at the same address in the primary and every worker (what the fork shared), by
+    which processes no longer share their frame with the others: e.g. "primary" means both workers
+    still share the page and the primary copied it (2 frames where one process would need 1)."""
+    pids = [primary, *workers]
+    names = ["primary", *(f"worker {i + 1}" for i in range(len(workers)))]
+    common = set(mappings(primary))
+    for pid in workers:
+        common &= set(mappings(pid))
+    owners = collections.Counter()
+    for start, end in common:
+        for page in zip(*(frames(pid, start, end) for pid in pids)):
+            if None in page:
+                continue
+            counts = collections.Counter(page)
+            alone = [name for name, frame in zip(names, page) if counts[frame] == 1]
+            if len(alone) == len(pids):  # the last writer of a page keeps the original: two writers leave three frames, as three do
+                owners[f"every process ({len(pids) - 1} or more of them wrote; {len(pids) - 1} pages more)"] += 1
+            else:
+                owners[" + ".join(alone) if alone else "nobody (still shared)"] += 1
+    return owners
 
 
 def _mixed(kinds: set[str]) -> str:
@@ -153,6 +177,7 @@ def main() -> None:
         time.sleep(1)
         readings[f"after {args.searches} searches"] = {p: private_dirty_mb(p) for p in [primary, *workers]}
         analyses = {w: copied_pages(primary, w) for w in workers}
+        owners = copy_owners(primary, workers)
     finally:
         stop_tree(proc)
     lines = [f"# A forked worker's private memory (`python bench/fork_copies.py --items {int(args.items)}`)", "",
@@ -164,6 +189,9 @@ def main() -> None:
         lines += ["", f"Worker {i + 1}: {pages:,} pages ({pages * PAGE / 2**20:.1f} MB) the fork shared are now its own copies. By mapping: "
                   + ", ".join(f"{name} {count * PAGE / 2**20:.1f} MB" for name, count in by_mapping.most_common(4)) + ". What changed on them (pages):", ""]
         lines += [f"- {kind}: {count:,} ({count * PAGE / 2**20:.1f} MB)" for kind, count in kinds.most_common()]
+    lines += ["", "Pages the fork shared, by the processes that hold a copy of their own (each copy one page more than a single process needs):", "",
+              "| own copy in | pages | MB |", "|---|---:|---:|"]
+    lines += [f"| {who} | {count:,} | {count * PAGE / 2**20:.1f} |" for who, count in sorted(owners.items(), key=lambda kv: -kv[1])]
     text = "\n".join(lines) + "\n"
     print(text)
     (REPO / "bench" / "results" / "fork_copies.md").write_text(text)
