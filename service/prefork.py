@@ -51,8 +51,8 @@ def preload(settings: Settings) -> None:
 
 def warm_up(app: FastAPI, collection: Collection, search: bool) -> None:
     """One request through ``app`` (not counted in the metrics: the scope says ``WARM_UP``) and, when
-    ``search``, one search a modality through ``collection`` the way a batch runs (measured with
-    both, 10^6 Flat, after 2,000 searches: 2 workers add 24 MB where they added 28). ``search`` only
+    ``search``, one search a modality through ``collection`` the way a batch runs (measured, 10^6
+    Flat after 2,000 searches: 2 workers add 3-4 MB less than without; bench/worker_memory.py). ``search`` only
     where the encoder sessions may run before a fork (service.workers._shares_sessions); a search
     here changes nothing and waits for nothing (a collection not yet joined to the log reads alone)."""
     app.middleware_stack = app.build_middleware_stack()  # what Starlette builds at the first request
