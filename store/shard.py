@@ -42,6 +42,7 @@ from store.wal import LogCorrupt, WriteAheadLog, encode
 log = logging.getLogger(__name__)
 GATE_POLL_S = 0.01  # a new version's worker polls its gate while the old workers leave
 FOLLOW_RUN = 32  # records applied per hold of the index's write lock when catching up
+CLOSE_ENOUGH = 8  # records a pause may leave to apply under the append lock, where every process's commits wait
 
 
 @dataclass
@@ -202,6 +203,19 @@ class Shard:
         if applied:
             self._on_commit()
 
+    def _close_in(self) -> None:
+        """Catch up before a pause takes the append lock, pass after pass while each more than halves
+        what is left: what the workers append during one pass is applied under the lock by the
+        pass after, where it would hold every process's commits (measured, 10^6 HNSW32 with 2
+        workers: a 1,286-change catch-up left 357 to apply under the lock, 69 ms)."""
+        behind = None
+        while True:
+            self.catch_up()
+            left = self.shared.lsn - self.last_lsn
+            if left <= CLOSE_ENOUGH or (behind is not None and 2 * left > behind):  # close, or no longer closing in
+                return
+            behind = left
+
     def _follow(self, through: int) -> int:
         """Apply the published records this index lacks, through LSN ``through`` (the caller holds
         ``shared.applying``)."""
@@ -299,7 +313,7 @@ class Shard:
             if self.shared is None:
                 yield
             else:  # no process appends meanwhile
-                self.catch_up()  # most of it before the lock: the workers wait for less
+                self._close_in()  # most of it before the lock: the workers wait for less
                 with self.shared.applying, self.shared.lock.held():  # in this order, as a commit takes them
                     self._at_log_end()
                     yield

@@ -190,6 +190,35 @@ def test_a_checkpoint_falls_due_for_changes_the_primary_has_not_applied_yet(prim
     assert "unapplied" in shard.index and not checkpointer.due("audio")
 
 
+def test_a_pause_leaves_little_to_apply_under_the_append_lock_while_others_keep_appending(primary, monkeypatch):
+    """What a worker appends while the primary catches up before a pause (a checkpoint, a fork) is
+    applied by further passes, not under the append lock, where every process's commits wait."""
+    shard, child = primary.shards["audio"], Child(primary, 0)
+    try:
+        for i in range(40):
+            child.run(upsert, f"early-{i}")
+        appended_during = [10, 2]  # by the child during each catch-up pass: the log grows while the primary closes in
+        catch_up, at_log_end = shard.catch_up, shard._at_log_end
+        left_under_lock = []
+
+        def catch_up_while_the_child_appends():
+            catch_up()
+            for i in range(appended_during.pop(0) if appended_during else 0):
+                child.run(upsert, f"meanwhile-{len(appended_during)}-{i}")
+
+        def at_log_end_counting():
+            left_under_lock.append(shard.shared.lsn - shard.last_lsn)
+            at_log_end()
+
+        monkeypatch.setattr(shard, "catch_up", catch_up_while_the_child_appends)
+        monkeypatch.setattr(shard, "_at_log_end", at_log_end_counting)
+        with shard.paused():
+            assert shard.last_lsn == shard.shared.lsn == 52
+        assert left_under_lock == [2]  # one pass alone would have left the 10 appended during it
+    finally:
+        child.stop()
+
+
 def test_a_sealed_version_refuses_changes_and_takes_them_again_once_open(primary):
     child = Child(primary, 0)
     try:
