@@ -1,5 +1,6 @@
 """What a single-item upsert costs each process in page faults and TLB shootdowns, 1 vs 2 workers:
-the evidence for why 2 workers' one-client HNSW write tail is longer than 1 worker's (issue 22).
+whether copy-on-write is why 2 workers' one-client HNSW write tail was longer than 1 worker's
+(issue 22; it was not: bench/results/write_faults.md).
 
     python bench/write_faults.py                              # 10^6 HNSW32, 3 rounds of 6 s (~4 min; first use: + the index build)
     python bench/write_faults.py --factory Flat --name write_faults_flat
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -117,7 +119,7 @@ def main() -> None:
                      "minor_faults_per_upsert": {name: round(sum(t["minor"][name] for t in results) / upserts, 1) for name in names},
                      "major_faults": {name: sum(t["major"][name] for t in results) for name in names},
                      "tlb_shootdowns_per_upsert": round(sum(t["tlb"] for t in results) / upserts, 1)})
-    out = {"command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    out = {"command": "python bench/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "python": platform.python_version(), "items": n, "factory": args.factory, "rounds": args.rounds, "seconds": args.seconds, "rows": rows, "turns": turns}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
