@@ -195,10 +195,10 @@ class Collection:
         with self._lock.read():
             yield self._view
 
-    def catch_up(self) -> None:
-        """With worker processes: apply what any of them logged and published (a no-op alone)."""
-        for shard in self.shards.values():
-            shard.catch_up()
+    def catch_up(self, most: int | None = None) -> int:
+        """With worker processes: apply what any of them logged and published, or its first ``most``
+        records a modality (a no-op alone). Returns how many were applied."""
+        return sum(shard.catch_up(most) for shard in self.shards.values())
 
     def failure(self) -> str | None:
         """With worker processes: why a modality's index no longer matches its log (a change another

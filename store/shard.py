@@ -181,13 +181,16 @@ class Shard:
         with self.shared.lock.held():
             self.shared.state.set(self.modality, "gate", gate)
 
-    def catch_up(self) -> None:
-        """Apply what other processes logged and published before this call (a no-op alone), a
-        few records at a time: a read or a commit of this process waits for one run at most."""
+    def catch_up(self, most: int | None = None) -> int:
+        """Apply what other processes logged and published before this call (a no-op alone), or
+        its first ``most`` records, a few at a time: a read or a commit of this process waits for
+        one run at most. Returns how many this call applied."""
         shared = self.shared
         if shared is None:
-            return
+            return 0
         target, applied = shared.lsn, 0
+        if most is not None:
+            target = min(target, self.last_lsn + most)
         while self.last_lsn < target:
             with shared.applying:
                 if self.last_lsn >= target:  # another thread of this process applied it meanwhile (a commit, a read)
@@ -202,6 +205,7 @@ class Shard:
                     raise NotFollowing(self.modality, f"{type(err).__name__}: {err}") from err
         if applied:
             self._on_commit()
+        return applied
 
     def _close_in(self) -> None:
         """Catch up before a pause takes the append lock, pass after pass while each more than halves

@@ -37,6 +37,7 @@ import fcntl
 import logging
 import mmap
 import os
+import queue
 import struct
 import threading
 import zlib
@@ -55,6 +56,7 @@ SLOT = struct.Struct("<q")
 FIELDS = ("lsn", "segment", "end", "gate")
 OPEN, SEALED, WAITING = 0, 1, 2  # the gate's states
 FOLLOW_EVERY_S = 0.5
+FOLLOW_STEP = 8  # records a modality the background applier applies per step (an HNSW32 insert at 10^6: ~0.3 ms)
 NOT_READING = 2**63 - 1
 
 
@@ -221,36 +223,57 @@ class SharedLog:
 
 
 class Follower:
-    """Applies, every ``interval`` seconds, what the other processes appended, so that a read or
-    the next checkpoint finds little left to apply; ``on_failure`` when applying fails.
+    """Applies, in the background, what the other processes appended, so that a read or the next
+    checkpoint finds little left to apply; ``on_failure`` when applying fails.
 
-    Its thread runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`):
-    every process applies every change, so on a busy machine the foreground (the answer to a write,
-    a search) goes first. It holds this process's apply lock while it applies, so a commit takes
-    that lock before the log's append lock, never under it: a follower preempted mid-run would hold
-    up every process's writes. A read never misses a change for it: it applies what is still
-    missing itself, at its own priority."""
+    Every process applies every change, so on a busy machine the foreground (the answer to a write,
+    a search) goes first; yet whoever applies holds this process's apply lock, which a read, a
+    commit and a checkpoint's catch-up wait for, so it must never be starved while it holds it
+    (measured, 10^6 HNSW32, 2 workers under 16 writing clients: a checkpoint's catch-up waited
+    2.4 s for 0.46 s of work while an idle-priority follower sat on the lock). Hence two threads: a
+    scout that runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`),
+    every ``interval`` seconds and then step after step while there is more, and an applier at
+    normal priority that applies ``FOLLOW_STEP`` records a modality per step when the scout asks.
+    A busy machine stops the scout, so the applier stops after its step, never inside one. A read
+    never misses a change for either: it applies what is still missing itself."""
 
-    def __init__(self, catch_up: Callable[[], None], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
-        self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval
+    def __init__(self, catch_up: Callable[[int], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
+        self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval  # catch_up(most) -> records applied
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="avsearch-follow", daemon=True)
+        self._asks: queue.SimpleQueue = queue.SimpleQueue()  # True: apply one step; None: stop
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # records applied; None: the applier has stopped
+        self._scout = threading.Thread(target=self._look, name="avsearch-follow", daemon=True)
+        self._applier = threading.Thread(target=self._apply, name="avsearch-apply", daemon=True)
 
     def start(self) -> "Follower":
-        self._thread.start()
+        self._applier.start()
+        self._scout.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._asks.put(None)
+        for thread in (self._scout, self._applier):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join()
 
-    def _run(self) -> None:
+    def _look(self) -> None:
         run_when_idle()
         while not self._stop.wait(self.interval):
+            applied = 1
+            while applied and not self._stop.is_set():  # steps while there is more and a core to spare (this thread runs only then)
+                self._asks.put(True)
+                applied = self._answers.get()
+                if applied is None:
+                    return
+
+    def _apply(self) -> None:
+        while self._asks.get() is not None:
             try:
-                self._catch_up()
+                applied = self._catch_up(FOLLOW_STEP)
             except BaseException as err:  # this process no longer matches the log
                 log.critical("applying what other processes logged failed (%s)", err)
                 self._on_failure(err)
-                return
+                break
+            self._answers.put(applied)
+        self._answers.put(None)

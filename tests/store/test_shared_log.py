@@ -19,7 +19,8 @@ import pytest
 
 from store.collection import Collection
 from store.errors import ChangeNotDurable, ChangeNotSaved, ItemNotFound, NotFollowing
-from store.sharedlog import OPEN, SEALED, Follower, LogState
+from store.sharedlog import FOLLOW_STEP, OPEN, SEALED, Follower, LogState
+from store.wal import LogCorrupt
 from tests.service.conftest import copy_index
 
 
@@ -371,18 +372,42 @@ def test_a_group_whose_fsync_fails_is_reported_unconfirmed_and_every_process_sti
         other.stop()
 
 
-def test_the_background_follower_runs_only_when_a_core_would_idle():
-    """SCHED_IDLE, not nice 19 (store.sharedlog.Follower says why), and only for its own thread."""
-    seen, done = [], threading.Event()
+def test_the_background_follower_applies_at_normal_priority_in_steps_an_idle_priority_scout_asks_for():
+    """Whoever applies holds the apply lock that reads and checkpoints wait for, so it must never be
+    starved (store.sharedlog.Follower says why): the applier runs at normal priority, FOLLOW_STEP
+    records at a time, each step asked for by a scout that runs only when a core would otherwise
+    idle (SCHED_IDLE, not nice 19), step after step while there is more."""
+    calls, done, backlog = [], threading.Event(), [3 * FOLLOW_STEP + 2]
 
-    def catch_up():
-        seen.append(os.sched_getscheduler(0))
-        done.set()
+    def catch_up(most: int) -> int:
+        calls.append((most, os.sched_getscheduler(0)))
+        applied = min(most, backlog[0])
+        backlog[0] -= applied
+        if not backlog[0]:
+            done.set()
+        return applied
 
     follower = Follower(catch_up, lambda err: None, interval=0.01).start()
     try:
         assert done.wait(5)
+        scout = os.sched_getscheduler(follower._scout.native_id)
     finally:
         follower.stop()
-    assert seen[0] == os.SCHED_IDLE
+    assert scout == os.SCHED_IDLE
+    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER)] * 4  # 26 records: four steps, none at idle priority
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
+
+
+def test_a_follower_that_fails_to_apply_says_so_once_and_both_its_threads_end():
+    failures = []
+
+    def catch_up(most: int) -> int:
+        raise LogCorrupt("change 7 does not read back")
+
+    follower = Follower(catch_up, failures.append, interval=0.01).start()
+    deadline = time.monotonic() + 5
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    follower.stop()
+    assert [type(f) for f in failures] == [LogCorrupt]
+    assert not follower._scout.is_alive() and not follower._applier.is_alive()
