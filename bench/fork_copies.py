@@ -2,6 +2,7 @@
 
     sudo python bench/fork_copies.py                  # 10^5 Flat items per modality, 2 workers (~1 min)
     sudo python bench/fork_copies.py --items 1e6
+    sudo python bench/fork_copies.py --items 1e6 --by-package   # and whose objects the copied pages hold
 
 Starts ``python -m service serve`` with ``AVSEARCH_WORKERS=2`` (bench/write_bench.py's cached
 indexes) and reads each process's private dirty memory (``/proc/PID/smaps_rollup``) once the
@@ -20,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import shutil
 import struct
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.heap_census import Census  # noqa: E402
 from bench.server_tree import settled_tree, stop_tree  # noqa: E402
 from bench.trained import trained_default_model  # noqa: E402
 from bench.worker_memory import search_load  # noqa: E402
@@ -38,6 +42,7 @@ PAGE = 4096
 TYPE_NAME_OFFSET = 24  # PyTypeObject.tp_name, after ob_refcnt, ob_type and ob_size (64-bit)
 USER_SPACE = 1 << 47
 UNCHANGED = "no word differs (written and restored: a reference count taken and let go)"
+NO_OBJECT = "(no Python object)"
 
 
 def private_dirty_mb(pid: int) -> float:
@@ -140,6 +145,38 @@ def copy_owners(primary: int, workers: list[int]) -> collections.Counter:
     return owners
 
 
+def written_by_package(primary: int, workers: list[int], census: Census) -> tuple[int, collections.Counter, collections.Counter]:
+    """Over the pages every process holds a copy of (the fork's image written by 2 or more of
+    them): (pages, pages by the package of the objects whose words differ between the copies,
+    pages by what those objects are). A page shared out between several objects counts a fraction
+    to each; a word that lies in no object of the census counts as "no Python object" (malloc's and
+    pymalloc's bookkeeping, free blocks, objects made after the census, libpython's own data)."""
+    pids = [primary, *workers]
+    memories = [Memory(pid) for pid in pids]
+    common = set(mappings(primary))
+    for pid in workers:
+        common &= set(mappings(pid))
+    pages, packages, kinds = 0, collections.Counter(), collections.Counter()
+    for start, end in common:
+        for i, page in enumerate(zip(*(frames(pid, start, end) for pid in pids))):
+            if None in page or len(set(page)) < len(pids):
+                continue
+            address = start + i * PAGE
+            copies = [memory.read(address, PAGE) for memory in memories]
+            if not all(copies):
+                continue
+            holders = set()
+            for offset in range(0, PAGE, 8):
+                if len({copy[offset : offset + 8] for copy in copies}) > 1:
+                    holder = census.holder(address + offset)
+                    holders.add(holder[2:] if holder else ("", NO_OBJECT))
+            pages += 1
+            for what, package in holders or {("", "(no word differs now)")}:
+                packages[package] += 1 / max(len(holders), 1)
+                kinds[what or package] += 1 / max(len(holders), 1)
+    return pages, packages, kinds
+
+
 def _mixed(kinds: set[str]) -> str:
     if any(k.startswith("other") for k in kinds):
         return "other words, and reference counts or GC links"
@@ -160,12 +197,15 @@ def main() -> None:
     parser.add_argument("--items", type=float, default=1e5, help="items per modality (Flat)")
     parser.add_argument("--searches", type=int, default=2000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-http-bench"), help="shared with bench/worker_memory.py")
+    parser.add_argument("--by-package", action="store_true", help="also say whose objects lie on the pages every process copied (bench/heap_census.py; results in fork_copies_by_package.md)")
     args = parser.parse_args()
+    census_path = Path(tempfile.mkdtemp(prefix="avsearch-census-")) / "census.pickle"
     model = trained_default_model(args.work)
     manifest, _ = load_manifest(model)
     input_dims = {m: int(d) for m, d in manifest["input_dims"].items()}
     index, _ = build_index(model, args.work, int(args.items), "Flat", visual=(int(args.items), "Flat"))
-    proc, port = serve(model, index, snapshot_seconds=300, workers=2)
+    launcher = ("-m", "bench.heap_census", str(census_path)) if args.by_package else ("-m", "service")
+    proc, port = serve(model, index, snapshot_seconds=300, workers=2, launcher=launcher)
     try:
         tree = settled_tree(proc.pid)
         primary, workers = tree[0], [p for p in tree[1:] if "multiprocessing" not in Path(f"/proc/{p}/cmdline").read_text()]
@@ -178,9 +218,11 @@ def main() -> None:
         readings[f"after {args.searches} searches"] = {p: private_dirty_mb(p) for p in [primary, *workers]}
         analyses = {w: copied_pages(primary, w) for w in workers}
         owners = copy_owners(primary, workers)
+        by_package = written_by_package(primary, workers, Census(census_path)) if args.by_package else None
     finally:
         stop_tree(proc)
-    lines = [f"# A forked worker's private memory (`python bench/fork_copies.py --items {int(args.items)}`)", "",
+        shutil.rmtree(census_path.parent, ignore_errors=True)
+    lines = [f"# A forked worker's private memory (`python bench/fork_copies.py --items {int(args.items)}{' --by-package' if args.by_package else ''}`)", "",
              f"2 workers, {int(args.items):,} Flat items per modality. Private dirty MB (`smaps_rollup`):", "",
              "| when | primary | " + " | ".join(f"worker {i + 1}" for i in range(len(workers))) + " |", "|---|---:|" + "---:|" * len(workers)]
     for when, reading in readings.items():
@@ -192,9 +234,15 @@ def main() -> None:
     lines += ["", "Pages the fork shared, by the processes that hold a copy of their own (each copy one page more than a single process needs):", "",
               "| own copy in | pages | MB |", "|---|---:|---:|"]
     lines += [f"| {who} | {count:,} | {count * PAGE / 2**20:.1f} |" for who, count in sorted(owners.items(), key=lambda kv: -kv[1])]
+    if by_package:
+        pages, packages, kinds = by_package
+        lines += ["", f"Whose objects differ between the copies on those {pages:,} pages (`--by-package`, bench/heap_census.py; a page shared out between "
+                  "the objects on it whose words differ):", "", "| package | pages | | object | pages |", "|---|---:|---|---|---:|"]
+        for (package, p), (what, k) in zip(packages.most_common(25), kinds.most_common(25)):
+            lines.append(f"| {package} | {p:,.0f} | | {what} | {k:,.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    (REPO / "bench" / "results" / "fork_copies.md").write_text(text)
+    (REPO / "bench" / "results" / ("fork_copies_by_package.md" if by_package else "fork_copies.md")).write_text(text)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ async def run_alternating(port: int, writes: list[bytes], searches: list[bytes],
     return latency_summary(latencies, errors, time.perf_counter() - started)
 
 
-def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1, env: dict[str, str] | None = None, launcher: tuple[str, ...] = ("-m", "service")) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         "OMP_NUM_THREADS": "1",
@@ -162,7 +162,7 @@ def serve(model: Path, index: Path, snapshot_seconds: float, workers: int = 1, e
         "AVSEARCH_ACCESS_LOG": "false",
         **(env or {}),
     }
-    cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
+    cmd = [sys.executable, *launcher, "serve", "--model", str(model), "--index", str(index), "--port", str(port)]
     return start(cmd, port, env, timeout=1800), port
 
 
