@@ -48,7 +48,7 @@ from pathlib import Path
 
 from store.changes import Change
 from store.layout import APPEND_LOCK_NAME, segment_name
-from store.priority import run_when_idle
+from store.priority import run_in_background, run_when_idle
 from store.wal import FRAME, LogCorrupt, decode
 
 log = logging.getLogger(__name__)
@@ -232,15 +232,17 @@ class Follower:
     (measured, 10^6 HNSW32, 2 workers under 16 writing clients: a checkpoint's catch-up waited
     2.4 s for 0.46 s of work while an idle-priority follower sat on the lock). Hence two threads: a
     scout that runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`),
-    every ``interval`` seconds and then step after step while there is more, and an applier at
-    normal priority that applies ``FOLLOW_STEP`` records a modality per step when the scout asks.
+    every ``interval`` seconds and then step after step while there is more, and an applier at nice
+    10 (:func:`store.priority.run_in_background`: it yields to a waking request, yet a lock it holds
+    is soon released) that applies ``FOLLOW_STEP`` records a modality per step when the scout asks.
     A busy machine stops the scout, so the applier stops after its step, never inside one. A read
-    never misses a change for either: it applies what is still missing itself. The price, on 2
-    cores: steps at normal priority lengthen a lone client's tail between checkpoints (one client
-    upserting through 2 workers at 10^6 HNSW32: p99 6.0 ms, 4.2 ms with a follower at SCHED_IDLE),
-    while a follower at SCHED_IDLE, even one holding the lock for a single record at a time, falls
-    6,700-8,300 changes behind under 16 writing clients, and the next checkpoint then applies them at
-    normal priority (0.5-0.8 s of CPU against at most 0.15 s here)."""
+    never misses a change for either: it applies what is still missing itself.
+
+    Measured on 2 cores, one client upserting through 2 workers at 10^6 HNSW32, p99 between
+    checkpoints: 4.3 ms with the applier at nice 10, 5.7-6.0 ms at nice 0, 4.2 ms with a single
+    follower at SCHED_IDLE (one worker: 3.0-3.4 ms). A follower at SCHED_IDLE, even one holding the
+    lock for a single record at a time, falls 6,700-8,300 changes behind under 16 writing clients,
+    which the next checkpoint then applies at normal priority (0.5-0.8 s of CPU)."""
 
     def __init__(self, catch_up: Callable[[int], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
         self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval  # catch_up(most) -> records applied
@@ -273,6 +275,7 @@ class Follower:
                     return
 
     def _apply(self) -> None:
+        run_in_background()
         while self._asks.get() is not None:
             try:
                 applied = self._catch_up(FOLLOW_STEP)
