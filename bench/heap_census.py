@@ -26,8 +26,11 @@ GC_HEADER = 16  # bytes before a GC-tracked object's address (CPython 3.11-3.13,
 
 def describe(thing: object) -> str:
     kind = type(thing)
-    if kind is types.FunctionType or isinstance(thing, type):
-        return f"{'function' if kind is types.FunctionType else 'class'} {thing.__module__}.{thing.__qualname__}"
+    if kind is types.FunctionType or issubclass(kind, type):  # type(), not isinstance(): a proxy's __class__ may lie
+        try:
+            return f"{'function' if kind is types.FunctionType else 'class'} {thing.__module__}.{thing.__qualname__}"
+        except Exception:  # an extension class without a readable name
+            pass
     return "code" if kind is types.CodeType else kind.__name__
 
 
