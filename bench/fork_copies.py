@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,26 +123,32 @@ def copied_pages(primary: int, worker: int) -> tuple[int, collections.Counter, c
     return pages, by_mapping, kinds
 
 
+def common_pages(pids: list[int]) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(address, each process's frame) of every present page mapped at the same address in all of
+    ``pids``: what the fork shared."""
+    common = set(mappings(pids[0]))
+    for pid in pids[1:]:
+        common &= set(mappings(pid))
+    for start, end in common:
+        for i, page in enumerate(zip(*(frames(pid, start, end) for pid in pids))):
+            if None not in page:
+                yield start + i * PAGE, page
+
+
 def copy_owners(primary: int, workers: list[int]) -> collections.Counter:
     """Pages mapped at the same address in the primary and every worker (what the fork shared), by
     which processes no longer share their frame with the others: e.g. "primary" means both workers
     still share the page and the primary copied it (2 frames where one process would need 1)."""
     pids = [primary, *workers]
     names = ["primary", *(f"worker {i + 1}" for i in range(len(workers)))]
-    common = set(mappings(primary))
-    for pid in workers:
-        common &= set(mappings(pid))
     owners = collections.Counter()
-    for start, end in common:
-        for page in zip(*(frames(pid, start, end) for pid in pids)):
-            if None in page:
-                continue
-            counts = collections.Counter(page)
-            alone = [name for name, frame in zip(names, page) if counts[frame] == 1]
-            if len(alone) == len(pids):  # the last writer of a page keeps the original: two writers leave three frames, as three do
-                owners[f"every process ({len(pids) - 1} or more of them wrote; {len(pids) - 1} pages more)"] += 1
-            else:
-                owners[" + ".join(alone) if alone else "nobody (still shared)"] += 1
+    for _, page in common_pages(pids):
+        counts = collections.Counter(page)
+        alone = [name for name, frame in zip(names, page) if counts[frame] == 1]
+        if len(alone) == len(pids):  # the last writer of a page keeps the original: two writers leave three frames, as three do
+            owners[f"every process ({len(pids) - 1} or more of them wrote; {len(pids) - 1} pages more)"] += 1
+        else:
+            owners[" + ".join(alone) if alone else "nobody (still shared)"] += 1
     return owners
 
 
@@ -153,27 +160,22 @@ def written_by_package(primary: int, workers: list[int], census: Census) -> tupl
     pymalloc's bookkeeping, free blocks, objects made after the census, libpython's own data)."""
     pids = [primary, *workers]
     memories = [Memory(pid) for pid in pids]
-    common = set(mappings(primary))
-    for pid in workers:
-        common &= set(mappings(pid))
     pages, packages, kinds = 0, collections.Counter(), collections.Counter()
-    for start, end in common:
-        for i, page in enumerate(zip(*(frames(pid, start, end) for pid in pids))):
-            if None in page or len(set(page)) < len(pids):
-                continue
-            address = start + i * PAGE
-            copies = [memory.read(address, PAGE) for memory in memories]
-            if not all(copies):
-                continue
-            holders = set()
-            for offset in range(0, PAGE, 8):
-                if len({copy[offset : offset + 8] for copy in copies}) > 1:
-                    holder = census.holder(address + offset)
-                    holders.add(holder[2:] if holder else ("", NO_OBJECT))
-            pages += 1
-            for what, package in holders or {("", "(no word differs now)")}:
-                packages[package] += 1 / max(len(holders), 1)
-                kinds[what or package] += 1 / max(len(holders), 1)
+    for address, page in common_pages(pids):
+        if len(set(page)) < len(pids):
+            continue
+        copies = [memory.read(address, PAGE) for memory in memories]
+        if not all(copies):
+            continue
+        holders = set()
+        for offset in range(0, PAGE, 8):
+            if len({copy[offset : offset + 8] for copy in copies}) > 1:
+                holder = census.holder(address + offset)
+                holders.add(holder[2:] if holder else ("", NO_OBJECT))
+        pages += 1
+        for what, package in holders or {("", "(no word differs now)")}:
+            packages[package] += 1 / max(len(holders), 1)
+            kinds[what or package] += 1 / max(len(holders), 1)
     return pages, packages, kinds
 
 
@@ -199,12 +201,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-http-bench"), help="shared with bench/worker_memory.py")
     parser.add_argument("--by-package", action="store_true", help="also say whose objects lie on the pages every process copied (bench/heap_census.py; results in fork_copies_by_package.md)")
     args = parser.parse_args()
-    census_path = Path(tempfile.mkdtemp(prefix="avsearch-census-")) / "census.pickle"
     model = trained_default_model(args.work)
     manifest, _ = load_manifest(model)
     input_dims = {m: int(d) for m, d in manifest["input_dims"].items()}
     index, _ = build_index(model, args.work, int(args.items), "Flat", visual=(int(args.items), "Flat"))
-    launcher = ("-m", "bench.heap_census", str(census_path)) if args.by_package else ("-m", "service")
+    census_path = Path(tempfile.mkdtemp(prefix="avsearch-census-")) / "census.pickle" if args.by_package else None
+    launcher = ("-m", "bench.heap_census", str(census_path)) if census_path else ("-m", "service")
     proc, port = serve(model, index, snapshot_seconds=300, workers=2, launcher=launcher)
     try:
         tree = settled_tree(proc.pid)
@@ -218,10 +220,11 @@ def main() -> None:
         readings[f"after {args.searches} searches"] = {p: private_dirty_mb(p) for p in [primary, *workers]}
         analyses = {w: copied_pages(primary, w) for w in workers}
         owners = copy_owners(primary, workers)
-        by_package = written_by_package(primary, workers, Census(census_path)) if args.by_package else None
+        by_package = written_by_package(primary, workers, Census(census_path)) if census_path else None
     finally:
         stop_tree(proc)
-        shutil.rmtree(census_path.parent, ignore_errors=True)
+        if census_path:
+            shutil.rmtree(census_path.parent, ignore_errors=True)
     lines = [f"# A forked worker's private memory (`python bench/fork_copies.py --items {int(args.items)}{' --by-package' if args.by_package else ''}`)", "",
              f"2 workers, {int(args.items):,} Flat items per modality. Private dirty MB (`smaps_rollup`):", "",
              "| when | primary | " + " | ".join(f"worker {i + 1}" for i in range(len(workers))) + " |", "|---|---:|" + "---:|" * len(workers)]
