@@ -11,7 +11,8 @@ child's image of the process (:mod:`store.forked`: ~0.1 s), or, where that is of
 in memory (:meth:`VectorIndex.frozen`: 0.13-0.25 s at 10^6 HNSW32 items, 5 s at 10^7). It is then
 saved with the whole-directory swap of :mod:`store.persist`, beside ``snapshot.json`` holding the
 last log sequence number it contains and ``api_items.npz`` (the raw features of API-written items,
-:mod:`store.api_items`), and the older segments are deleted. A kill anywhere leaves the previous
+:mod:`store.api_items`; a forked child merges them from the log too, away from the requests), and
+the older segments are deleted. A kill anywhere leaves the previous
 checkpoint and every segment after it, or the new one.
 
 A checkpoint that fails (disk full) loses nothing (the log keeps every change) and is retried after
@@ -23,6 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from index.store import FrozenIndex
@@ -121,7 +124,7 @@ class Checkpointer:
             lsn = shard.last_lsn
             if lsn == shard.checkpoint_lsn:
                 return False
-            frozen = self.copy(modality)
+            frozen = self.copy(modality, extra=partial(self._extra_files, modality, shard.checkpoint_lsn, lsn))
             try:
                 pending_since = shard.start_segment()
             except BaseException:
@@ -129,9 +132,7 @@ class Checkpointer:
                 raise
         try:
             started = time.perf_counter()
-            # The raw features of API-written items follow the checkpoint (a new model re-embeds them).
-            carried = api_items_of(self.index_dir, modality, shard.checkpoint_lsn, lsn)
-            extra = {layout.CHECKPOINT_NAME: layout.checkpoint_card(lsn), layout.API_ITEMS_NAME: carried.to_bytes()}
+            extra = None if isinstance(frozen, ForkedCopy) else self._extra_files(modality, shard.checkpoint_lsn, lsn)  # a forked writer made them
             save_atomically(frozen, self.index_dir / modality, extra=extra)
         except BaseException:
             discard(frozen)
@@ -142,14 +143,22 @@ class Checkpointer:
         log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
         return True
 
-    def copy(self, modality: str, background: bool = True) -> FrozenIndex | ForkedCopy:
+    def _extra_files(self, modality: str, previous: int, lsn: int) -> dict[str, bytes]:
+        """The files beside a checkpoint through ``lsn`` (the last one's was ``previous``): its log
+        position, and the raw features of API-written items, which follow the checkpoint (a new model
+        re-embeds them): the last checkpoint's merged with the changes logged since."""
+        carried = api_items_of(self.index_dir, modality, previous, lsn)
+        return {layout.CHECKPOINT_NAME: layout.checkpoint_card(lsn), layout.API_ITEMS_NAME: carried.to_bytes()}
+
+    def copy(self, modality: str, background: bool = True, extra: Callable[[], dict[str, bytes]] | None = None) -> FrozenIndex | ForkedCopy:
         """The index as it is now, to be saved while commits go on (call it with the modality's
         commits paused and its checkpoint lock held; :func:`discard` it if it will not be saved).
-        ``background``: written at idle priority (a checkpoint; not a snapshot, whose caller waits)."""
+        ``background``: written at idle priority (a checkpoint; not a snapshot, whose caller waits).
+        ``extra``: files a forked copy writes beside the index (a copy in memory does not call it)."""
         index = self.shards[modality].index
         if self.config.fork and CAN_FORK:
             try:
-                return ForkedCopy(index, layout.forked(self.index_dir / modality), self.config.checkpoint_timeout, idle=background)
+                return ForkedCopy(index, layout.forked(self.index_dir / modality), self.config.checkpoint_timeout, idle=background, extra=extra)
             except OSError as err:  # ENOMEM, EAGAIN: the copy in memory still works
                 log.warning("could not fork a snapshot writer for %s (%s); copying the index in memory (commits wait meanwhile)", modality, err)
         return index.frozen()

@@ -6,11 +6,12 @@ HNSW32 items on a 2-core machine. ``fork()`` gives a child the same image at onc
 7 GB process there: only page tables are copied; a page is copied later only if the server writes
 to it), so commits wait only for the fork. The child writes the index directory with
 :meth:`VectorIndex.save` and exits; the parent waits for it outside the pause and takes the
-directory. The child touches nothing but the index and its files (no threads, no OpenMP, no
-logging), for a checkpoint runs only when a core would otherwise idle (requests go first: under a
-load that keeps every core busy the checkpoint waits, and the log grows meanwhile), and dies with
-the server (``PR_SET_PDEATHSIG``), so a killed server leaves only an unfinished directory, which
-:func:`store.persist.recover` deletes.
+directory. The child touches nothing but the index, its files and the extra files it is asked
+for (a checkpoint's log position and API items, merged from the log here rather than on the
+server's GIL); no threads, no OpenMP, no logging. A checkpoint's child runs only when a core would
+otherwise idle (requests go first: under a load that keeps every core busy the checkpoint waits,
+and the log grows meanwhile), and every child dies with the server (``PR_SET_PDEATHSIG``), so a
+killed server leaves only an unfinished directory, which :func:`store.persist.recover` deletes.
 
 Linux only (``fork`` of a threaded process is not safe on macOS); elsewhere, or when the fork
 fails (no memory for the page tables), the checkpoint copies in memory.
@@ -27,8 +28,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from avdata.atomic import atomic_write
 from index.store import VectorIndex
 from store.priority import run_when_idle
 
@@ -40,9 +43,11 @@ CAN_FORK = sys.platform == "linux" and hasattr(os, "fork")
 class ForkedCopy:
     """What ``index.save`` writes, written by a child into ``directory``; :meth:`save` waits for it
     and moves the directory where the caller wants it. Make it while the index cannot change.
-    ``idle``: the child runs only when a core would otherwise idle (a checkpoint: nobody waits for it)."""
+    ``idle``: the child runs only when a core would otherwise idle (a checkpoint: nobody waits for it).
+    ``extra``: files beside the index ({name: bytes}), made by the child from its image too (a
+    checkpoint's log position and API items: merging those took 20-270 ms of the server's GIL per fold)."""
 
-    def __init__(self, index: VectorIndex, directory: Path, timeout: float = 3600.0, idle: bool = False):
+    def __init__(self, index: VectorIndex, directory: Path, timeout: float = 3600.0, idle: bool = False, extra: Callable[[], dict[str, bytes]] | None = None):
         self.directory, self.count, self.timeout = Path(directory), len(index), timeout
         shutil.rmtree(self.directory, ignore_errors=True)
         errors_read, errors_write = os.pipe()
@@ -55,7 +60,7 @@ class ForkedCopy:
             raise
         if self.pid == 0:
             os.close(errors_read)
-            _write_and_exit(index, self.directory, errors_write, parent, idle)
+            _write_and_exit(index, self.directory, errors_write, parent, idle, extra)
         os.close(errors_write)
         self._errors = errors_read
 
@@ -104,7 +109,7 @@ class ForkedCopy:
         return self.count
 
 
-def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: int, idle: bool) -> None:
+def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: int, idle: bool, extra: Callable[[], dict[str, bytes]] | None) -> None:
     code = 1
     try:
         gc.disable()  # a collection could close an inherited file object whose descriptor number is reused below
@@ -119,6 +124,8 @@ def _write_and_exit(index: VectorIndex, directory: Path, errors: int, parent: in
         if idle:  # requests go first: with folds every 3 s, a writer at their priority set the p99 of single writes
             run_when_idle()
         index.save(directory)  # every file fsynced; the parent syncs the directory
+        for name, blob in (extra() if extra else {}).items():
+            atomic_write(directory / name, blob)
         code = 0
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         os.write(errors, f"{type(err).__name__}: {err}".encode()[:4000])

@@ -81,6 +81,7 @@ class Shard:
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._leading = False
+        self._turns_waiting = 0  # _take_turn callers waiting: no new group starts before them
         self._on_commit: Callable[[], None] = lambda: None  # the checkpointer's nudge
         self.events = StoreEvents()
         self.shared: SharedLog | None = None  # the log other processes append to too (store.sharedlog)
@@ -289,7 +290,7 @@ class Shard:
         pending = _Pending(change)
         with self._cond:
             self._queue.append(pending)
-            while not pending.done and self._leading:
+            while not pending.done and (self._leading or self._turns_waiting):
                 self._cond.wait()
             if not pending.done:  # no commit under way: lead one with everything queued (ours included)
                 self._leading = True
@@ -309,10 +310,7 @@ class Shard:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Hold off commits (none is half-done inside), in every process: the log's end is then ``last_lsn``, and the index is at it."""
-        with self._cond:
-            while self._leading:
-                self._cond.wait()
-            self._leading = True
+        self._take_turn()
         try:
             if self.shared is None:
                 yield
@@ -325,6 +323,20 @@ class Shard:
             with self._cond:
                 self._leading = False
                 self._cond.notify_all()
+
+    def _take_turn(self) -> None:
+        """Wait for the group commit under way, not for those queued behind it (they wait for the
+        caller, who ends the turn as a leader does): under writes that never stopped, each group's end
+        handed the turn to a queued commit, and a fold waited seconds for one."""
+        with self._cond:
+            self._turns_waiting += 1
+            try:
+                while self._leading:
+                    self._cond.wait()
+            finally:
+                self._turns_waiting -= 1
+                self._cond.notify_all()  # interrupted, it took no turn: the commits queued behind it go on
+            self._leading = True
 
     def _commit_group(self, group: list[_Pending]) -> None:
         holding = False  # shared.applying, from the catch-up before the check to the apply
@@ -444,10 +456,7 @@ class Shard:
         return self.wal.bytes_since_rotation
 
     def close(self) -> None:
-        with self._cond:  # no commit half-done (not paused(): that would apply what others logged)
-            while self._leading:
-                self._cond.wait()
-            self._leading = True
+        self._take_turn()  # no commit half-done (not paused(): that would apply what others logged)
         self.wal.close()
         if self.shared is not None:
             self.shared.close()
