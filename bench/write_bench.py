@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -96,9 +98,10 @@ def delete_request(item_id: str) -> bytes:
     return f"DELETE /v1/items/audio/{item_id} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
-async def run_requests(port: int, requests: list[bytes], clients: int, duration: float) -> dict:
-    """Closed loop: each client sends the next unused request when its previous answer arrived."""
-    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+async def run_requests(port: int, requests: list[bytes], clients: int, duration: float, processes: int = 1) -> dict:
+    """Closed loop: each client sends the next unused request when its previous answer arrived.
+    ``processes`` > 1: the connections are spread evenly over that many server processes."""
+    connections = await even_connections(port, clients, processes) if processes > 1 else [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     position = 0
@@ -121,6 +124,30 @@ async def run_requests(port: int, requests: list[bytes], clients: int, duration:
     for _, writer in connections:
         writer.close()
     return {"clients": clients, "seconds": round(elapsed, 3), **latency_summary(latencies, len(latencies) - statuses.get(200, 0), elapsed)}
+
+
+async def even_connections(port: int, clients: int, processes: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``clients`` keep-alive connections, ``clients / processes`` held by each server process (the
+    kernel's SO_REUSEPORT hash picks one per connection; ``ss`` says which): a diagnostic that takes
+    the uneven split out of a multi-worker figure (bench/connection_split.py)."""
+    share = -(-clients // processes)
+    held: collections.Counter[str] = collections.Counter()
+    kept = []
+    for _ in range(clients * 50):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await read_response(reader)  # accepted: a worker holds it
+        local = writer.get_extra_info("sockname")[1]
+        table = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} and dport = :{local} )"], capture_output=True, text=True, check=True).stdout
+        pid = re.search(r"pid=(\d+)", table).group(1)
+        if held[pid] < share:
+            held[pid] += 1
+            kept.append((reader, writer))
+            if len(kept) == clients:
+                return kept
+        else:
+            writer.close()
+    raise RuntimeError(f"could not spread {clients} connections evenly over {processes} processes")
 
 
 def latency_summary(latencies: list[float], errors: int, elapsed: float) -> dict:

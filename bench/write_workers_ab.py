@@ -6,6 +6,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --items 1e5 --trials 2  # a quick look
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
     python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
+    python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -49,7 +50,7 @@ COUNTS = (1, 2)
 NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
 
 
-def trial(port: int, tag: str, seconds: float) -> dict:
+def trial(port: int, tag: str, seconds: float, processes: int = 1) -> dict:
     """write_bench's four phases on one server: {"upsert_1": summary, ...}."""
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     ids = [f"{tag}-{i}" for i in range(int(4000 * seconds))]  # more than two phases of upserts take here
@@ -57,11 +58,11 @@ def trial(port: int, tag: str, seconds: float) -> dict:
     out, written = {}, 0
     for op, clients in PHASES:
         if op == "upsert":
-            result = asyncio.run(run_requests(port, upserts[written:], clients, seconds))
+            result = asyncio.run(run_requests(port, upserts[written:], clients, seconds, processes))
             written += result["requests"]
         else:  # the first two thirds of what was written for 16 clients, the rest for 1 (deletes run faster than upserts)
             share = ids[: written * 2 // 3] if clients > 1 else ids[written * 2 // 3 : written]
-            result = asyncio.run(run_requests(port, [delete_request(i) for i in share], clients, seconds))
+            result = asyncio.run(run_requests(port, [delete_request(i) for i in share], clients, seconds, processes))
         out[f"{op}_{clients}"] = result
     return out
 
@@ -106,7 +107,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
-                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds))
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, workers if args.even_connections else 1))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
                 waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=1.0, help="seconds after each server's turn, once its last fold is written")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--no-folds", action="store_true", help="no checkpoint on either server during the run: what the folds add to the figures (the trials then do not wait for one)")
+    parser.add_argument("--even-connections", action="store_true", help="each worker holds the same number of the clients' connections (chosen by reconnecting; the kernel's hash splits them unevenly, bench/connection_split.py): what the uneven split adds to the 16-client figures")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
