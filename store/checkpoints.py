@@ -120,7 +120,9 @@ class Checkpointer:
 
     def _write(self, modality: str, shard: Shard) -> bool:
         """Whether a checkpoint was written (not when the last one holds every change already)."""
+        asked = time.perf_counter()
         with shard.paused():  # no commit half-done: the index is exactly at last_lsn
+            paused = time.perf_counter()
             lsn = shard.last_lsn
             if lsn == shard.checkpoint_lsn:
                 return False
@@ -130,8 +132,8 @@ class Checkpointer:
             except BaseException:
                 discard(frozen)
                 raise
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             extra = None if isinstance(frozen, ForkedCopy) else self._extra_files(modality, shard.checkpoint_lsn, lsn)  # a forked writer made them
             save_atomically(frozen, self.index_dir / modality, extra=extra)
         except BaseException:
@@ -140,7 +142,10 @@ class Checkpointer:
             raise
         shard.checkpointed(lsn)
         self.checkpoint_size[modality] = _directory_bytes(self.index_dir / modality)
-        log.info("%s: snapshot at change %d (%d items) in %.2f s; log truncated", modality, lsn, len(frozen), time.perf_counter() - started)
+        log.info(
+            "%s: snapshot at change %d (%d items) in %.2f s; log truncated (commits held %.0f ms, after %.0f ms to pause them)",
+            modality, lsn, len(frozen), time.perf_counter() - started, 1000 * (started - paused), 1000 * (paused - asked),
+        )
         return True
 
     def _extra_files(self, modality: str, previous: int, lsn: int) -> dict[str, bytes]:
