@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avdata.atomic import atomic_file, atomic_write  # the one temp-file + fsync + rename helper (mode from the umask)
+from avdata.atomic import FlushBehind, atomic_file, atomic_write  # the one temp-file + fsync + rename helper (mode from the umask)
 from index.exact import top_k_inner_product
 from index.flat import FlatViews
 from index.items import FORMAT as ITEMS_FORMAT
@@ -501,11 +501,11 @@ def _write_files(directory: str | Path, write_index, write_items, info: dict) ->
     directory.mkdir(parents=True, exist_ok=True)
     checksums = {}
     with atomic_file(directory / INDEX_NAME) as f:
-        stream = _Hashing(f)
+        stream = _Hashing(FlushBehind(f))
         write_index(stream.write)  # always the CPU index
         checksums[INDEX_NAME] = stream.hexdigest()
     with atomic_file(directory / ITEMS_NAME) as f:
-        stream = _Hashing(f)
+        stream = _Hashing(FlushBehind(f))
         write_items(stream)
         checksums[ITEMS_NAME] = stream.hexdigest()
     info = {**info, "search_device": "cpu", "items_format": ITEMS_FORMAT, "sha256": checksums}

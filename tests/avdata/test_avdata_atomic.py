@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 
-from avdata.atomic import atomic_file, atomic_write, current_umask
+from avdata import atomic
+from avdata.atomic import FlushBehind, atomic_file, atomic_write, current_umask
 from avdata.features import save_directory
 from avdata.synthetic import SyntheticConfig, generate
 
@@ -60,3 +62,32 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
             f.write(b"new, half written")
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["keep.npy"]
+
+
+def test_flush_behind_starts_each_chunk_and_waits_for_the_one_before(tmp_path, monkeypatch):
+    """A streamed file's writeback runs behind its writes, two chunks at most, and its bytes are the same."""
+    calls = []
+    monkeypatch.setattr(atomic, "_sync_range", lambda fd, offset, length, flags: calls.append((offset, length, flags)))
+    data = os.urandom(10_000)
+    with atomic_file(tmp_path / "big.bin") as f:
+        stream = FlushBehind(f, chunk=1000)
+        for start in range(0, len(data), 300):
+            assert stream.write(data[start : start + 300]) == len(data[start : start + 300])
+    assert (tmp_path / "big.bin").read_bytes() == data
+    started = [(offset, length) for offset, length, flags in calls if flags == atomic._WRITE]
+    waited = [(offset, length) for offset, length, flags in calls if flags == atomic._WAIT_BEFORE | atomic._WRITE | atomic._WAIT_AFTER]
+    assert [offset for offset, _ in started] == [0] + [sum(length for _, length in started[:i]) for i in range(1, len(started))]  # back to back
+    assert all(length >= 1000 for _, length in started) and sum(length for _, length in started) > len(data) - 1000
+    assert waited == started[:-1]  # each chunk on disk before the one after it starts
+    assert [c[:2] for c in calls] == [started[0]] + [r for pair in zip(started[1:], waited) for r in pair]  # ...in that order
+
+
+def test_flush_behind_uses_the_real_call_on_linux(tmp_path):
+    if sys.platform.startswith("linux"):
+        assert atomic._libc_sync_file_range is not None
+    data = os.urandom(3 << 20)
+    with atomic_file(tmp_path / "big.bin") as f:
+        stream = FlushBehind(f, chunk=256 << 10)
+        for start in range(0, len(data), 100_000):
+            stream.write(data[start : start + 100_000])
+    assert (tmp_path / "big.bin").read_bytes() == data
