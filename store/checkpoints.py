@@ -126,7 +126,7 @@ class Checkpointer:
             lsn = shard.last_lsn
             if lsn == shard.checkpoint_lsn:
                 return False
-            frozen = self.copy(modality, extra=partial(self._extra_files, modality, shard.checkpoint_lsn, lsn))
+            frozen = self.copy(modality, extra=partial(self.files_beside, modality, shard.checkpoint_lsn, lsn))
             try:
                 pending_since = shard.start_segment()
             except BaseException:
@@ -134,7 +134,7 @@ class Checkpointer:
                 raise
         started = time.perf_counter()
         try:
-            extra = None if isinstance(frozen, ForkedCopy) else self._extra_files(modality, shard.checkpoint_lsn, lsn)  # a forked writer made them
+            extra = None if isinstance(frozen, ForkedCopy) else self.files_beside(modality, shard.checkpoint_lsn, lsn)  # a forked writer made them
             save_atomically(frozen, self.index_dir / modality, extra=extra)
         except BaseException:
             discard(frozen)
@@ -148,7 +148,7 @@ class Checkpointer:
         )
         return True
 
-    def _extra_files(self, modality: str, previous: int, lsn: int) -> dict[str, bytes]:
+    def files_beside(self, modality: str, previous: int, lsn: int) -> dict[str, bytes]:
         """The files beside a checkpoint through ``lsn`` (the last one's was ``previous``): its log
         position, and the raw features of API-written items, which follow the checkpoint (a new model
         re-embeds them): the last checkpoint's merged with the changes logged since."""

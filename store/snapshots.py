@@ -28,7 +28,6 @@ from avdata.atomic import current_umask, fsync_dir
 from index.embedder import MODALITIES
 from index.store import IndexLoadError, VectorIndex
 from store import layout
-from store.api_items import api_items_of
 from store.checkpoints import discard
 from store.dirlock import ExclusiveLock
 from store.errors import SnapshotError, SnapshotNotFound
@@ -81,15 +80,15 @@ def create_snapshot(collection, directory: Path) -> dict:
                 for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint, at the server's priority: the caller waits
                     copies[modality] = checkpointer.copy(modality, background=False)
                 lsns = {m: shards[m].last_lsn for m in MODALITIES}
-            carried = {m: api_items_of(collection.index_dir, m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
+            beside = {m: checkpointer.files_beside(m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
             for modality, index in copies.items():  # a forked writer writes beside the live index: keep checkpoints off until it is moved out
                 index.save(root / modality)
         created = time.time()
         name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{collection.version}"
         card = {"model": collection.version, "model_sha256": collection.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
         for modality in MODALITIES:
-            (root / modality / layout.CHECKPOINT_NAME).write_bytes(layout.checkpoint_card(lsns[modality]))
-            (root / modality / layout.API_ITEMS_NAME).write_bytes(carried[modality].to_bytes())
+            for file_name, blob in beside[modality].items():  # what a checkpoint holds beside its index
+                (root / modality / file_name).write_bytes(blob)
         (root / CARD_NAME).write_text(json.dumps(card, indent=2))
         partial = root / "snapshot.tar"
         with tarfile.open(partial, "w") as tar:
