@@ -3,7 +3,8 @@
 A snapshot file is ``<name>.tar`` in the snapshot directory: ``audio/`` and ``visual/`` (each an
 index directory with its ``snapshot.json``) and ``avsearch-snapshot.json`` (model, time, the log
 sequence number and item count of each modality). It is taken with both modalities' commits held
-off for the in-memory copy only, so it is one point in time across both, and every change
+off for the copy only (a forked writer's, which also merges the API items beside the index, as a
+checkpoint's does; or a copy in memory), so it is one point in time across both, and every change
 acknowledged before the request is in it.
 
 ``restore`` checks the file (member names, both indexes load, built from the configured model),
@@ -22,6 +23,7 @@ import tarfile
 import tempfile
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from avdata.atomic import current_umask, fsync_dir
@@ -31,6 +33,7 @@ from store import layout
 from store.checkpoints import discard
 from store.dirlock import ExclusiveLock
 from store.errors import SnapshotError, SnapshotNotFound
+from store.forked import ForkedCopy
 from store.layout import CARD_NAME
 from store.persist import swap_into_place
 
@@ -77,28 +80,28 @@ def create_snapshot(collection, directory: Path) -> dict:
                 for modality in MODALITIES:
                     paused.enter_context(shards[modality].paused())
                     shards[modality].check_applied()  # an index without an answered change must not be saved
-                for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint, at the server's priority: the caller waits
-                    copies[modality] = checkpointer.copy(modality, background=False)
                 lsns = {m: shards[m].last_lsn for m in MODALITIES}
-            beside = {m: checkpointer.files_beside(m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
+                beside = {m: partial(checkpointer.files_beside, m, shards[m].checkpoint_lsn, lsns[m]) for m in MODALITIES}
+                for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint, at the server's priority: the caller waits
+                    copies[modality] = checkpointer.copy(modality, background=False, extra=beside[modality])
             for modality, index in copies.items():  # a forked writer writes beside the live index: keep checkpoints off until it is moved out
-                index.save(root / modality)
+                index.save(root / modality)  # a forked writer's directory holds the files beside the index too
+                if not isinstance(index, ForkedCopy):  # a copy in memory: they are merged here
+                    for file_name, blob in beside[modality]().items():
+                        (root / modality / file_name).write_bytes(blob)
         created = time.time()
         name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{collection.version}"
         card = {"model": collection.version, "model_sha256": collection.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
-        for modality in MODALITIES:
-            for file_name, blob in beside[modality].items():  # what a checkpoint holds beside its index
-                (root / modality / file_name).write_bytes(blob)
         (root / CARD_NAME).write_text(json.dumps(card, indent=2))
-        partial = root / "snapshot.tar"
-        with tarfile.open(partial, "w") as tar:
+        archive = root / "snapshot.tar"
+        with tarfile.open(archive, "w") as tar:
             tar.add(root / CARD_NAME, CARD_NAME)
             for modality in MODALITIES:
                 tar.add(root / modality, modality)
-        with open(partial, "rb+") as f:
+        with open(archive, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(partial, 0o666 & ~current_umask())
-        os.replace(partial, directory / f"{name}.tar")
+        os.chmod(archive, 0o666 & ~current_umask())
+        os.replace(archive, directory / f"{name}.tar")
         fsync_dir(directory)  # answered 201: the new name must survive a power cut too
     finally:
         for copy in copies.values():

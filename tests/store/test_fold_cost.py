@@ -3,11 +3,13 @@ group commit under way, and no longer: commits queued behind it wait for the pau
 writes that never stop, each group's end handed the turn to a queued commit, and the fold waited on
 (measured, 10^6 HNSW32, 16 clients deleting: up to 3.8 s, while the log grew past the fold's
 schedule). The checkpoint's API items (the last file merged with the changes logged since: 20-270
-ms a fold with a few thousand of them) are merged by the forked writer, off the server's GIL."""
+ms a fold with a few thousand of them) are merged by the forked writer, off the server's GIL; a
+snapshot archive's too."""
 
 from __future__ import annotations
 
 import os
+import tarfile
 import threading
 import time
 
@@ -18,6 +20,7 @@ import store.checkpoints
 from store.api_items import ApiItems
 from store.collection import Collection
 from store.config import StoreConfig
+from store.layout import API_ITEMS_NAME
 from store.wal import WriteAheadLog
 from tests.service.conftest import copy_index
 
@@ -74,8 +77,16 @@ def test_a_pause_goes_before_commits_queued_behind_it(tiny, tmp_path, features, 
         collection.close()
 
 
+def _archived_api_items(snapshots, modality: str) -> ApiItems:
+    (archive,) = snapshots.glob("*.tar")
+    with tarfile.open(archive) as tar:
+        tar.extract(f"{modality}/{API_ITEMS_NAME}", snapshots / "unpacked", filter="data")
+    return ApiItems.load(snapshots / "unpacked" / modality)
+
+
 @pytest.mark.parametrize("fork", [True, False], ids=["forked-writer", "copy-in-memory"])
-def test_the_forked_writer_merges_the_api_items_not_the_server(tiny, tmp_path, features, monkeypatch, fork):
+@pytest.mark.parametrize("written_by", ["fold", "snapshot-archive"])
+def test_the_forked_writer_merges_the_api_items_not_the_server(tiny, tmp_path, features, monkeypatch, fork, written_by):
     merged_by = tmp_path / "merged-by"
     real_api_items_of = store.checkpoints.api_items_of
 
@@ -89,10 +100,13 @@ def test_the_forked_writer_merges_the_api_items_not_the_server(tiny, tmp_path, f
     try:
         collection.upsert("visual", features.visual[:1] + 0.5, ["api-item"], [{"by": "api"}])
         collection.delete("visual", features.ids[2])
-        collection.checkpointer.checkpoint("visual")
+        if written_by == "fold":
+            collection.checkpointer.checkpoint("visual")
+        else:
+            collection.snapshot(tmp_path / "snapshots")
     finally:
         collection.close()
     assert (int(merged_by.read_text()) != os.getpid()) == fork  # forked: the child's pid
-    folded = ApiItems.load(index_dir / "visual")
+    folded = ApiItems.load(index_dir / "visual") if written_by == "fold" else _archived_api_items(tmp_path / "snapshots", "visual")
     assert folded.metadata == {"api-item": {"by": "api"}} and folded.deleted == {features.ids[2]}
     np.testing.assert_array_equal(folded.features["api-item"], (features.visual[0] + 0.5).astype(np.float32))
