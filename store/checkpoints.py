@@ -28,6 +28,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from avdata.atomic import atomic_write
 from index.store import FrozenIndex
 from store import layout
 from store.api_items import api_items_of
@@ -134,8 +135,7 @@ class Checkpointer:
                 raise
         started = time.perf_counter()
         try:
-            extra = None if isinstance(frozen, ForkedCopy) else self.files_beside(modality, shard.checkpoint_lsn, lsn)  # a forked writer made them
-            save_atomically(frozen, self.index_dir / modality, extra=extra)
+            save_atomically(frozen, self.index_dir / modality)
         except BaseException:
             discard(frozen)
             shard.checkpoint_failed(pending_since)
@@ -155,21 +155,38 @@ class Checkpointer:
         carried = api_items_of(self.index_dir, modality, previous, lsn)
         return {layout.CHECKPOINT_NAME: layout.checkpoint_card(lsn), layout.API_ITEMS_NAME: carried.to_bytes()}
 
-    def copy(self, modality: str, background: bool = True, extra: Callable[[], dict[str, bytes]] | None = None) -> FrozenIndex | ForkedCopy:
+    def copy(self, modality: str, background: bool = True, extra: Callable[[], dict[str, bytes]] | None = None) -> CopyInMemory | ForkedCopy:
         """The index as it is now, to be saved while commits go on (call it with the modality's
         commits paused and its checkpoint lock held; :func:`discard` it if it will not be saved).
         ``background``: written at idle priority (a checkpoint; not a snapshot, whose caller waits).
-        ``extra``: files a forked copy writes beside the index (a copy in memory does not call it)."""
+        ``extra``: files its save writes beside the index (a forked writer makes them in its child)."""
         index = self.shards[modality].index
         if self.config.fork and CAN_FORK:
             try:
                 return ForkedCopy(index, layout.forked(self.index_dir / modality), self.config.checkpoint_timeout, idle=background, extra=extra)
             except OSError as err:  # ENOMEM, EAGAIN: the copy in memory still works
                 log.warning("could not fork a snapshot writer for %s (%s); copying the index in memory (commits wait meanwhile)", modality, err)
-        return index.frozen()
+        return CopyInMemory(index.frozen(), extra)
 
 
-def discard(copy: FrozenIndex | ForkedCopy) -> None:
+class CopyInMemory:
+    """A copy of the index in memory (:meth:`VectorIndex.frozen`) that writes the ``extra`` files
+    beside it when saved, as a forked writer does: made then, in this process."""
+
+    def __init__(self, frozen: FrozenIndex, extra: Callable[[], dict[str, bytes]] | None):
+        self.frozen, self.extra = frozen, extra
+
+    def save(self, directory: Path) -> Path:
+        self.frozen.save(directory)
+        for name, blob in (self.extra() if self.extra else {}).items():
+            atomic_write(Path(directory) / name, blob)
+        return Path(directory)
+
+    def __len__(self) -> int:
+        return len(self.frozen)
+
+
+def discard(copy: CopyInMemory | ForkedCopy) -> None:
     """Stop a forked writer whose copy will not be saved (a no-op after its save, or for a copy in memory)."""
     if isinstance(copy, ForkedCopy):
         copy.discard()

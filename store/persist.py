@@ -18,12 +18,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
-from avdata.atomic import atomic_write, fsync_dir
-from index.store import FrozenIndex, VectorIndex
+from avdata.atomic import fsync_dir
+from index.store import VectorIndex
 from store import layout
 
 log = logging.getLogger(__name__)
+
+
+class Saveable(Protocol):
+    """An index, or a checkpoint's copy of one (which writes the files beside it too)."""
+
+    def save(self, directory: Path) -> Path: ...
 
 
 def swap_into_place(staged: Path, directory: Path) -> None:
@@ -44,16 +51,14 @@ def swap_into_place(staged: Path, directory: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_atomically(index: VectorIndex | FrozenIndex, directory: Path, extra: dict[str, bytes] | None = None) -> None:
-    """Save ``index`` (and ``extra`` files beside its own, such as the checkpoint's log position) as one swap."""
+def save_atomically(index: Saveable, directory: Path) -> None:
+    """Save ``index`` as one swap."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = layout.staging(directory)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         index.save(staging)  # every file fsynced
-        for name, blob in (extra or {}).items():
-            atomic_write(staging / name, blob)
         fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a partial copy on a full disk keeps it full

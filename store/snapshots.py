@@ -33,7 +33,6 @@ from store import layout
 from store.checkpoints import discard
 from store.dirlock import ExclusiveLock
 from store.errors import SnapshotError, SnapshotNotFound
-from store.forked import ForkedCopy
 from store.layout import CARD_NAME
 from store.persist import swap_into_place
 
@@ -85,10 +84,7 @@ def create_snapshot(collection, directory: Path) -> dict:
                 for modality in MODALITIES:  # forked writers (or copies in memory), as for a checkpoint, at the server's priority: the caller waits
                     copies[modality] = checkpointer.copy(modality, background=False, extra=beside[modality])
             for modality, index in copies.items():  # a forked writer writes beside the live index: keep checkpoints off until it is moved out
-                index.save(root / modality)  # a forked writer's directory holds the files beside the index too
-                if not isinstance(index, ForkedCopy):  # a copy in memory: they are merged here
-                    for file_name, blob in beside[modality]().items():
-                        (root / modality / file_name).write_bytes(blob)
+                index.save(root / modality)  # with the files beside it (the log position, the API items)
         created = time.time()
         name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created)) + f"{created % 1:.6f}"[1:].replace(".", "-") + f"-{collection.version}"
         card = {"model": collection.version, "model_sha256": collection.embedder.manifest_hash, "created": round(created, 3), "lsn": lsns, "items": {m: len(c) for m, c in copies.items()}}
