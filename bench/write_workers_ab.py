@@ -7,6 +7,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
     python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
+    python bench/write_workers_ab.py --factories HNSW32 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -50,8 +51,9 @@ COUNTS = (1, 2)
 NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
 
 
-def trial(port: int, tag: str, seconds: float, processes: int = 1) -> dict:
-    """write_bench's four phases on one server: {"upsert_1": summary, ...}."""
+def trial(port: int, tag: str, seconds: float, processes: int = 1, settle: float = 0.0) -> dict:
+    """write_bench's four phases on one server: {"upsert_1": summary, ...}; ``settle`` seconds
+    of nothing before the one-client deletes (the 16-client deletes' backlog applied meanwhile)."""
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     ids = [f"{tag}-{i}" for i in range(int(4000 * seconds))]  # more than two phases of upserts take here
     upserts = [upsert_request([i], rng) for i in ids]
@@ -62,6 +64,8 @@ def trial(port: int, tag: str, seconds: float, processes: int = 1) -> dict:
             written += result["requests"]
         else:  # the first two thirds of what was written for 16 clients, the rest for 1 (deletes run faster than upserts)
             share = ids[: written * 2 // 3] if clients > 1 else ids[written * 2 // 3 : written]
+            if clients == 1:
+                time.sleep(settle)
             result = asyncio.run(run_requests(port, [delete_request(i) for i in share], clients, seconds, processes))
         out[f"{op}_{clients}"] = result
     return out
@@ -107,7 +111,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
-                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, workers if args.even_connections else 1))
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, workers if args.even_connections else 1, args.settle))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
                 waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
@@ -126,7 +130,8 @@ def write_results(out: dict, name: str) -> None:
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
         f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
-        f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s. Each figure is the median over the trials (every trial in the JSON). "
+        f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s"
+        f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
         "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
     ]
@@ -148,6 +153,7 @@ def main() -> None:
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--no-folds", action="store_true", help="no checkpoint on either server during the run: what the folds add to the figures (the trials then do not wait for one)")
     parser.add_argument("--even-connections", action="store_true", help="each worker holds the same number of the clients' connections (chosen by reconnecting; the kernel's hash splits them unevenly, bench/connection_split.py): what the uneven split adds to the 16-client figures")
+    parser.add_argument("--settle", type=float, default=0.0, help="seconds of no requests between the 16-client and the one-client deletes: with 2 workers the other processes apply the 16-client phase's backlog then, rather than during the one-client phase")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
@@ -163,6 +169,7 @@ def main() -> None:
         "snapshot_seconds": args.snapshot_seconds,
         "follow_seconds": args.follow_seconds,
         "no_folds": args.no_folds,
+        "settle": args.settle,
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
