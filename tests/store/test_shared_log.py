@@ -373,11 +373,11 @@ def test_a_group_whose_fsync_fails_is_reported_unconfirmed_and_every_process_sti
         other.stop()
 
 
-def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_scout_asks_for():
+def test_the_background_follower_applies_at_nice_10_in_steps_while_there_is_more():
     """Whoever applies holds the apply lock that reads and checkpoints wait for, so it must never be
-    starved (store.sharedlog.Follower says why): the applier runs at nice 10 (SCHED_OTHER), FOLLOW_STEP
-    records at a time, each step asked for by a scout that runs only when a core would otherwise
-    idle (SCHED_IDLE, not nice 19), step after step while there is more."""
+    starved, and it keeps up with a burst of writes rather than leaving it for later
+    (store.sharedlog.Follower says why): it runs at nice 10 (SCHED_OTHER, not SCHED_IDLE),
+    FOLLOW_STEP records at a time, step after step while there is more."""
     calls, done, backlog = [], threading.Event(), [3 * FOLLOW_STEP + 2]
 
     def catch_up(most: int) -> int:
@@ -391,16 +391,14 @@ def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_sc
     follower = Follower(catch_up, lambda err: None, interval=0.01).start()
     try:
         assert done.wait(5)
-        scout = os.sched_getscheduler(follower._scout.native_id)
     finally:
         follower.stop()
-    assert scout == os.SCHED_IDLE
     nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))  # nice 10, or the test's own if lower still
-    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # 26 records: four steps, none at idle priority
+    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # 26 records: four steps
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
 
 
-def test_a_follower_that_fails_to_apply_says_so_once_and_both_its_threads_end():
+def test_a_follower_that_fails_to_apply_says_so_once_and_its_thread_ends():
     failures = []
 
     def catch_up(most: int) -> int:
@@ -412,4 +410,4 @@ def test_a_follower_that_fails_to_apply_says_so_once_and_both_its_threads_end():
         time.sleep(0.01)
     follower.stop()
     assert [type(f) for f in failures] == [LogCorrupt]
-    assert not follower._scout.is_alive() and not follower._applier.is_alive()
+    assert not follower._thread.is_alive()
