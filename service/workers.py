@@ -108,7 +108,7 @@ class Primary:
             shard.share(state, gate)
         if self._follower is not None:
             self._follower.stop()
-        self._follower = Follower(collection.catch_up, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged, and run() stops the server
+        self._follower = Follower(collection.catch_up, collection.behind, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged, and run() stops the server
 
     def _set_gates(self, collection: Collection, gate: int) -> None:
         for shard in collection.shards.values():
@@ -431,7 +431,7 @@ def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplat
         server = WorkerServer(replica, template.config)
         replica.on_close = lambda: setattr(server, "should_exit", True)  # no primary: no swaps; the supervisor is gone
         replica.on_retire = server.retire
-        Follower(template.collection.catch_up, lambda err: setattr(server, "should_exit", True), settings.follow_seconds).start()  # this worker no longer matches the log: a fresh fork replaces it
+        Follower(template.collection.catch_up, template.collection.behind, lambda err: setattr(server, "should_exit", True), settings.follow_seconds).start()  # this worker no longer matches the log: a fresh fork replaces it
         gc.freeze()
         server.run(sockets=[sock])
         code = 0

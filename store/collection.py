@@ -200,6 +200,10 @@ class Collection:
         records a modality (a no-op alone). Returns how many were applied."""
         return sum(shard.catch_up(most) for shard in self.shards.values())
 
+    def behind(self) -> int:
+        """With worker processes: the most changes a modality's index lacks (0 alone)."""
+        return max((shard.behind() for shard in self.shards.values()), default=0)
+
     def failure(self) -> str | None:
         """With worker processes: why a modality's index no longer matches its log (a change another
         process logged did not read back or apply), or None. Such an index is neither saved nor served."""

@@ -27,8 +27,8 @@ def run_in_background() -> None:
     """From now on the calling thread runs at nice 10 (or its own, if lower still): a request's
     thread at nice 0 that wakes takes the core from it far sooner than from an equal, yet on a
     saturated machine it keeps some 10 % of a core (SCHED_IDLE: ~0.3 %), so a lock it holds is soon
-    released. For background work that holds a lock a request may wait for (the log follower);
-    never lower than the thread's nice, which would need a privilege."""
+    released. For background work that holds a lock a request may wait for (the log follower's
+    applier); never lower than the thread's nice, which would need a privilege."""
     try:
         me = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, me, max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, me)))

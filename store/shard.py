@@ -182,6 +182,10 @@ class Shard:
         with self.shared.lock.held():
             self.shared.state.set(self.modality, "gate", gate)
 
+    def behind(self) -> int:
+        """How many changes other processes published that this index lacks (0 alone)."""
+        return 0 if self.shared is None else self.shared.lsn - self.last_lsn
+
     def catch_up(self, most: int | None = None) -> int:
         """Apply what other processes logged and published before this call (a no-op alone), or
         its first ``most`` records, a few at a time: a read or a commit of this process waits for

@@ -37,6 +37,7 @@ import fcntl
 import logging
 import mmap
 import os
+import queue
 import struct
 import threading
 import zlib
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from store.changes import Change
 from store.layout import APPEND_LOCK_NAME, segment_name
-from store.priority import run_in_background
+from store.priority import run_in_background, run_when_idle
 from store.wal import FRAME, LogCorrupt, decode
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ FIELDS = ("lsn", "segment", "end", "gate")
 OPEN, SEALED, WAITING = 0, 1, 2  # the gate's states
 FOLLOW_EVERY_S = 0.5
 FOLLOW_STEP = 8  # records a modality the background applier applies per step (an HNSW32 insert at 10^6: ~0.3 ms)
+FOLLOW_BEHIND_MOST = 256  # changes a process may lag behind the log while the machine is too busy to catch up at idle priority
 NOT_READING = 2**63 - 1
 
 
@@ -225,43 +227,77 @@ class Follower:
     """Applies, in the background, what the other processes appended, so that a read or the next
     checkpoint finds little left to apply; ``on_failure`` when applying fails.
 
-    Every process applies every change. One thread at nice 10 (:func:`store.priority.run_in_background`)
-    wakes every ``interval`` seconds and applies ``FOLLOW_STEP`` records a modality per step while
-    there are more. At nice 10 it yields to a waking request, yet on a saturated machine it keeps
-    some 10 % of a core: it is never starved while it holds this process's apply lock (which a read,
-    a commit and a checkpoint's catch-up wait for), and it keeps up with a burst of writes instead of
-    leaving it for later. A read never misses a change for it: it applies what is still missing itself.
+    Every process applies every change, so on a busy machine the foreground (the answer to a write,
+    a search) goes first; yet whoever applies holds this process's apply lock, which a read, a
+    commit and a checkpoint's catch-up wait for, so it must never be starved while it holds it
+    (measured, 10^6 HNSW32, 2 workers under 16 writing clients: a checkpoint's catch-up waited
+    2.4 s for 0.46 s of work while an idle-priority follower sat on the lock). Hence two threads: a
+    scout that runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`),
+    every ``interval`` seconds and then step after step while there is more, and an applier at nice
+    10 (:func:`store.priority.run_in_background`: it yields to a waking request, yet a lock it holds
+    is soon released) that applies ``FOLLOW_STEP`` records a modality per step when the scout asks.
+    A busy machine stops the scout, so the applier stops after its step, never inside one. When
+    the scout has not asked for ``interval`` seconds and this process is more than
+    ``FOLLOW_BEHIND_MOST`` changes behind (the machine is busy with writes), the applier goes on by
+    itself, at nice 10, down to that many. A read never misses a change for either: it applies what
+    is still missing itself.
 
-    Measured on 2 cores at 10^6 items (bench/write_workers_ab.py). With a follower that ran only when
-    a core would otherwise idle (SCHED_IDLE), the other processes fell 6,000-8,300 changes behind
-    under 16 writing clients and applied them afterwards: in the next checkpoint's catch-up (0.5-0.8 s
-    of CPU at normal priority), on the next read, and during the one-client phase that followed,
-    whose p99 that raised to 1.15-1.34x one worker's; and an idle-priority follower holding the lock
-    made a checkpoint's catch-up wait 2.4 s for 0.46 s of work. One client upserting through 2
-    workers at 10^6 HNSW32, p99 between checkpoints: 4.3 ms with the applier at nice 10, 5.7-6.0 ms
-    at nice 0 (one worker: 3.0-3.4 ms)."""
+    Measured on 2 cores at 10^6 items (bench/write_workers_ab.py). One client upserting through 2
+    workers at HNSW32, p99 between checkpoints: 4.3 ms with the applier at nice 10, 5.7-6.0 ms at
+    nice 0, 4.2 ms with a single follower at SCHED_IDLE (one worker: 3.0-3.4 ms); a follower that
+    applied everything at nice 10, unasked, raised one client's Flat upsert p99 to 1.81x one
+    worker's. Without the bound on the backlog, the other processes ended a burst of 16 writing
+    clients 6,000-8,300 changes behind and applied them afterwards: in the next checkpoint's
+    catch-up (0.5-0.8 s of CPU at normal priority), on their next read, and during the one-client
+    phase after the burst, whose p99 that raised to 1.15-1.34x one worker's."""
 
-    def __init__(self, catch_up: Callable[[int], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
-        self._catch_up, self._on_failure, self.interval = catch_up, on_failure, interval  # catch_up(most) -> records applied
+    def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
+        self._catch_up, self._behind, self._on_failure, self.interval = catch_up, behind, on_failure, interval  # catch_up(most) -> records applied; behind() -> records not applied
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="avsearch-follow", daemon=True)
+        self._asks: queue.SimpleQueue = queue.SimpleQueue()  # True: apply one step; None: stop
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()  # records applied; None: the applier has stopped
+        self._scout = threading.Thread(target=self._look, name="avsearch-follow", daemon=True)
+        self._applier = threading.Thread(target=self._apply, name="avsearch-apply", daemon=True)
 
     def start(self) -> "Follower":
-        self._thread.start()
+        self._applier.start()
+        self._scout.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        self._asks.put(None)
+        for thread in (self._scout, self._applier):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join()
 
-    def _follow(self) -> None:
-        run_in_background()
+    def _look(self) -> None:
+        run_when_idle()
         while not self._stop.wait(self.interval):
+            applied = 1
+            while applied and not self._stop.is_set():  # steps while there is more and a core to spare (this thread runs only then)
+                self._asks.put(True)
+                applied = self._answers.get()
+                if applied is None:
+                    return
+
+    def _apply(self) -> None:
+        run_in_background()
+        while True:
             try:
-                while not self._stop.is_set() and self._catch_up(FOLLOW_STEP):  # steps while there is more
+                ask = self._asks.get(timeout=self.interval)
+            except queue.Empty:  # no step asked for: the machine is busy
+                ask = False
+            if ask is None:
+                break
+            try:
+                if ask:
+                    self._answers.put(self._catch_up(FOLLOW_STEP))
+                    continue
+                while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP):
                     pass
             except BaseException as err:  # this process no longer matches the log
                 log.critical("applying what other processes logged failed (%s)", err)
                 self._on_failure(err)
-                return
+                break
+        self._answers.put(None)

@@ -20,7 +20,8 @@ import pytest
 from store.collection import Collection
 from store.errors import ChangeNotDurable, ChangeNotSaved, ItemNotFound, NotFollowing
 from store.priority import BACKGROUND_NICE
-from store.sharedlog import FOLLOW_STEP, OPEN, SEALED, Follower, LogState
+from store import sharedlog
+from store.sharedlog import FOLLOW_BEHIND_MOST, FOLLOW_STEP, OPEN, SEALED, Follower, LogState
 from store.wal import LogCorrupt
 from tests.service.conftest import copy_index
 
@@ -373,11 +374,11 @@ def test_a_group_whose_fsync_fails_is_reported_unconfirmed_and_every_process_sti
         other.stop()
 
 
-def test_the_background_follower_applies_at_nice_10_in_steps_while_there_is_more():
+def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_scout_asks_for():
     """Whoever applies holds the apply lock that reads and checkpoints wait for, so it must never be
-    starved, and it keeps up with a burst of writes rather than leaving it for later
-    (store.sharedlog.Follower says why): it runs at nice 10 (SCHED_OTHER, not SCHED_IDLE),
-    FOLLOW_STEP records at a time, step after step while there is more."""
+    starved (store.sharedlog.Follower says why): the applier runs at nice 10 (SCHED_OTHER), FOLLOW_STEP
+    records at a time, each step asked for by a scout that runs only when a core would otherwise
+    idle (SCHED_IDLE, not nice 19), step after step while there is more."""
     calls, done, backlog = [], threading.Event(), [3 * FOLLOW_STEP + 2]
 
     def catch_up(most: int) -> int:
@@ -388,26 +389,57 @@ def test_the_background_follower_applies_at_nice_10_in_steps_while_there_is_more
             done.set()
         return applied
 
-    follower = Follower(catch_up, lambda err: None, interval=0.01).start()
+    follower = Follower(catch_up, lambda: backlog[0], lambda err: None, interval=0.01).start()
     try:
         assert done.wait(5)
+        scout = os.sched_getscheduler(follower._scout.native_id)
     finally:
         follower.stop()
+    assert scout == os.SCHED_IDLE
     nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))  # nice 10, or the test's own if lower still
-    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # 26 records: four steps
+    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # 26 records: four steps, none at idle priority
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
 
 
-def test_a_follower_that_fails_to_apply_says_so_once_and_its_thread_ends():
+def test_on_a_machine_too_busy_for_the_scout_the_applier_keeps_the_backlog_bounded_by_itself(monkeypatch):
+    """Under a burst of writes no core idles, so the idle-priority scout never asks; the applier then
+    applies by itself, at nice 10, until the process is FOLLOW_BEHIND_MOST changes behind, and no
+    further (store.sharedlog.Follower: a backlog left for later slowed the phase after a burst)."""
+    busy = threading.Event()
+    monkeypatch.setattr(sharedlog, "run_when_idle", busy.wait)  # the scout never gets a core
+    calls, backlog = [], [FOLLOW_BEHIND_MOST + 3 * FOLLOW_STEP + 2]
+
+    def catch_up(most: int) -> int:
+        calls.append((most, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        applied = min(most, backlog[0])
+        backlog[0] -= applied
+        return applied
+
+    follower = Follower(catch_up, lambda: backlog[0], lambda err: None, interval=0.01).start()
+    try:
+        deadline = time.monotonic() + 5
+        while backlog[0] > FOLLOW_BEHIND_MOST and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # ten more intervals: it stays there
+        left, steps = backlog[0], list(calls)
+    finally:
+        busy.set()
+        follower.stop()
+    nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))
+    assert steps == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4
+    assert left == FOLLOW_BEHIND_MOST - FOLLOW_STEP + 2  # four steps took it to the bound, then nothing more
+
+
+def test_a_follower_that_fails_to_apply_says_so_once_and_both_its_threads_end():
     failures = []
 
     def catch_up(most: int) -> int:
         raise LogCorrupt("change 7 does not read back")
 
-    follower = Follower(catch_up, failures.append, interval=0.01).start()
+    follower = Follower(catch_up, lambda: 1, failures.append, interval=0.01).start()
     deadline = time.monotonic() + 5
     while not failures and time.monotonic() < deadline:
         time.sleep(0.01)
     follower.stop()
     assert [type(f) for f in failures] == [LogCorrupt]
-    assert not follower._thread.is_alive()
+    assert not follower._scout.is_alive() and not follower._applier.is_alive()
