@@ -8,6 +8,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
+    python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_rerun write_workers_ab_rerun2 --name write_workers_ab_pooled  # medians over the trials of several runs (no servers)
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -122,6 +123,20 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}, "fold_waits_s": {str(w): waited[w] for w in COUNTS}}
 
 
+def pooled(names: list[str], name: str) -> dict:
+    """One result whose trials are those of every run in ``names`` (runs of one command: one
+    client's p99 moves 1.5-2x between trials on a small VM, so more trials give a steadier median)."""
+    runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    points = []
+    for point in runs[0]["points"]:
+        same = [p for run in runs for p in run["points"] if (p["items"], p["factory"]) == (point["items"], point["factory"])]
+        trials = {w: [t for p in same for t in p["trials"][str(w)]] for w in COUNTS}
+        points.append({"items": point["items"], "factory": point["factory"], "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}, "runs": len(same)})
+    commits = ", ".join(run["commit"] for run in runs)
+    return {**runs[0], "command": f"python bench/write_workers_ab.py --pool {' '.join(names)} --name {name}", "commit": f"{commits} (pooled: {' + '.join(run['command'] for run in runs)})",
+            "trials": sum(run["trials"] for run in runs), "load_before": [run["load_before"] for run in runs], "load_after": [run["load_after"] for run in runs], "points": points}
+
+
 def write_results(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -156,8 +171,13 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.0, help="seconds of no requests between the 16-client and the one-client deletes: with 2 workers the other processes apply the 16-client phase's backlog then, rather than during the one-client phase")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
+    parser.add_argument("--pool", nargs="+", metavar="NAME", help="run nothing: the figures over every trial of these earlier results (bench/results/NAME.json, same command), one table per index type")
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
     args = parser.parse_args()
+    if args.pool:
+        write_results(pooled(args.pool, args.name), args.name)
+        print((RESULTS / f"{args.name}.md").read_text())
+        return
     model = tiny_model(args.work)
     out = {
         "command": "python " + " ".join(["bench/write_workers_ab.py", *sys.argv[1:]]),
