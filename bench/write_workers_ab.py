@@ -127,6 +127,9 @@ def pooled(names: list[str], name: str) -> dict:
     """One result whose trials are those of every run in ``names`` (runs of one command: one
     client's p99 moves 1.5-2x between trials on a small VM, so more trials give a steadier median)."""
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle"):  # what the header states once for all of them
+        if len({json.dumps(run.get(key)) for run in runs}) > 1:
+            raise SystemExit(f"error: --pool: the runs differ in {key} ({', '.join(f'{n}: {run.get(key)}' for n, run in zip(names, runs))}); pool runs of one command only")
     points = []
     for point in runs[0]["points"]:
         same = [p for run in runs for p in run["points"] if (p["items"], p["factory"]) == (point["items"], point["factory"])]
