@@ -2,25 +2,30 @@
 trials alternating between them, so that the machine's drift (this VM's disk and CPU vary by 2x
 within minutes) falls on both alike.
 
-    python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 6 trials (~12 min)
+    python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 6 trials (~15 min)
     python bench/write_workers_ab.py --items 1e5 --trials 2  # a quick look
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
     python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
-    python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_rerun write_workers_ab_rerun2 --name write_workers_ab_pooled  # medians over the trials of several runs (no servers)
+    python bench/write_workers_ab.py --pool write_workers_ab_thirds write_workers_ab_rerun write_workers_ab_rerun2 --name write_workers_ab_pooled  # medians over the trials of several runs (no servers)
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
 ``AVSEARCH_WORKERS=1`` and ``=2`` at the same time (folds every ``--snapshot-seconds``, as in
-write_bench). Each trial runs write_bench's four phases on one server, then on the other (the order
-flips every trial), each ``--phase-seconds`` long (or until its items run out): single-item upserts
-by 1 and by 16 clients, then deletes of two thirds of those items by 16 clients and of the last
-third by 1 client. After each server's turn the bench waits until that server's audio checkpoint
-holds every change of the turn (its fold written: a fixed pause was too short at 10^6 HNSW32, and
-one server's fold then ran during the other's turn), then ``--pause`` seconds. Each figure is the median over the trials; the ratio is
-2 workers over 1; target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors.
-While one server is timed, the other is idle. Each server serves its own copy of the index. Results:
+write_bench). Before the trials each server is given the same stock of items to delete
+(``--delete-stock`` a trial, bulk-upserted 1,000 a request). Each trial runs write_bench's four
+phases on one server, then on the other (the order flips every trial), each ``--phase-seconds``
+long: single-item upserts by 1 and by 16 clients, then single-item deletes from the stock by 16
+clients and by 1 client. Every phase runs for the same time on both servers. (Until 3bb00d2 the
+deletes took two thirds and the last third of the items the trial had upserted, so the server that
+upserted faster had more to delete: 2 workers' one-client Flat deletes ran 5.1-5.4 s against 1
+worker's 3.8-3.9 s, a different workload under the same name.) After each server's turn the bench
+waits until that server's audio checkpoint holds every change of the turn (its fold written: a
+fixed pause was too short at 10^6 HNSW32, and one server's fold then ran during the other's turn),
+then ``--pause`` seconds. Each figure is the median over the trials; the ratio is 2 workers over 1;
+target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. While one server is
+timed, the other is idle. Each server serves its own copy of the index. Results:
 ``bench/results/<--name>.{json,md}`` (write_workers_ab by default).
 """
 
@@ -50,11 +55,13 @@ RESULTS = REPO / "bench" / "results"
 PHASES = (("upsert", 1), ("upsert", 16), ("delete", 16), ("delete", 1))
 COUNTS = (1, 2)
 NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
+STOCK_BULK = 1000  # items a request when making the stock (AVSEARCH_MAX_VECTORS in write_bench.serve)
 
 
-def trial(port: int, tag: str, seconds: float, processes: int = 1, settle: float = 0.0) -> dict:
-    """write_bench's four phases on one server: {"upsert_1": summary, ...}; ``settle`` seconds
-    of nothing before the one-client deletes (the 16-client deletes' backlog applied meanwhile)."""
+def trial(port: int, tag: str, seconds: float, stock: "Stock", processes: int = 1, settle: float = 0.0) -> dict:
+    """write_bench's four phases on one server: {"upsert_1": summary, ...}; the deletes take items
+    from ``stock``; ``settle`` seconds of nothing before the one-client deletes (the 16-client
+    deletes' backlog applied meanwhile)."""
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     ids = [f"{tag}-{i}" for i in range(int(4000 * seconds))]  # more than two phases of upserts take here
     upserts = [upsert_request([i], rng) for i in ids]
@@ -63,13 +70,36 @@ def trial(port: int, tag: str, seconds: float, processes: int = 1, settle: float
         if op == "upsert":
             result = asyncio.run(run_requests(port, upserts[written:], clients, seconds, processes))
             written += result["requests"]
-        else:  # the first two thirds of what was written for 16 clients, the rest for 1 (deletes run faster than upserts)
-            share = ids[: written * 2 // 3] if clients > 1 else ids[written * 2 // 3 : written]
+        else:
             if clients == 1:
                 time.sleep(settle)
-            result = asyncio.run(run_requests(port, [delete_request(i) for i in share], clients, seconds, processes))
+            result = asyncio.run(run_requests(port, stock.requests(), clients, seconds, processes))
+            stock.taken(result["requests"], seconds, result["seconds"])
         out[f"{op}_{clients}"] = result
     return out
+
+
+class Stock:
+    """Items made on a server before the trials for its delete phases to take, in order: both
+    servers delete for a phase's whole length, whatever each upserted (a delete answered 404 would
+    count as an error)."""
+
+    def __init__(self, port: int, count: int):
+        rng = np.random.default_rng(0)  # the same items on both servers
+        self.ids = [f"stock-{i}" for i in range(count)]
+        bulk = [upsert_request(self.ids[i : i + STOCK_BULK], rng) for i in range(0, count, STOCK_BULK)]
+        result = asyncio.run(run_requests(port, bulk, 4, float("inf")))
+        if result["errors"]:
+            raise RuntimeError(f"making the stock of items to delete: {result['errors']} of {result['requests']} upserts failed")
+        self.changes, self.next = len(bulk), 0  # one change per request
+
+    def requests(self) -> list[bytes]:
+        return [delete_request(i) for i in self.ids[self.next :]]
+
+    def taken(self, count: int, seconds: float, elapsed: float) -> None:
+        self.next += count
+        if self.next >= len(self.ids) and elapsed < seconds:
+            raise SystemExit(f"error: the stock of items to delete ran out {elapsed:.1f} s into a {seconds:g} s phase; raise --delete-stock")
 
 
 def compare(trials: dict[int, list[dict]]) -> list[dict]:
@@ -108,11 +138,16 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
         for workers in COUNTS:
             indexes[workers], _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
             servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, workers, env)
+        stocks = {w: Stock(servers[w][1], args.delete_stock * args.trials) for w in COUNTS}
+        for w in COUNTS:
+            changes[w] = stocks[w].changes
+            if not args.no_folds:
+                folded(indexes[w], changes[w])
         trials: dict[int, list[dict]] = {w: [] for w in COUNTS}
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
-                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, workers if args.even_connections else 1, args.settle))
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, stocks[workers], workers if args.even_connections else 1, args.settle))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
                 waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
@@ -127,7 +162,7 @@ def pooled(names: list[str], name: str) -> dict:
     """One result whose trials are those of every run in ``names`` (runs of one command: one
     client's p99 moves 1.5-2x between trials on a small VM, so more trials give a steadier median)."""
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle"):  # what the header states once for all of them
+    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes"):  # what the header states once for all of them
         if len({json.dumps(run.get(key)) for run in runs}) > 1:
             raise SystemExit(f"error: --pool: the runs differ in {key} ({', '.join(f'{n}: {run.get(key)}' for n, run in zip(names, runs))}); pool runs of one command only")
     points = []
@@ -149,7 +184,7 @@ def write_results(out: dict, name: str) -> None:
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
         f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
         f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s"
-        f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}. Each figure is the median over the trials (every trial in the JSON). "
+        f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}; deletes {out.get('deletes') or 'of two thirds and the last third of the items the trial upserted'}. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
         "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
     ]
@@ -173,6 +208,7 @@ def main() -> None:
     parser.add_argument("--even-connections", action="store_true", help="each worker holds the same number of the clients' connections (chosen by reconnecting; the kernel's hash splits them unevenly, bench/connection_split.py): what the uneven split adds to the 16-client figures")
     parser.add_argument("--settle", type=float, default=0.0, help="seconds of no requests between the 16-client and the one-client deletes: with 2 workers the other processes apply the 16-client phase's backlog then, rather than during the one-client phase")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
+    parser.add_argument("--delete-stock", type=int, default=25000, help="items made on each server before the trials for each trial's delete phases (at 10^6 Flat, 2 workers delete ~1,700/s by 16 clients and ~800/s by one: ~15,000 in two 6 s phases; ~18,500 at 10^5); a run whose stock runs out stops with an error")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--pool", nargs="+", metavar="NAME", help="run nothing: the figures over every trial of these earlier results (bench/results/NAME.json, same command), one table per index type")
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
@@ -193,6 +229,7 @@ def main() -> None:
         "follow_seconds": args.follow_seconds,
         "no_folds": args.no_folds,
         "settle": args.settle,
+        "deletes": f"from a stock of {args.delete_stock} items a trial, for the whole phase",
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
