@@ -8,7 +8,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
-    python bench/write_workers_ab.py --pool write_workers_ab_thirds write_workers_ab_rerun write_workers_ab_rerun2 --name write_workers_ab_pooled  # medians over the trials of several runs (no servers)
+    python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 --name write_workers_ab_stock_pooled  # medians over the trials of several runs (no servers)
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
