@@ -5,7 +5,8 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py                         # 10^6 items, Flat and HNSW32, 6 trials (~15 min)
     python bench/write_workers_ab.py --items 1e5 --trials 2  # a quick look
     python bench/write_workers_ab.py --factories HNSW32 --follow-seconds 1000 --name write_workers_ab_nofollow  # no background catch-up
-    python bench/write_workers_ab.py --no-folds --name write_workers_ab_nofolds  # what the folds cost: none during the trials
+    python bench/write_workers_ab.py --no-folds --factories Flat --name write_workers_ab_nofolds_stock  # what the folds cost: none during the trials
+    python bench/write_workers_ab.py --no-folds --factories Flat --follow-seconds 1000 --trials 4 --name write_workers_ab_nofolds_nofollow_stock  # nor background catch-up
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
     python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 --name write_workers_ab_stock_pooled  # medians over the trials of several runs (no servers)
@@ -90,7 +91,7 @@ class Stock:
         bulk = [upsert_request(self.ids[i : i + STOCK_BULK], rng) for i in range(0, count, STOCK_BULK)]
         result = asyncio.run(run_requests(port, bulk, 4, float("inf")))
         if result["errors"]:
-            raise RuntimeError(f"making the stock of items to delete: {result['errors']} of {result['requests']} upserts failed")
+            raise SystemExit(f"error: making the stock of items to delete: {result['errors']} of {result['requests']} upserts failed")
         self.changes, self.next = len(bulk), 0  # one change per request
 
     def requests(self) -> list[bytes]:
