@@ -10,6 +10,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
     python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 --name write_workers_ab_stock_pooled  # medians over the trials of several runs (no servers)
+    python bench/write_workers_ab.py --second-workers 1 --factories Flat --name write_workers_ab_aa_flat  # A/A: two 1-worker servers, the bench's own spread
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -25,8 +26,11 @@ worker's 3.8-3.9 s, a different workload under the same name.) After each server
 waits until that server's audio checkpoint holds every change of the turn (its fold written: a
 fixed pause was too short at 10^6 HNSW32, and one server's fold then ran during the other's turn),
 then ``--pause`` seconds. Each figure is the median over the trials; the ratio is 2 workers over 1;
-target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. While one server is
-timed, the other is idle. Each server serves its own copy of the index. Results:
+target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. Beside each ratio, the
+one-sided Mann-Whitney p over the trials that the second server's figure is the worse: how often two
+servers alike would differ as much by chance. ``--second-workers 1`` runs an A/A: two identical
+1-worker servers, whose ratios show what this VM's noise alone does to the figures. While one
+server is timed, the other is idle. Each server serves its own copy of the index. Results:
 ``bench/results/<--name>.{json,md}`` (write_workers_ab by default).
 """
 
@@ -44,6 +48,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -108,9 +113,11 @@ def compare(trials: dict[int, list[dict]]) -> list[dict]:
     for op, clients in PHASES:
         key = f"{op}_{clients}"
         for figure, better_high in (("per_s", True), ("p99_ms", False)):
-            one, two = (statistics.median(t[key][figure] for t in trials[w]) for w in COUNTS)
+            first, second = ([t[key][figure] for t in trials[w]] for w in COUNTS)
+            one, two = statistics.median(first), statistics.median(second)
             ratio = two / one if one else float("nan")
-            rows.append({"phase": key, "figure": figure, "1": round(one, 2), "2": round(two, 2), "ratio": round(ratio, 2), "ok": ratio >= 0.8 if better_high else ratio <= 1.2})
+            worse = mannwhitneyu(second, first, alternative="less" if better_high else "greater").pvalue  # H1: the second server's figures are the worse
+            rows.append({"phase": key, "figure": figure, "1": round(one, 2), "2": round(two, 2), "ratio": round(ratio, 2), "p_worse": round(float(worse), 3), "ok": ratio >= 0.8 if better_high else ratio <= 1.2})
     errors = {w: sum(t[k]["errors"] for t in trials[w] for k in t) for w in COUNTS}
     rows.append({"phase": "all", "figure": "errors", "1": errors[1], "2": errors[2], "ratio": None, "ok": errors[2] == 0})
     return rows
@@ -132,13 +139,14 @@ def folded(index: Path, changes: int, timeout: float = 120.0) -> float:
 
 def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     servers, indexes, changes = {}, {}, dict.fromkeys(COUNTS, 0)
+    processes = {1: 1, 2: args.second_workers}  # the two servers' worker processes
     env = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else {}
     if args.no_folds:  # neither by age nor by size
         env |= {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(NO_FOLD_S), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(NO_FOLD_BYTES), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}
     try:
         for workers in COUNTS:
             indexes[workers], _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
-            servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, workers, env)
+            servers[workers] = serve(model, indexes[workers], args.snapshot_seconds, processes[workers], env)
         stocks = {w: Stock(servers[w][1], args.delete_stock * args.trials) for w in COUNTS}
         for w in COUNTS:
             changes[w] = stocks[w].changes
@@ -148,7 +156,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
-                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, stocks[workers], workers if args.even_connections else 1, args.settle))
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, stocks[workers], processes[workers] if args.even_connections else 1, args.settle))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
                 waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
@@ -163,8 +171,8 @@ def pooled(names: list[str], name: str) -> dict:
     """One result whose trials are those of every run in ``names`` (runs of one command: one
     client's p99 moves 1.5-2x between trials on a small VM, so more trials give a steadier median)."""
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes"):  # what the header states once for all of them
-        if len({json.dumps(run.get(key)) for run in runs}) > 1:
+    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes", "second_workers"):  # what the header states once for all of them
+        if len({json.dumps(run.get(key, 2 if key == "second_workers" else None)) for run in runs}) > 1:  # runs before --second-workers had 2
             raise SystemExit(f"error: --pool: the runs differ in {key} ({', '.join(f'{n}: {run.get(key)}' for n, run in zip(names, runs))}); pool runs of one command only")
     points = []
     for point in runs[0]["points"]:
@@ -179,21 +187,23 @@ def pooled(names: list[str], name: str) -> dict:
 def write_results(out: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    second = out.get("second_workers", 2)
+    second_name = f"{second} worker{'s' if second > 1 else ''}" + (" (the second server)" if second == 1 else "")
     lines = [
-        "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)",
+        "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)" if second == 2 else f"# Writes with 1 and {second_name}, side by side (`bench/write_workers_ab.py`)",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
         f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
         f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s"
         f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}; deletes {out.get('deletes') or 'of two thirds and the last third of the items the trial upserted'}. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
-        "(throughput at least 0.8x, p99 at most 1.2x), no errors.",
+        "(throughput at least 0.8x, p99 at most 1.2x), no errors. p: one-sided Mann-Whitney over the trials, that the second server's figure is the worse.",
     ]
     for point in out["points"]:
-        lines += ["", f"## {point['items']:.0e} items, {point['factory']}", "", "| phase | figure | 1 worker | 2 workers | ratio 2 / 1 | within 20% |", "|---|---|---:|---:|---:|---|"]
+        lines += ["", f"## {point['items']:.0e} items, {point['factory']}", "", f"| phase | figure | 1 worker | {second_name} | ratio second / first | p | within 20% |", "|---|---|---:|---:|---:|---:|---|"]
         for row in point["rows"]:
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-            lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {'✓' if row['ok'] else '✗'} |")
+            lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {row.get('p_worse', '')} | {'✓' if row['ok'] else '✗'} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -210,6 +220,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.0, help="seconds of no requests between the 16-client and the one-client deletes: with 2 workers the other processes apply the 16-client phase's backlog then, rather than during the one-client phase")
     parser.add_argument("--follow-seconds", type=float, help="AVSEARCH_FOLLOW_SECONDS of both servers (how often each process of the 2-worker one applies the others' changes in the background; 1 worker has none); unset: the default")
     parser.add_argument("--delete-stock", type=int, default=25000, help="items made on each server before the trials for each trial's delete phases (at 10^6 Flat, 2 workers delete ~1,700/s by 16 clients and ~800/s by one: ~15,000 in two 6 s phases; ~18,500 at 10^5); a run whose stock runs out stops with an error")
+    parser.add_argument("--second-workers", type=int, default=2, help="worker processes of the second server (the first has 1); 1: an A/A run, the bench's own spread")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--pool", nargs="+", metavar="NAME", help="run nothing: the figures over every trial of these earlier results (bench/results/NAME.json, same command), one table per index type")
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
@@ -231,6 +242,7 @@ def main() -> None:
         "no_folds": args.no_folds,
         "settle": args.settle,
         "deletes": f"from a stock of {args.delete_stock} items a trial, for the whole phase",
+        "second_workers": args.second_workers,
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
