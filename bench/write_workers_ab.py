@@ -26,11 +26,12 @@ worker's 3.8-3.9 s, a different workload under the same name.) After each server
 waits until that server's audio checkpoint holds every change of the turn (its fold written: a
 fixed pause was too short at 10^6 HNSW32, and one server's fold then ran during the other's turn),
 then ``--pause`` seconds. Each figure is the median over the trials; the ratio is 2 workers over 1;
-target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. Beside each ratio, the
-one-sided Mann-Whitney p over the trials that the second server's figure is the worse: how often two
-servers alike would differ as much by chance. ``--second-workers 1`` runs an A/A: two identical
-1-worker servers, whose ratios show what this VM's noise alone does to the figures. While one
-server is timed, the other is idle. Each server serves its own copy of the index. Results:
+target within 20 % (throughput at least 0.8x, p99 at most 1.2x), no errors. Beside each ratio:
+its 95 % bootstrap interval (each server's trials resampled), and the one-sided Mann-Whitney p over
+the trials that the second server's figure is the worse (how often two servers alike would differ
+as much by chance). ``--second-workers 1`` runs an A/A: two identical 1-worker servers, whose
+ratios show what this VM's noise alone does to the figures. While one server is timed, the other
+is idle. Each server serves its own copy of the index. Results:
 ``bench/results/<--name>.{json,md}`` (write_workers_ab by default).
 """
 
@@ -108,6 +109,15 @@ class Stock:
             raise SystemExit(f"error: the stock of items to delete ran out {elapsed:.1f} s into a {seconds:g} s phase; raise --delete-stock")
 
 
+def ratio_interval(first: list[float], second: list[float], draws: int = 4000) -> tuple[float, float]:
+    """95 % bootstrap interval of median(second) / median(first), each server's trials resampled."""
+    rng = np.random.default_rng(0)
+    one = np.median(rng.choice(first, (draws, len(first))), axis=1)
+    two = np.median(rng.choice(second, (draws, len(second))), axis=1)
+    low, high = np.percentile(two / one, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def compare(trials: dict[int, list[dict]]) -> list[dict]:
     rows = []
     for op, clients in PHASES:
@@ -117,7 +127,8 @@ def compare(trials: dict[int, list[dict]]) -> list[dict]:
             one, two = statistics.median(first), statistics.median(second)
             ratio = two / one if one else float("nan")
             worse = mannwhitneyu(second, first, alternative="less" if better_high else "greater").pvalue  # H1: the second server's figures are the worse
-            rows.append({"phase": key, "figure": figure, "1": round(one, 2), "2": round(two, 2), "ratio": round(ratio, 2), "p_worse": round(float(worse), 3), "ok": ratio >= 0.8 if better_high else ratio <= 1.2})
+            low, high = ratio_interval(first, second)
+            rows.append({"phase": key, "figure": figure, "1": round(one, 2), "2": round(two, 2), "ratio": round(ratio, 2), "ci95": [round(low, 2), round(high, 2)], "p_worse": round(float(worse), 3), "ok": ratio >= 0.8 if better_high else ratio <= 1.2})
     errors = {w: sum(t[k]["errors"] for t in trials[w] for k in t) for w in COUNTS}
     rows.append({"phase": "all", "figure": "errors", "1": errors[1], "2": errors[2], "ratio": None, "ok": errors[2] == 0})
     return rows
@@ -197,13 +208,14 @@ def write_results(out: dict, name: str) -> None:
         f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s"
         f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}; deletes {out.get('deletes') or 'of two thirds and the last third of the items the trial upserted'}. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
-        "(throughput at least 0.8x, p99 at most 1.2x), no errors. p: one-sided Mann-Whitney over the trials, that the second server's figure is the worse.",
+        "(throughput at least 0.8x, p99 at most 1.2x), no errors. 95% interval: of the ratio, bootstrapping each server's trials; p: one-sided Mann-Whitney over the trials, that the second server's figure is the worse.",
     ]
     for point in out["points"]:
-        lines += ["", f"## {point['items']:.0e} items, {point['factory']}", "", f"| phase | figure | 1 worker | {second_name} | ratio second / first | p | within 20% |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += ["", f"## {point['items']:.0e} items, {point['factory']}", "", f"| phase | figure | 1 worker | {second_name} | ratio second / first | 95% interval | p | within 20% |", "|---|---|---:|---:|---:|---|---:|---|"]
         for row in point["rows"]:
             ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-            lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {row.get('p_worse', '')} | {'✓' if row['ok'] else '✗'} |")
+            interval = "-".join(f"{x:.2f}" for x in row["ci95"]) if row.get("ci95") else ""
+            lines.append(f"| {row['phase']} | {row['figure']} | {row['1']} | {row['2']} | {ratio} | {interval} | {row.get('p_worse', '')} | {'✓' if row['ok'] else '✗'} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
