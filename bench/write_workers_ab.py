@@ -9,7 +9,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --no-folds --factories Flat --follow-seconds 1000 --trials 4 --name write_workers_ab_nofolds_nofollow_stock  # nor background catch-up
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
-    python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 --name write_workers_ab_stock_pooled  # medians over the trials of several runs (no servers)
+    python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 write_workers_ab_run3 --name write_workers_ab_stock_pooled3  # medians over the trials of several runs (no servers)
     python bench/write_workers_ab.py --second-workers 1 --factories Flat --name write_workers_ab_aa_flat  # A/A: two 1-worker servers, the bench's own spread
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
