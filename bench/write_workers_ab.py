@@ -10,7 +10,8 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --even-connections --name write_workers_ab_even  # what the kernel's uneven split of connections costs
     python bench/write_workers_ab.py --trials 4 --settle 5 --name write_workers_ab_settled  # one client's deletes once the 16-client backlog is applied
     python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 write_workers_ab_run3 --name write_workers_ab_stock_pooled3  # medians over the trials of several runs (no servers)
-    python bench/write_workers_ab.py --second-workers 1 --factories Flat --name write_workers_ab_aa_flat  # A/A: two 1-worker servers, the bench's own spread
+    python bench/write_workers_ab.py --second-workers 1 --name write_workers_ab_aa  # A/A: two 1-worker servers, the bench's own spread (and --name write_workers_ab_aa_run2)
+    python bench/write_workers_ab.py --pool write_workers_ab_aa write_workers_ab_aa_run2 --name write_workers_ab_aa_pooled
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -201,7 +202,7 @@ def write_results(out: dict, name: str) -> None:
     second = out.get("second_workers", 2)
     second_name = f"{second} worker{'s' if second > 1 else ''}" + (" (the second server)" if second == 1 else "")
     lines = [
-        "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)" if second == 2 else f"# Writes with 1 and {second_name}, side by side (`bench/write_workers_ab.py`)",
+        "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)" if second == 2 else f"# Writes with 1 worker and {second_name}, side by side (`bench/write_workers_ab.py`{', an A/A' if second == 1 else ''})",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
         f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
