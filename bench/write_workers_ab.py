@@ -183,8 +183,10 @@ def pooled(names: list[str], name: str) -> dict:
     """One result whose trials are those of every run in ``names`` (runs of one command: one
     client's p99 moves 1.5-2x between trials on a small VM, so more trials give a steadier median)."""
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    for run in runs:
+        run.setdefault("second_workers", 2)  # runs from before --second-workers
     for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes", "second_workers"):  # what the header states once for all of them
-        if len({json.dumps(run.get(key, 2 if key == "second_workers" else None)) for run in runs}) > 1:  # runs before --second-workers had 2
+        if len({json.dumps(run.get(key)) for run in runs}) > 1:
             raise SystemExit(f"error: --pool: the runs differ in {key} ({', '.join(f'{n}: {run.get(key)}' for n, run in zip(names, runs))}); pool runs of one command only")
     points = []
     for point in runs[0]["points"]:
