@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from time import thread_time
 
 from store.changes import Change
 from store.layout import APPEND_LOCK_NAME, segment_name
@@ -56,7 +57,9 @@ SLOT = struct.Struct("<q")
 FIELDS = ("lsn", "segment", "end", "gate")
 OPEN, SEALED, WAITING = 0, 1, 2  # the gate's states
 FOLLOW_EVERY_S = 0.5
-FOLLOW_STEP = 8  # records a modality the background applier applies per step (an HNSW32 insert at 10^6: ~0.3 ms)
+FOLLOW_STEP = 8  # records a modality a step applies when no core idles, and the first step the scout asks for
+FOLLOW_STEP_MOST = 64  # records a modality in one step the scout asks for, at most
+FOLLOW_STEP_SECONDS = 0.0002  # CPU a step the scout asks for aims at: one longer halves the next, one under half of it doubles it
 FOLLOW_BEHIND_MOST = 256  # changes a process may lag behind the log while the machine is too busy to catch up at idle priority
 NOT_READING = 2**63 - 1
 
@@ -235,7 +238,7 @@ class Follower:
     scout that runs only when a core would otherwise idle (:func:`store.priority.run_when_idle`),
     every ``interval`` seconds and then step after step while there is more, and an applier at nice
     10 (:func:`store.priority.run_in_background`: it yields to a waking request, yet a lock it holds
-    is soon released) that applies ``FOLLOW_STEP`` records a modality per step when the scout asks.
+    is soon released) that applies one step of records when the scout asks.
     A busy machine stops the scout, so the applier stops after its step, never inside one. When
     the scout has not asked for ``interval`` seconds and this process is more than
     ``FOLLOW_BEHIND_MOST`` changes behind (the machine is busy with writes), the applier goes on by
@@ -249,13 +252,27 @@ class Follower:
     worker's. Without the bound on the backlog, the other processes ended a burst of 16 writing
     clients 6,000-8,300 changes behind and applied them afterwards: in the next checkpoint's
     catch-up (0.5-0.8 s of CPU at normal priority), on their next read, and during the one-client
-    phase after the burst, whose p99 that raised to 1.15-1.34x one worker's."""
+    phase after the burst, whose p99 that raised to 1.15-1.34x one worker's.
+
+    A step the scout asks for is bounded by its CPU time, not a count: the scout asks while a core
+    idles, so a request's thread that wakes may find the applier on the core it wants and wait for
+    up to the rest of the step. So such a step stays near ``FOLLOW_STEP_SECONDS`` (one longer halves
+    the next, one under half of it doubles it, from 1 to ``FOLLOW_STEP_MOST`` records a modality).
+    At 10^6 items a step costs ~0.1 ms plus ~0.03 ms a record at Flat, ~0.2 ms plus ~0.15 ms an
+    upsert at HNSW32 (bench/follow_step.py): 8 records made a step of 0.3 ms at Flat and 1.6 ms at
+    HNSW32. Shorter steps cost more CPU a change, yet in a model of a lone client beside two such
+    followers (bench/step_length.py) its p99 followed the step's length: 1-4 Flat-like records a
+    step level with no followers, 8 1.09x, 16 1.23x; one HNSW32-like record 1.15x, 8 1.81x. When no
+    core idles, any step delays requests alike, so the applier then goes on with ``FOLLOW_STEP``
+    records a step, the cheaper a change.
+    """
 
     def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
         self._catch_up, self._behind, self._on_failure, self.interval = catch_up, behind, on_failure, interval  # catch_up(most) -> records applied; behind() -> records not applied
         self._stop = threading.Event()
         self._asks: queue.SimpleQueue = queue.SimpleQueue()  # True: apply one step; None: stop
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # records applied; None: the applier has stopped
+        self.step = FOLLOW_STEP  # records a modality the next step applies (only the applier changes it)
         self._scout = threading.Thread(target=self._look, name="avsearch-follow", daemon=True)
         self._applier = threading.Thread(target=self._apply, name="avsearch-apply", daemon=True)
 
@@ -292,7 +309,7 @@ class Follower:
                 break
             try:
                 if ask:
-                    self._answers.put(self._catch_up(FOLLOW_STEP))
+                    self._answers.put(self._step())
                     continue
                 while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP):
                     pass
@@ -301,3 +318,15 @@ class Follower:
                 self._on_failure(err)
                 break
         self._answers.put(None)
+
+    def _step(self) -> int:
+        """Apply one step; the next one's size follows this one's CPU time (the thread's own: time
+        it spent preempted does not count)."""
+        started = thread_time()
+        applied = self._catch_up(self.step)
+        spent = thread_time() - started
+        if applied >= self.step and spent < FOLLOW_STEP_SECONDS / 2:  # a full step, and a short one: more next time
+            self.step = min(FOLLOW_STEP_MOST, 2 * self.step)
+        elif applied and spent > FOLLOW_STEP_SECONDS:
+            self.step = max(1, self.step // 2)
+        return applied

@@ -374,11 +374,12 @@ def test_a_group_whose_fsync_fails_is_reported_unconfirmed_and_every_process_sti
         other.stop()
 
 
-def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_scout_asks_for():
+def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_scout_asks_for(monkeypatch):
     """Whoever applies holds the apply lock that reads and checkpoints wait for, so it must never be
-    starved (store.sharedlog.Follower says why): the applier runs at nice 10 (SCHED_OTHER), FOLLOW_STEP
-    records at a time, each step asked for by a scout that runs only when a core would otherwise
-    idle (SCHED_IDLE, not nice 19), step after step while there is more."""
+    starved (store.sharedlog.Follower says why): the applier runs at nice 10 (SCHED_OTHER), a step
+    at a time, the first FOLLOW_STEP records, each step asked for by a scout that runs only when a
+    core would otherwise idle (SCHED_IDLE, not nice 19), step after step while there is more."""
+    monkeypatch.setattr(sharedlog, "thread_time", lambda: 0.0)  # steps that take no CPU: each twice the last
     calls, done, backlog = [], threading.Event(), [3 * FOLLOW_STEP + 2]
 
     def catch_up(most: int) -> int:
@@ -397,16 +398,52 @@ def test_the_background_follower_applies_at_nice_10_in_steps_an_idle_priority_sc
         follower.stop()
     assert scout == os.SCHED_IDLE
     nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))  # nice 10, or the test's own if lower still
-    assert calls[:4] == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # 26 records: four steps, none at idle priority
+    assert calls[:3] == [(FOLLOW_STEP, os.SCHED_OTHER, nice), (2 * FOLLOW_STEP, os.SCHED_OTHER, nice), (4 * FOLLOW_STEP, os.SCHED_OTHER, nice)]  # 26 records, none at idle priority
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
+
+
+def test_a_follower_step_keeps_near_its_cpu_budget_halving_after_a_long_step_and_doubling_after_a_short_one(monkeypatch):
+    """A nice-10 step holds a core that a waking request waits for, so its length, not its count of
+    records, is what is bounded: a step that took more than FOLLOW_STEP_SECONDS of CPU halves the
+    next, one that took under half of it (and applied all it was asked for) doubles it, within 1 and
+    FOLLOW_STEP_MOST records. Here each step's CPU is what ``catch_up`` says it costs."""
+    clock = [0.0]
+    monkeypatch.setattr(sharedlog, "thread_time", lambda: clock[0])
+    budget = sharedlog.FOLLOW_STEP_SECONDS
+
+    def sizes_for(fixed: float, per_record: float, records: int) -> list[int]:
+        calls, done, backlog = [], threading.Event(), [records]
+
+        def catch_up(most: int) -> int:
+            calls.append(most)
+            applied = min(most, backlog[0])
+            backlog[0] -= applied
+            clock[0] += fixed + per_record * applied
+            if not backlog[0]:
+                done.set()
+            return applied
+
+        follower = Follower(catch_up, lambda: backlog[0], lambda err: None, interval=0.01).start()
+        try:
+            assert done.wait(5)
+        finally:
+            follower.stop()
+        return calls
+
+    # dear records (0.45 + 0.3 x records of the budget): 8 -> 2.85x, 4 -> 1.65x, 2 -> 1.05x, 1 -> 0.75x: down to 1 and kept
+    assert sizes_for(0.45 * budget, 0.3 * budget, 20)[:9] == [FOLLOW_STEP, 4, 2] + [1] * (20 - 14)  # (then maybe one that finds nothing)
+    # cheap ones (0.05 + 0.005 x records): 8 -> 0.09x ... 64 -> 0.37x: doubled up to FOLLOW_STEP_MOST and kept there
+    most = sharedlog.FOLLOW_STEP_MOST
+    assert sizes_for(0.05 * budget, 0.005 * budget, 8 + 16 + 32 + 3 * most)[:6] == [FOLLOW_STEP, 16, 32, most, most, most]
 
 
 def test_on_a_machine_too_busy_for_the_scout_the_applier_keeps_the_backlog_bounded_by_itself(monkeypatch):
     """Under a burst of writes no core idles, so the idle-priority scout never asks; the applier then
-    applies by itself, at nice 10, until the process is FOLLOW_BEHIND_MOST changes behind, and no
+    applies by itself, at nice 10 and FOLLOW_STEP records a step, until the process is FOLLOW_BEHIND_MOST changes behind, and no
     further (store.sharedlog.Follower: a backlog left for later slowed the phase after a burst)."""
     busy = threading.Event()
     monkeypatch.setattr(sharedlog, "run_when_idle", busy.wait)  # the scout never gets a core
+    monkeypatch.setattr(sharedlog, "thread_time", lambda: 0.0)  # steps that take no CPU, which would double an asked-for step
     calls, backlog = [], [FOLLOW_BEHIND_MOST + 3 * FOLLOW_STEP + 2]
 
     def catch_up(most: int) -> int:
@@ -426,7 +463,7 @@ def test_on_a_machine_too_busy_for_the_scout_the_applier_keeps_the_backlog_bound
         busy.set()
         follower.stop()
     nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))
-    assert steps == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4
+    assert steps == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # FOLLOW_STEP each: a busy machine's requests wait for any step alike
     assert left == FOLLOW_BEHIND_MOST - FOLLOW_STEP + 2  # four steps took it to the bound, then nothing more
 
 
