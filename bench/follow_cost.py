@@ -44,6 +44,16 @@ from store.sharedlog import OPEN, LogState  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 
 
+def following_primary(model: Path, index: Path) -> Collection:
+    """The index loaded as a primary that only follows a log shared with 2 worker slots (no checkpoints)."""
+    primary = Collection.load(model, index, device="cpu", intra_op_threads=1)
+    primary.checkpointer.stop()
+    state = LogState(list(primary.shards), slots=2)
+    for shard in primary.shards.values():
+        shard.share(state, OPEN)
+    return primary
+
+
 def write_in_child(primary: Collection, ops: list[tuple[str, str]], vectors: np.ndarray) -> None:
     """Fork a worker from ``primary`` (commits paused, as service.workers forks) that logs ``ops``."""
     replica = Collection.replica(primary, primary.embedder)
@@ -98,13 +108,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = tiny_model(args.work)
     index, _ = build_index(model, args.work, args.items, "Flat", copy="-follow-cost")
-    primary = Collection.load(model, index, device="cpu", intra_op_threads=1)
+    primary = following_primary(model, index)
     rows, reports = [], {}
     try:
-        primary.checkpointer.stop()
-        state = LogState(list(primary.shards), slots=2)
-        for shard in primary.shards.values():
-            shard.share(state, OPEN)
         dim = primary.embedder.manifest["input_dims"]["audio"]
         vectors = np.random.default_rng(0).standard_normal((args.changes, dim)).astype(np.float32)
         seconds: dict[str, list[float]] = {"upsert": [], "delete": []}

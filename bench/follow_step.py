@@ -27,11 +27,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.follow_cost import write_in_child  # noqa: E402
+from bench.follow_cost import following_primary, write_in_child  # noqa: E402
 from bench.http_bench import commit  # noqa: E402
 from bench.write_bench import build_index, tiny_model  # noqa: E402
 from store.collection import Collection  # noqa: E402
-from store.sharedlog import OPEN, LogState  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -46,12 +45,8 @@ def stepped(primary: Collection, step: int) -> tuple[float, int]:
 
 def measure(model: Path, work: Path, items: int, factory: str, steps: list[int], changes: int, rounds: int) -> list[dict]:
     index, _ = build_index(model, work, items, factory, copy="-follow-step")
-    primary = Collection.load(model, index, device="cpu", intra_op_threads=1)
+    primary = following_primary(model, index)
     try:
-        primary.checkpointer.stop()
-        state = LogState(list(primary.shards), slots=2)
-        for shard in primary.shards.values():
-            shard.share(state, OPEN)
         dim = primary.embedder.manifest["input_dims"]["audio"]
         vectors = np.random.default_rng(0).standard_normal((changes, dim)).astype(np.float32)
         spent: dict[tuple[int, str], list[tuple[float, int]]] = {}
