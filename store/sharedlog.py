@@ -258,8 +258,9 @@ class Follower:
     idles, so a request's thread that wakes may find the applier on the core it wants and wait for
     up to the rest of the step. So such a step stays near ``FOLLOW_STEP_SECONDS`` (one longer halves
     the next, one under half of it doubles it, from 1 to ``FOLLOW_STEP_MOST`` records a modality).
-    At 10^6 items a step costs ~0.1 ms plus ~0.03 ms a record at Flat, ~0.2 ms plus ~0.15 ms an
-    upsert at HNSW32 (bench/follow_step.py): 8 records made a step of 0.3 ms at Flat and 1.6 ms at
+    At 10^6 items a step costs ~0.04 ms plus ~0.02 ms a record at Flat (~0.1 ms plus ~0.03 ms before
+    the item table's scalar paths, 9e37144), ~0.1 ms plus ~0.15 ms an upsert at HNSW32
+    (bench/follow_step.py): 8 records made a step of 0.2 ms (0.3 before) at Flat and 1.4 ms at
     HNSW32. Shorter steps cost more CPU a change, yet in a model of a lone client beside two such
     followers (bench/step_length.py) its p99 followed the step's length: 1-4 Flat-like records a
     step level with no followers, 8 1.09x, 16 1.23x; one HNSW32-like record 1.15x, 8 1.81x. When no
