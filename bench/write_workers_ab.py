@@ -12,6 +12,7 @@ within minutes) falls on both alike.
     python bench/write_workers_ab.py --pool write_workers_ab write_workers_ab_run2 write_workers_ab_run3 --name write_workers_ab_stock_pooled3  # medians over the trials of several runs (no servers)
     python bench/write_workers_ab.py --second-workers 1 --name write_workers_ab_aa  # A/A: two 1-worker servers, the bench's own spread (and --name write_workers_ab_aa_run2)
     python bench/write_workers_ab.py --pool write_workers_ab_aa write_workers_ab_aa_run2 --name write_workers_ab_aa_pooled
+    python bench/write_workers_ab.py --no-folds --factories Flat --phases upsert:1 --name write_workers_ab_nofolds_upsert1  # one phase alone: what the others leave behind
 
 Per index type: two copies of an audio index of ``--items`` random unit embeddings (the tiny model's
 width; bench/write_bench.py builds and caches it), served by ``python -m service serve`` with
@@ -60,13 +61,27 @@ from bench.write_bench import build_index, delete_request, run_requests, serve, 
 from store.layout import checkpoint_lsn  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-PHASES = (("upsert", 1), ("upsert", 16), ("delete", 16), ("delete", 1))
+PHASES_ARG = "upsert:1,upsert:16,delete:16,delete:1"
 COUNTS = (1, 2)
+
+
+def parse_phases(text: str) -> tuple[tuple[str, int], ...]:
+    """``upsert:1,delete:16`` -> (("upsert", 1), ("delete", 16))."""
+    phases = []
+    for phase in text.split(","):
+        op, _, clients = phase.partition(":")
+        if op not in ("upsert", "delete") or not clients.isdigit() or int(clients) < 1:
+            raise argparse.ArgumentTypeError(f"{phase!r}: a phase is upsert:N or delete:N (N clients, at least 1)")
+        phases.append((op, int(clients)))
+    return tuple(phases)
+
+
+PHASES = parse_phases(PHASES_ARG)  # a server's turn: write_bench's four phases
 NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
 STOCK_BULK = 1000  # items a request when making the stock (AVSEARCH_MAX_VECTORS in write_bench.serve)
 
 
-def trial(port: int, tag: str, seconds: float, stock: "Stock", processes: int = 1, settle: float = 0.0) -> dict:
+def trial(port: int, tag: str, seconds: float, stock: "Stock", processes: int = 1, settle: float = 0.0, phases: tuple = PHASES) -> dict:
     """write_bench's four phases on one server: {"upsert_1": summary, ...}; the deletes take items
     from ``stock``; ``settle`` seconds of nothing before the one-client deletes (the 16-client
     deletes' backlog applied meanwhile)."""
@@ -74,7 +89,7 @@ def trial(port: int, tag: str, seconds: float, stock: "Stock", processes: int = 
     ids = [f"{tag}-{i}" for i in range(int(4000 * seconds))]  # more than two phases of upserts take here
     upserts = [upsert_request([i], rng) for i in ids]
     out, written = {}, 0
-    for op, clients in PHASES:
+    for op, clients in phases:
         if op == "upsert":
             result = asyncio.run(run_requests(port, upserts[written:], clients, seconds, processes))
             written += result["requests"]
@@ -119,9 +134,9 @@ def ratio_interval(first: list[float], second: list[float], draws: int = 4000) -
     return float(low), float(high)
 
 
-def compare(trials: dict[int, list[dict]]) -> list[dict]:
+def compare(trials: dict[int, list[dict]], phases: tuple = PHASES) -> list[dict]:
     rows = []
-    for op, clients in PHASES:
+    for op, clients in phases:
         key = f"{op}_{clients}"
         for figure, better_high in (("per_s", True), ("p99_ms", False)):
             first, second = ([t[key][figure] for t in trials[w]] for w in COUNTS)
@@ -168,7 +183,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
         waited: dict[int, list[float]] = {w: [] for w in COUNTS}
         for t in range(args.trials):
             for workers in COUNTS if t % 2 == 0 else tuple(reversed(COUNTS)):
-                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, stocks[workers], processes[workers] if args.even_connections else 1, args.settle))
+                trials[workers].append(trial(servers[workers][1], f"t{t}w{workers}", args.phase_seconds, stocks[workers], processes[workers] if args.even_connections else 1, args.settle, args.phases))
                 changes[workers] += sum(r["requests"] - r["errors"] for r in trials[workers][-1].values())  # each answered write is one change
                 waited[workers].append(0.0 if args.no_folds else round(folded(indexes[workers], changes[workers]), 1))
                 time.sleep(args.pause)
@@ -176,7 +191,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     finally:
         for proc, _ in servers.values():
             stop_tree(proc)
-    return {"items": n, "factory": factory, "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}, "fold_waits_s": {str(w): waited[w] for w in COUNTS}}
+    return {"items": n, "factory": factory, "rows": compare(trials, args.phases), "trials": {str(w): trials[w] for w in COUNTS}, "fold_waits_s": {str(w): waited[w] for w in COUNTS}}
 
 
 def pooled(names: list[str], name: str) -> dict:
@@ -185,14 +200,15 @@ def pooled(names: list[str], name: str) -> dict:
     runs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
     for run in runs:
         run.setdefault("second_workers", 2)  # runs from before --second-workers
-    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes", "second_workers"):  # what the header states once for all of them
+        run.setdefault("phases", PHASES_ARG)  # runs from before --phases
+    for key in ("phase_seconds", "pause", "snapshot_seconds", "follow_seconds", "no_folds", "settle", "deletes", "second_workers", "phases"):  # what the header states once for all of them
         if len({json.dumps(run.get(key)) for run in runs}) > 1:
             raise SystemExit(f"error: --pool: the runs differ in {key} ({', '.join(f'{n}: {run.get(key)}' for n, run in zip(names, runs))}); pool runs of one command only")
     points = []
     for point in runs[0]["points"]:
         same = [p for run in runs for p in run["points"] if (p["items"], p["factory"]) == (point["items"], point["factory"])]
         trials = {w: [t for p in same for t in p["trials"][str(w)]] for w in COUNTS}
-        points.append({"items": point["items"], "factory": point["factory"], "rows": compare(trials), "trials": {str(w): trials[w] for w in COUNTS}, "runs": len(same)})
+        points.append({"items": point["items"], "factory": point["factory"], "rows": compare(trials, parse_phases(runs[0]["phases"])), "trials": {str(w): trials[w] for w in COUNTS}, "runs": len(same)})
     commits = ", ".join(run["commit"] for run in runs)
     return {**runs[0], "command": f"python bench/write_workers_ab.py --pool {' '.join(names)} --name {name}", "commit": f"{commits} (pooled: {' + '.join(run['command'] for run in runs)})",
             "trials": sum(run["trials"] for run in runs), "load_before": [run["load_before"] for run in runs], "load_after": [run["load_after"] for run in runs], "points": points}
@@ -207,7 +223,7 @@ def write_results(out: dict, name: str) -> None:
         "# Writes with 1 and 2 worker processes, side by side (`bench/write_workers_ab.py`)" if second == 2 else f"# Writes with 1 worker and {second_name}, side by side (`bench/write_workers_ab.py`{', an A/A' if second == 1 else ''})",
         "",
         f"`{out['command']}` on {out['machine']}, commit {out['commit']}; both servers up at once, {out['trials']} trials "
-        f"alternating between them (order flipped each trial), phases of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
+        f"alternating between them (order flipped each trial), {'a turn of phases ' + out['phases'] if out.get('phases', PHASES_ARG) != PHASES_ARG else 'phases'} of {out['phase_seconds']} s; after each server's turn, {'' if out.get('no_folds') else 'its last fold written, then '}"
         f"{out['pause']} s; {'no folds' if out.get('no_folds') else 'folds every ' + str(out['snapshot_seconds']) + ' s'}, background catch-up every {out['follow_seconds'] or 'default'} s"
         f"{'; ' + str(out['settle']) + ' s without requests before the one-client deletes' if out.get('settle') else ''}; deletes {out.get('deletes') or 'of two thirds and the last third of the items the trial upserted'}. Each figure is the median over the trials (every trial in the JSON). "
         f"Load average before / after: {out['load_before']} / {out['load_after']}. Target: within 20% of one worker's "
@@ -238,6 +254,7 @@ def main() -> None:
     parser.add_argument("--second-workers", type=int, default=2, help="worker processes of the second server (the first has 1); 1: an A/A run, the bench's own spread")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--pool", nargs="+", metavar="NAME", help="run nothing: the figures over every trial of these earlier results (bench/results/NAME.json, same command), one table per index type")
+    parser.add_argument("--phases", default=PHASES_ARG, type=parse_phases, help="the phases of a server's turn, in order: OP:CLIENTS, comma-separated (OP: upsert or delete)")
     parser.add_argument("--name", default="write_workers_ab", help="results file stem under bench/results")
     args = parser.parse_args()
     if args.pool:
@@ -258,6 +275,7 @@ def main() -> None:
         "settle": args.settle,
         "deletes": f"from a stock of {args.delete_stock} items a trial, for the whole phase",
         "second_workers": args.second_workers,
+        "phases": ",".join(f"{op}:{clients}" for op, clients in args.phases),
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     out["points"] = [measure(model, args.work, int(args.items), factory, args) for factory in args.factories]
