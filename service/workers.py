@@ -108,7 +108,7 @@ class Primary:
             shard.share(state, gate)
         if self._follower is not None:
             self._follower.stop()
-        self._follower = Follower(collection.catch_up, collection.behind, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged, and run() stops the server
+        self._follower = Follower(collection.catch_up, collection.behind, lambda err: None, self.settings.follow_seconds, serves=False).start()  # a failure is logged, and run() stops the server
 
     def _set_gates(self, collection: Collection, gate: int) -> None:
         for shard in collection.shards.values():

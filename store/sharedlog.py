@@ -61,6 +61,7 @@ FOLLOW_STEP = 8  # records a modality a step applies when no core idles, and the
 FOLLOW_STEP_MOST = 64  # records a modality in one step the scout asks for, at most
 FOLLOW_STEP_SECONDS = 0.0002  # CPU a step the scout asks for aims at: one longer halves the next, one under half of it doubles it
 FOLLOW_BEHIND_MOST = 256  # changes a process may lag behind the log while the machine is too busy to catch up at idle priority
+FOLLOW_STEP_UNSERVED = 64  # records a modality a step applies where no request waits for this process's apply lock (the primary): at SCHED_IDLE, whoever wakes preempts it at once, yet a fold or a fork may wait for its step on a saturated machine
 NOT_READING = 2**63 - 1
 
 
@@ -268,8 +269,9 @@ class Follower:
     records a step, the cheaper a change.
     """
 
-    def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
+    def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S, serves: bool = True):
         self._catch_up, self._behind, self._on_failure, self.interval = catch_up, behind, on_failure, interval  # catch_up(most) -> records applied; behind() -> records not applied
+        self.serves = serves  # False: no request of this process waits for its apply lock (the primary)
         self._stop = threading.Event()
         self._asks: queue.SimpleQueue = queue.SimpleQueue()  # True: apply one step; None: stop
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # records applied; None: the applier has stopped
@@ -300,7 +302,7 @@ class Follower:
                     return
 
     def _apply(self) -> None:
-        run_in_background()
+        (run_in_background if self.serves else run_when_idle)()
         while True:
             try:
                 ask = self._asks.get(timeout=self.interval)
@@ -312,7 +314,7 @@ class Follower:
                 if ask:
                     self._answers.put(self._step())
                     continue
-                while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP):
+                while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP if self.serves else FOLLOW_STEP_UNSERVED):
                     pass
             except BaseException as err:  # this process no longer matches the log
                 log.critical("applying what other processes logged failed (%s)", err)
@@ -322,7 +324,10 @@ class Follower:
 
     def _step(self) -> int:
         """Apply one step; the next one's size follows this one's CPU time (the thread's own: time
-        it spent preempted does not count)."""
+        it spent preempted does not count). Where no request waits for it, a step at SCHED_IDLE delays
+        nobody: it takes FOLLOW_STEP_UNSERVED records, which amortises its fixed part."""
+        if not self.serves:
+            return self._catch_up(FOLLOW_STEP_UNSERVED)
         started = thread_time()
         applied = self._catch_up(self.step)
         spent = thread_time() - started
