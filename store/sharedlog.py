@@ -247,13 +247,15 @@ class Follower:
     is still missing itself.
 
     The primary serves no request (``serves=False``): only its own work waits for its apply lock (a
-    fold, a fork, a snapshot file, a version swap), never a search or a change. Its applier runs at SCHED_IDLE, which any thread that wakes on
-    its core preempts at once, in steps of ``FOLLOW_STEP_UNSERVED`` records whatever their CPU, so
-    the fixed part of a step is paid once for many (at 10^6 Flat a lone upserter's changes cost the
-    primary 76 µs of CPU each in steps of a few records). On a machine busy with writes it falls
-    behind instead, and the next fold applies the backlog (at normal priority, before it takes the
-    append lock) after waiting for the step the applier is in: that work may be late by seconds
-    then (the 2.4 s above).
+    fold, a fork, a snapshot file, a version swap), never a search or a change. Its applier runs at
+    SCHED_IDLE, which any thread that wakes on its core preempts at once, in steps of
+    ``FOLLOW_STEP_UNSERVED`` records whatever their CPU, so the fixed part of a step is paid once for
+    many (at 10^6 Flat a lone upserter's changes cost the primary 76 µs of CPU each in steps of a
+    few records; with the change, one client's upsert p99 through 2 workers went from 1.28x one
+    worker's to 1.15x, pooled over 18 trials: bench/results/write_workers_investigation.md). On a
+    machine busy with writes it falls behind instead, and the next fold applies the backlog (at
+    normal priority, before it takes the append lock) after waiting for the step the applier is
+    in: that work may be late by seconds then (the 2.4 s above).
 
     Measured on 2 cores at 10^6 items (bench/write_workers_ab.py). One client upserting through 2
     workers at HNSW32, p99 between checkpoints: 4.3 ms with the applier at nice 10, 5.7-6.0 ms at
