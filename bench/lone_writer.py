@@ -98,6 +98,13 @@ def split(answers: list[tuple[float, float, int]], spans: list[tuple[float, floa
     return {"folds": len(spans), "errors": sum(a[2] != 200 for a in answers), "all": figures(np.ones(len(sent), bool)), "during folds": figures(during), "between folds": figures(~during)}
 
 
+def setting(text: str) -> str:
+    """``--env``'s NAME=VALUE, checked."""
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: a setting is NAME=VALUE")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=float, default=1e6)
@@ -106,12 +113,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="turns a server")
     parser.add_argument("--snapshot-seconds", type=float, default=3.0)
     parser.add_argument("--no-folds", action="store_true", help="no checkpoint falls due during the run (neither by age nor by size)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a setting for both servers, e.g. AVSEARCH_FOLLOW_SECONDS=1000")
+    parser.add_argument("--env", action="append", default=[], type=setting, metavar="NAME=VALUE", help="a setting for both servers, e.g. AVSEARCH_FOLLOW_SECONDS=1000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/avsearch-write-bench"))
     parser.add_argument("--name", default="lone_writer")
     args = parser.parse_args()
     model = tiny_model(args.work)
-    env = dict(setting.split("=", 1) for setting in args.env)
+    env = dict(name_value.split("=", 1) for name_value in args.env)
     if args.no_folds:
         env |= {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(NO_FOLD_S), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(NO_FOLD_BYTES), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}
     servers, lines, answers, stop = {}, {w: [] for w in COUNTS}, {w: [] for w in COUNTS}, threading.Event()
@@ -151,7 +158,7 @@ def main() -> None:
         f"# A lone writer's answers, during folds and between them (`{out['command']}`)", "",
         f"{out['machine']}, commit {out['commit']}; {out['items']:,} {args.factory} items; one client upserting single items, {args.rounds} turns of {args.seconds:g} s a server, "
         f"both servers up at once; {'no folds' if args.no_folds else f'folds every {args.snapshot_seconds:g} s'}"
-        f"{''.join(f'; {setting}' for setting in args.env)}. \"Slow\": over the 1-worker server's p99 ({out['slow_ms']} ms).", "",
+        f"{''.join(f'; {name_value}' for name_value in args.env)}. \"Slow\": over the 1-worker server's p99 ({out['slow_ms']} ms).", "",
         "| workers | answers | folds | errors | when | share of answers | p50 ms | p99 ms | slow |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for workers, server in out["servers"].items():
