@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from bench.http_bench import commit, read_response  # noqa: E402
 from bench.server_tree import stop_tree  # noqa: E402
 from bench.write_bench import build_index, serve, tiny_model, upsert_request  # noqa: E402
-from bench.write_workers_ab import NO_FOLD_BYTES, NO_FOLD_S  # noqa: E402
+from bench.write_workers_ab import NO_FOLD_ENV  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 FOLD_LINE = re.compile(r"audio: snapshot at change \d+ \(\d+ items\) in ([\d.]+) s; log truncated \(commits held (\d+) ms, after (\d+) ms")
@@ -120,7 +120,7 @@ def main() -> None:
     model = tiny_model(args.work)
     env = dict(name_value.split("=", 1) for name_value in args.env)
     if args.no_folds:
-        env |= {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(NO_FOLD_S), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(NO_FOLD_BYTES), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}
+        env |= NO_FOLD_ENV
     servers, lines, answers, stop = {}, {w: [] for w in COUNTS}, {w: [] for w in COUNTS}, threading.Event()
     turn_p99 = {w: [] for w in COUNTS}
     rng = np.random.default_rng(0)

@@ -77,7 +77,7 @@ def parse_phases(text: str) -> tuple[tuple[str, int], ...]:
 
 
 PHASES = parse_phases(PHASES_ARG)  # a server's turn: write_bench's four phases
-NO_FOLD_S, NO_FOLD_BYTES = 10**9, 10**15  # --no-folds: no checkpoint falls due during a run
+NO_FOLD_ENV = {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(10**9), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(10**15), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}  # --no-folds: no checkpoint falls due during a run, neither by age nor by size
 STOCK_BULK = 1000  # items a request when making the stock (AVSEARCH_MAX_VECTORS in write_bench.serve)
 
 
@@ -169,7 +169,7 @@ def measure(model: Path, work: Path, n: int, factory: str, args) -> dict:
     processes = {1: 1, 2: args.second_workers}  # the two servers' worker processes
     env = {"AVSEARCH_FOLLOW_SECONDS": str(args.follow_seconds)} if args.follow_seconds else {}
     if args.no_folds:  # neither by age nor by size
-        env |= {"AVSEARCH_WAL_SNAPSHOT_SECONDS": str(NO_FOLD_S), "AVSEARCH_WAL_SNAPSHOT_BYTES": str(NO_FOLD_BYTES), "AVSEARCH_WAL_SNAPSHOT_GROWTH": "0"}
+        env |= NO_FOLD_ENV
     try:
         for workers in COUNTS:
             indexes[workers], _ = build_index(model, work, n, factory, copy=f"-{workers}-workers")  # a copy each: each server writes its log and checkpoints there
