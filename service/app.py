@@ -73,9 +73,7 @@ def create_app(settings: Settings | None = None, collection: Collection | None =
                 await loader
             await state.batcher.stop()
             await asyncio.to_thread(stop_parsers)
-            if state.collection is not None:  # forgotten, so a lifespan started again loads afresh rather than serving a closed version
-                collection, state.collection = state.collection, None
-                await asyncio.to_thread(collection.close)  # the log holds every acknowledged change; the next start replays it
+            await state.close_collection()
 
     app = FastAPI(title="avsearch", version="0.2.0", description="Audio↔visual cross-modal search", lifespan=lifespan)
     app.state.avsearch = state

@@ -73,6 +73,13 @@ class ServiceState:
             collection.report_to(self.metrics)
         self.batcher: MicroBatcher | None = None
 
+    async def close_collection(self) -> None:
+        """At shutdown: the log holds every acknowledged change, and the next start replays it.
+        Forgotten, so a lifespan started again loads afresh rather than serving a closed version."""
+        if self.collection is not None:
+            collection, self.collection = self.collection, None
+            await asyncio.to_thread(collection.close)
+
     def start_batcher(self) -> None:
         self.batcher = MicroBatcher(self.settings.batch_window_ms / 1000, self.settings.max_batch, self.metrics.observe_batch, search_thread_setup(self.settings))
         self.batcher.start()

@@ -1,23 +1,31 @@
 """``AVSEARCH_WORKERS=N``: one collection served by N uvicorn processes on one port.
 
 The process started by ``python -m service serve`` becomes the primary: it loads the collection
-once, opens one listening socket per worker slot on the port (``SO_REUSEPORT``: the kernel spreads
-connections over them), then forks the workers, which share the index's memory copy-on-write; the
-worker of slot i accepts from socket i. The primary holds every socket, so connections queued on a
-slot whose worker stops or dies wait there for the next worker of that slot. The primary serves no HTTP:
-it owns the checkpoints, snapshot archives and version swaps, follows the log the workers append to
-(:mod:`store.sharedlog` says how a change reaches every worker before its answer), and answers the
-workers' calls (:mod:`store.replication`). A worker that dies is replaced by a fork of the
-primary's current image. SIGTERM or
-SIGINT stops the workers (each finishes its requests) and then the primary; SIGHUP swaps versions.
+once, opens one listening socket per slot on the port (``SO_REUSEPORT``: the kernel spreads
+connections over them), forks a worker for each slot but the first, which share the index's memory
+copy-on-write, and serves slot 0 itself: N processes in all, so each page a request writes (CPython
+writes reference counts) is copied N times, not N + 1. The worker of slot i accepts from socket i.
+The primary holds every socket, so connections queued on a slot whose worker stops or dies wait
+there for the next worker of that slot. The primary also owns the checkpoints, snapshot archives
+and version swaps, and answers the workers' calls (:mod:`store.replication`); like every worker it
+follows the log the others append to (:mod:`store.sharedlog` says how a change reaches every
+process before its answer). A worker that dies is replaced by a fork of the primary's current
+image; the primary's death stops them all. SIGTERM or SIGINT stops the workers (each finishes its
+requests) and the primary; SIGHUP swaps versions.
+
+The primary forks while it serves (a replacement, a new generation) only with its own requests held
+off: none in flight (a swap or a snapshot file waiting on the primary's work aside), none starting,
+its event loop parked. A child of a thread in the middle of an ONNX Runtime or FAISS call, or
+holding a metric's lock, could inherit that lock held forever; the child also closes its copies
+of the primary's client connections, which would otherwise stay open until it exits.
 
 A version swap loads the new version in the primary, forks a new generation of workers from it,
-and retires the old one: each old worker stops taking requests (it closes its listening socket and
-its idle keep-alive connections; a busy one closes after its answer) and says so before the swap is
-answered, so no request that starts after the answer is served by the old version. The old workers
-then finish their requests and exit. Item changes through the new workers wait until they have (a
-change through an old worker during the swap is refused with 503: retry), so no search mixes
-versions and none misses an acknowledged change.
+switches the primary's own requests to it, and retires the old workers: each stops taking requests
+(it closes its listening socket and its idle keep-alive connections; a busy one closes after its
+answer) and says so before the swap is answered, so no request that starts after the answer is
+served by the old version. The old workers then finish their requests and exit. Item changes wait
+until they have (a change through the old version during the swap is refused with 503: retry), so
+no search mixes versions and none misses an acknowledged change.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from prometheus_client import values
 from index.embedder import MODALITIES, Embedder, choose_providers
 from service.app import create_app
 from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
-from service.metrics import Metrics
+from service.forking import Quiescence, close_client_connections
 from service.prefork import preload, release_free_heap, warm_up
 from service.settings import Settings
 from service.state import ServiceState
@@ -78,7 +86,8 @@ class SharedParsers(Executor):
 
 
 class Primary:
-    """The store's process: the collection, the hub to the workers, and the workers themselves."""
+    """The store's process: the collection, the hub to the workers, the workers themselves, and
+    slot 0's requests."""
 
     def __init__(self, settings: Settings, sockets: list[socket.socket], collection: Collection):
         self.settings, self.sockets, self.collection = settings, sockets, collection
@@ -92,9 +101,12 @@ class Primary:
         self._gate = threading.Condition()  # snapshots and a second swap wait while a swap is under way
         self._swapping, self._in_flight = False, 0
         self._template: WorkerTemplate | None = None  # the workers' app, built once per version
-        self._forks: queue.Queue = queue.Queue()  # fork requests for the main thread (a child's main thread must be the process's)
+        self._forks: queue.Queue = queue.Queue()  # fork requests for the supervisor's thread, which lives as long as the process (a worker's PR_SET_PDEATHSIG follows the thread that forked it)
         self._stopping = threading.Event()  # SIGTERM/SIGINT: no more forks, swaps or waiting changes
-        self.metrics = Metrics(dict)  # the primary's folds, added up with the workers' figures
+        self._failure: str | None = None  # the index no longer matches the log: the server stops
+        self.state = PrimaryState(settings, collection, self)
+        self.requests = Quiescence(create_app(settings, state=self.state))  # slot 0's, held off while this process forks
+        self.server = PrimaryServer(_uvicorn_config(settings, self.requests), self.requests, self._stopping)
         self._follower: Follower | None = None
         self._attach(collection, OPEN)
 
@@ -102,13 +114,13 @@ class Primary:
     def _attach(self, collection: Collection, gate: int) -> None:
         """Serve ``collection``: the workers forked from now on append to its logs (``gate``: OPEN,
         or WAITING until the old workers of a swap have left); this process follows them."""
-        collection.report_to(self.metrics)
+        collection.report_to(self.state.metrics)
         state = LogState(MODALITIES, self.settings.workers)
         for shard in collection.shards.values():
             shard.share(state, gate)
         if self._follower is not None:
             self._follower.stop()
-        self._follower = Follower(collection.catch_up, collection.behind, lambda err: None, self.settings.follow_seconds, serves=False).start()  # a failure is logged, and run() stops the server
+        self._follower = Follower(collection.catch_up, collection.behind, lambda err: None, self.settings.follow_seconds).start()  # a failure is logged, and the supervisor stops the server
 
     def _set_gates(self, collection: Collection, gate: int) -> None:
         for shard in collection.shards.values():
@@ -134,7 +146,8 @@ class Primary:
                 self._gate.notify_all()
 
     def _swap(self, model_dir: Path | None, index_dir: Path | None) -> tuple[str, str, dict]:
-        """Load a version, fork its workers, retire the old ones; (previous, version, sizes)."""
+        """Load a version, fork its workers, switch this process's requests to it, retire the old
+        workers; (previous, version, sizes)."""
         with self._gate:
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
@@ -148,15 +161,17 @@ class Primary:
             collection, served = load_next(current, lambda: self._load(model_dir, index_dir), configured)
             self.model_dir, self.index_dir = Path(model_dir or self.model_dir), served
             self._attach(collection, WAITING)
-            current.close()
             self.collection = collection
-            retired = self._new_generation()
+            retired = self._new_generation()  # meanwhile this process serves the sealed version: a change is refused, none waits for the forks
+            with self.requests.held():  # none of this process's requests is on the old version once it is closed
+                self.state.collection = collection
+            current.close()
         except BaseException:
             self._open_gate()
             raise
         self._stop_taking_requests(retired)
         threading.Thread(target=self._retire, args=(retired,), name="avsearch-retire", daemon=True).start()
-        log.info("swapped in model %s (was %s) across %d workers", collection.version, current.version, self.settings.workers)
+        log.info("swapped in model %s (was %s) across %d processes", collection.version, current.version, self.settings.workers)
         return current.version, collection.version, collection.sizes()
 
     def _load(self, model_dir: Path | None, index_dir: Path | None) -> Collection:
@@ -207,12 +222,12 @@ class Primary:
 
     # --- the workers -----------------------------------------------------------------------------
     def _new_generation(self) -> list[int]:
-        """Fork a full set of workers of the current version (in the main thread); returns the old pids."""
+        """Fork a full set of workers of the current version (in the supervisor's thread); returns the old pids."""
         done = threading.Event()
         old = [pid for pid, generation in self.workers.items() if generation == self.generation]
         self.generation += 1
-        self._forks.put((list(range(self.settings.workers)), done))
-        while not done.wait(0.1):  # the main thread forks; once it stops looking, nobody will
+        self._forks.put((list(range(1, self.settings.workers)), done))
+        while not done.wait(0.1):  # the supervisor forks; once it stops looking, nobody will
             if self._stopping.is_set():
                 raise RuntimeError("the server is stopping")
         return old
@@ -222,12 +237,14 @@ class Primary:
         if self._template is None or self._template.primary is not collection:
             self._template = WorkerTemplate(self.settings, collection)  # before the fork: shared by the workers, not built in each
         ours, theirs = socket.socketpair()
-        with _paused(collection):  # no process appends: the image is exactly at each log's end
+        with self.requests.held(), _paused(collection):  # none of this process's requests under way; no process appends: the image is exactly at each log's end
             positions = {m: collection.shards[m].position() for m in MODALITIES}
             for modality, shard in collection.shards.items():  # no checkpoint deletes a segment this worker has not read
                 shard.shared.state.set_read(modality, slot, positions[modality].lsn)
             pid = os.fork()
             if pid == 0:
+                signal.set_wakeup_fd(-1)  # the primary's event loop's: a signal here would wake it
+                close_client_connections(self.sockets[0].getsockname()[1])
                 ours.close()
                 for channel in self.hub.channels.values():  # another worker's channel open here would hide its death
                     channel.sock.close()
@@ -240,39 +257,58 @@ class Primary:
         log.info("worker %d started (slot %d, generation %d, model %s)", pid, slot, self.generation, collection.version)
 
     def run(self) -> int:
-        """Fork the workers and look after them until SIGTERM/SIGINT."""
+        """Fork the workers, serve slot 0 and look after the workers until SIGTERM/SIGINT."""
         stop = self._stopping
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # what uvicorn restores (and calls) once it stopped
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())
-        for slot in range(self.settings.workers):
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())  # until the app's loop takes it
+        for slot in range(1, self.settings.workers):  # before this process serves: nothing to hold off
             self._fork_worker(slot)
-        last_respawn, failure = 0.0, None
-        while not stop.is_set():
-            if failure := self.collection.failure():  # the image of every checkpoint and every fork: a worker forked now would serve it
-                log.critical("the primary's index no longer matches the log (%s): stopping the workers. A restart loads the last checkpoint and replays the log (or says where the log is damaged)", failure)
-                break
-            try:
-                slots, done = self._forks.get(timeout=0.1)
-                for slot in slots:
-                    self._fork_worker(slot)
-                done.set()
-            except queue.Empty:
-                pass
-            for pid in self._exited():
-                generation, slot = self.workers.pop(pid), self.slots.pop(pid)
-                self.hub.detach(pid)
-                _mark_dead(pid)
-                if generation == self.generation:  # a live worker died: replace it from the current image
-                    time.sleep(max(0.0, last_respawn + RESPAWN_PAUSE_S - time.monotonic()))
-                    last_respawn = time.monotonic()
-                    log.error("worker %d died; starting another", pid)
-                    self._fork_worker(slot)
-        stop.set()
-        with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
-            self._gate.notify_all()
-        self._stop_all()
-        return 1 if failure else 0
+        supervisor = threading.Thread(target=self._supervise, name="avsearch-supervisor", daemon=True)
+        supervisor.start()
+        try:
+            self.server.run(sockets=[self.sockets[0]])  # until SIGTERM/SIGINT, or the supervisor stops it
+        finally:
+            stop.set()
+            supervisor.join()
+            with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
+                self._gate.notify_all()
+            self._stop_all()
+        return 1 if self._failure else 0
+
+    def _supervise(self) -> None:
+        """Fork the workers asked for (a swap's generation) and replace those that die."""
+        stop, last_respawn = self._stopping, 0.0
+        try:
+            while not stop.is_set():
+                if failure := self.collection.failure():  # the image of every checkpoint and every fork: a worker forked now would serve it
+                    log.critical("the primary's index no longer matches the log (%s): stopping the workers. A restart loads the last checkpoint and replays the log (or says where the log is damaged)", failure)
+                    self._failure = failure
+                    break
+                try:
+                    slots, done = self._forks.get(timeout=0.1)
+                    for slot in slots:
+                        self._fork_worker(slot)
+                    done.set()
+                except queue.Empty:
+                    pass
+                for pid in self._exited():
+                    generation, slot = self.workers.pop(pid), self.slots.pop(pid)
+                    self.hub.detach(pid)
+                    _mark_dead(pid)
+                    if generation == self.generation and not stop.is_set():  # a live worker died: replace it from the current image
+                        time.sleep(max(0.0, last_respawn + RESPAWN_PAUSE_S - time.monotonic()))
+                        last_respawn = time.monotonic()
+                        log.error("worker %d died; starting another", pid)
+                        self._fork_worker(slot)
+        except BaseException:
+            log.exception("the primary's supervisor failed: stopping the server")
+            self._failure = self._failure or "supervisor failed"
+        finally:
+            stop.set()
+            self.server.should_exit = True
+            for pid in list(self.workers):  # they finish their requests while this process finishes its own
+                _signal(pid, signal.SIGTERM)
 
     def _exited(self) -> list[int]:
         gone = []
@@ -387,16 +423,7 @@ class WorkerTemplate:
         self.state = WorkerState(settings, self.collection, None)
         self.app = create_app(settings, state=self.state)
         self.own_sessions = embedder is None
-        self.config = uvicorn.Config(
-            self.app,
-            log_level="info",
-            access_log=settings.access_log,
-            http=deadline_protocol(settings.header_timeout, settings.body_timeout),
-            limit_concurrency=settings.max_connections,
-            timeout_graceful_shutdown=STOP_GRACE_S,
-            ws="none",  # no websocket routes: nothing to import for them in each worker
-            backlog=BACKLOG,
-        )
+        self.config = _uvicorn_config(settings, self.app)
         self.config.load()  # the protocol classes and the app's outer wrappers, here rather than in each worker
         try:
             warm_up(self.app, self.collection, search=not self.own_sessions)
@@ -417,6 +444,19 @@ class WorkerTemplate:
         share_parsers(SharedParsers(replica))
         replica.start()
         return replica
+
+
+def _uvicorn_config(settings: Settings, app) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level="info",
+        access_log=settings.access_log,
+        http=deadline_protocol(settings.header_timeout, settings.body_timeout),
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=STOP_GRACE_S,
+        ws="none",  # no websocket routes: nothing to import for them in each worker
+        backlog=BACKLOG,
+    )
 
 
 def _run_worker(settings: Settings, sock: socket.socket, template: WorkerTemplate, channel: Channel, positions: dict[str, Position], slot: int) -> None:
@@ -488,6 +528,45 @@ class WorkerServer(uvicorn.Server):
         except ChannelClosed:
             pass
         self.should_exit = True
+
+
+class PrimaryServer(uvicorn.Server):
+    """Slot 0's server, in the primary's main thread: it tells ``requests`` its event loop, and
+    ``stopping`` when SIGTERM/SIGINT stops it (the workers then stop beside it, not after it)."""
+
+    def __init__(self, config: uvicorn.Config, requests: Quiescence, stopping: threading.Event):
+        super().__init__(config)
+        self.requests, self.stopping = requests, stopping
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.requests.started()
+        await super().startup(sockets)
+
+
+class PrimaryState(ServiceState):
+    """The primary's app state: swaps and snapshot files are its own work (what a worker asks it
+    for), and it closes its collection itself, once its workers have stopped."""
+
+    def __init__(self, settings: Settings, collection: Collection, primary: Primary):
+        super().__init__(settings, collection)
+        self.primary = primary
+
+    async def take_snapshot(self, directory: Path) -> dict:
+        with self.primary.requests.waiting_on_process():
+            return await asyncio.to_thread(self.primary._snapshot, str(directory))
+
+    async def swap(self, model_dir: Path | None = None, index_dir: Path | None = None) -> tuple[str, str, dict[str, int]]:
+        with self.primary.requests.waiting_on_process():  # this request may wait for forks
+            previous, version, sizes = await asyncio.to_thread(self.primary._swap, model_dir, index_dir)
+        self.metrics.swaps.inc()
+        return previous, version, sizes
+
+    async def close_collection(self) -> None:
+        """Not at the app's shutdown: the workers still log and follow until they have stopped."""
 
 
 class WorkerState(ServiceState):

@@ -61,7 +61,6 @@ FOLLOW_STEP = 8  # records a modality a step applies when no core idles, and the
 FOLLOW_STEP_MOST = 64  # records a modality in one step the scout asks for, at most
 FOLLOW_STEP_SECONDS = 0.0002  # CPU a step the scout asks for aims at: one longer halves the next, one under half of it doubles it
 FOLLOW_BEHIND_MOST = 256  # changes a process may lag behind the log while the machine is too busy to catch up at idle priority
-FOLLOW_STEP_UNSERVED = 64  # records a modality a step applies where no request waits for this process's apply lock (the primary): at SCHED_IDLE, whoever wakes preempts it at once, yet a fold or a fork may wait for its step on a saturated machine
 NOT_READING = 2**63 - 1
 
 
@@ -246,17 +245,6 @@ class Follower:
     itself, at nice 10, down to that many. A read never misses a change for either: it applies what
     is still missing itself.
 
-    The primary serves no request (``serves=False``): only its own work waits for its apply lock (a
-    fold, a fork, a snapshot file, a version swap), never a search or a change. Its applier runs at
-    SCHED_IDLE, which any thread that wakes on its core preempts at once, in steps of
-    ``FOLLOW_STEP_UNSERVED`` records whatever their CPU, so the fixed part of a step is paid once for
-    many (at 10^6 Flat a lone upserter's changes cost the primary 76 µs of CPU each in steps of a
-    few records; with the change, one client's upsert p99 through 2 workers went from 1.28x one
-    worker's to 1.15x, pooled over 18 trials: bench/results/write_workers_investigation.md). On a
-    machine busy with writes it falls behind instead, and the next fold applies the backlog (at
-    normal priority, before it takes the append lock) after waiting for the step the applier is
-    in: that work may be late by seconds then (the 2.4 s above).
-
     Measured on 2 cores at 10^6 items (bench/write_workers_ab.py). One client upserting through 2
     workers at HNSW32, p99 between checkpoints: 4.3 ms with the applier at nice 10, 5.7-6.0 ms at
     nice 0, 4.2 ms with a single follower at SCHED_IDLE (one worker: 3.0-3.4 ms); a follower that
@@ -280,9 +268,8 @@ class Follower:
     records a step, the cheaper a change.
     """
 
-    def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S, serves: bool = True):
+    def __init__(self, catch_up: Callable[[int], int], behind: Callable[[], int], on_failure: Callable[[BaseException], None], interval: float = FOLLOW_EVERY_S):
         self._catch_up, self._behind, self._on_failure, self.interval = catch_up, behind, on_failure, interval  # catch_up(most) -> records applied; behind() -> records not applied
-        self.serves = serves  # False: no request of this process waits for its apply lock (the primary)
         self._stop = threading.Event()
         self._asks: queue.SimpleQueue = queue.SimpleQueue()  # True: apply one step; None: stop
         self._answers: queue.SimpleQueue = queue.SimpleQueue()  # records applied; None: the applier has stopped
@@ -313,7 +300,7 @@ class Follower:
                     return
 
     def _apply(self) -> None:
-        (run_in_background if self.serves else run_when_idle)()
+        run_in_background()
         while True:
             try:
                 ask = self._asks.get(timeout=self.interval)
@@ -325,7 +312,7 @@ class Follower:
                 if ask:
                     self._answers.put(self._step())
                     continue
-                while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP if self.serves else FOLLOW_STEP_UNSERVED):
+                while not self._stop.is_set() and self._behind() > FOLLOW_BEHIND_MOST and self._catch_up(FOLLOW_STEP):
                     pass
             except BaseException as err:  # this process no longer matches the log
                 log.critical("applying what other processes logged failed (%s)", err)
@@ -335,10 +322,7 @@ class Follower:
 
     def _step(self) -> int:
         """Apply one step; the next one's size follows this one's CPU time (the thread's own: time
-        it spent preempted does not count). Where no request waits for it, a step at SCHED_IDLE delays
-        nobody: it takes FOLLOW_STEP_UNSERVED records, which amortises its fixed part."""
-        if not self.serves:
-            return self._catch_up(FOLLOW_STEP_UNSERVED)
+        it spent preempted does not count)."""
         started = thread_time()
         applied = self._catch_up(self.step)
         spent = thread_time() - started

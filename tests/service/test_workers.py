@@ -1,7 +1,8 @@
-"""AVSEARCH_WORKERS=2: one collection served by two forked workers (service.workers, store.sharedlog).
+"""AVSEARCH_WORKERS=2: one collection served by two processes, the primary and a worker forked
+from it (service.workers, store.sharedlog).
 
-Real ``python -m service serve`` processes. A connection reaches one worker (the kernel spreads
-them); ``/healthz`` names it in ``X-Avsearch-Worker``, so the tests hold one connection per worker.
+Real ``python -m service serve`` processes. A connection reaches one process (the kernel spreads
+them); ``/healthz`` names it in ``X-Avsearch-Worker``, so the tests hold one connection per process.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ WORKERS = {"AVSEARCH_WORKERS": "2"}
 
 
 def _worker_connections(server: Server, count: int = 2, deadline_s: float = 30.0) -> dict[int, http.client.HTTPConnection]:
-    """One keep-alive connection to each of ``count`` live workers."""
+    """One keep-alive connection to each of ``count`` serving processes (the primary among them)."""
     found: dict[int, http.client.HTTPConnection] = {}
     deadline = time.monotonic() + deadline_s
     while len(found) < count:
@@ -119,7 +120,7 @@ def test_workers_forked_after_the_primary_ran_hnsw_inserts_search(tiny, tmp_path
     server.kill()
     server = Server(tiny.model_dir, tmp_path / "index", **settings)
     try:
-        victim = next(iter(_worker_connections(server)))
+        victim = next(pid for pid in _worker_connections(server) if pid != server.proc.pid)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while victim in _worker_connections(server):
@@ -169,7 +170,7 @@ def test_a_dead_worker_is_replaced_and_a_swap_reaches_every_worker(tiny, tmp_pat
     server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
     try:
         first = _worker_connections(server)
-        victim = next(iter(first))
+        victim = next(pid for pid in first if pid != server.proc.pid)  # the primary's death stops the server
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while victim in _worker_connections(server):  # the replacement answers
@@ -183,7 +184,7 @@ def test_a_dead_worker_is_replaced_and_a_swap_reaches_every_worker(tiny, tmp_pat
         deadline = time.monotonic() + 30
         while True:  # the old generation stops; a new one serves
             workers = _worker_connections(server)
-            if not set(workers) & set(first) and len([p for p in server.processes() if p != server.proc.pid]) == 2:
+            if server.proc.pid in workers and not set(workers) & set(first) - {server.proc.pid} and len([p for p in server.processes() if p != server.proc.pid]) == 1:
                 break
             assert time.monotonic() < deadline, f"old workers still serve: {sorted(workers)} vs {sorted(first)}"
             time.sleep(0.2)
@@ -200,16 +201,27 @@ def test_a_swap_is_answered_once_the_old_workers_take_no_more_requests(tiny, tmp
     """Found by bench/fuzz.py with 2 workers: after a swap a client's next request on a kept-alive
     connection to an old worker failed ("Remote end closed connection"), or reached the old version.
     Now, by the time the swap is answered, every idle connection to an old worker is closed (a
-    client sees that before it sends again), the swap's own connection is told ``Connection: close``,
-    and a new connection reaches the new generation at once."""
+    client sees that before it sends again), the swap's own connection to one is told ``Connection:
+    close``, and a new connection reaches the new generation at once. The primary serves the new
+    version on the connections it kept."""
     server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
     try:
         old = _worker_connections(server)
-        reload = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        reload.request("POST", "/v1/admin/reload", body="{}", headers={"Content-Type": "application/json"})
-        response = reload.getresponse()
-        assert response.status == 200, response.read()
-        assert response.getheader("connection") == "close"
+        primary = old.pop(server.proc.pid)
+        swapped = False
+        while not swapped:  # the swap asked through an old worker (a connection may reach the primary)
+            reload = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            reload.request("GET", "/healthz")
+            answer = reload.getresponse()
+            answer.read()
+            if int(answer.getheader("X-Avsearch-Worker")) == server.proc.pid:
+                reload.close()
+                continue
+            reload.request("POST", "/v1/admin/reload", body="{}", headers={"Content-Type": "application/json"})
+            response = reload.getresponse()
+            assert response.status == 200, response.read()
+            assert response.getheader("connection") == "close"
+            swapped = True
         for pid, conn in old.items():
             conn.sock.setblocking(False)
             assert conn.sock.recv(1, socket.MSG_PEEK) == b"", f"worker {pid}'s idle connection is still open"  # at EOF, not "no data yet"
@@ -217,6 +229,11 @@ def test_a_swap_is_answered_once_the_old_workers_take_no_more_requests(tiny, tmp
         assert not set(new) & set(old), f"an old worker took a connection after the swap: {sorted(new)} vs {sorted(old)}"
         for conn in new.values():
             assert server.request("POST", "/v1/search", {"modality": "audio", "vectors": [[0.1] * DIMS["audio"]], "top_k": 3}, conn=conn)[0] == 200
+        # the primary's kept connection reaches the new version: the old one, sealed, would refuse the change (503)
+        status, body = server.request("POST", "/v1/items/audio", {"items": [{"id": "after-swap", "vector": [0.5] * DIMS["audio"]}]}, conn=primary)
+        assert status == 200, body
+        for conn in new.values():
+            assert server.request("GET", "/v1/items/audio/after-swap", conn=conn)[0] == 200
     finally:
         server.kill()
 
@@ -361,3 +378,63 @@ def test_the_metrics_folders_of_killed_primaries_are_removed_at_the_next_start(t
     assert created.parent == tmp_path and created.name.startswith(f"{METRICS_PREFIX}{os.getpid()}-") and not any(created.iterdir())
     kept = {names["running"], names["unnamed"], names["other"], created.name}
     assert {p.name for p in tmp_path.iterdir()} == kept
+
+
+def test_a_worker_forked_while_the_primary_serves_holds_none_of_its_connections(tiny, tmp_path):
+    """The primary forks a replacement while it serves: its searches go on (each answered 200), and
+    the child holds none of its client connections: one the primary closes ends for its client at
+    once, not when the child exits."""
+    server = Server(tiny.model_dir, copy_index(tiny, tmp_path / "index"), **WORKERS)
+    try:
+        connections = _worker_connections(server)
+        primary = connections.pop(server.proc.pid)
+        (victim,) = connections
+        idle = _raw_connection_to(server, server.proc.pid)  # open, and idle, when the replacement is forked
+        stop, statuses = threading.Event(), []
+
+        def search_load() -> None:
+            while not stop.is_set():
+                statuses.append(server.request("POST", "/v1/search", {"modality": "audio", "vectors": [[0.2] * DIMS["audio"]], "top_k": 3}, conn=primary)[0])
+
+        load = threading.Thread(target=search_load, daemon=True)
+        load.start()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in (serving := _worker_connections(server)) or len(serving) < 2:  # the replacement answers
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+        time.sleep(0.2)
+        stop.set()
+        load.join(30)
+        assert statuses and set(statuses) == {200}, statuses[-20:]
+        for conn in serving.values():  # the replacement searches: it inherited no lock held for good
+            assert server.request("POST", "/v1/search", {"modality": "visual", "vectors": [[0.3] * DIMS["visual"]], "top_k": 3}, conn=conn)[0] == 200
+
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        received = b""
+        try:
+            while chunk := idle.recv(65536):
+                received += chunk
+        except socket.timeout:
+            raise AssertionError("the connection the primary closed stays open: a forked worker holds it") from None
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    finally:
+        server.kill()
+
+
+def _raw_connection_to(server: Server, pid: int, deadline_s: float = 30.0) -> socket.socket:
+    """A keep-alive connection (a plain socket) that process ``pid`` of the server answered."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head, body = answer.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")))
+        while len(body) < length:  # the whole answer read: the connection is idle
+            body += sock.recv(65536)
+        if f"x-avsearch-worker: {pid}\r\n".encode() in head.lower() + b"\r\n":
+            return sock
+        sock.close()
+    raise AssertionError(f"no connection reached process {pid}")

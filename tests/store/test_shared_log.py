@@ -21,7 +21,7 @@ from store.collection import Collection
 from store.errors import ChangeNotDurable, ChangeNotSaved, ItemNotFound, NotFollowing
 from store.priority import BACKGROUND_NICE
 from store import sharedlog
-from store.sharedlog import FOLLOW_BEHIND_MOST, FOLLOW_STEP, FOLLOW_STEP_UNSERVED, OPEN, SEALED, Follower, LogState
+from store.sharedlog import FOLLOW_BEHIND_MOST, FOLLOW_STEP, OPEN, SEALED, Follower, LogState
 from store.wal import LogCorrupt
 from tests.service.conftest import copy_index
 
@@ -465,31 +465,6 @@ def test_on_a_machine_too_busy_for_the_scout_the_applier_keeps_the_backlog_bound
     nice = max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, 0))
     assert steps == [(FOLLOW_STEP, os.SCHED_OTHER, nice)] * 4  # FOLLOW_STEP each: a busy machine's requests wait for any step alike
     assert left == FOLLOW_BEHIND_MOST - FOLLOW_STEP + 2  # four steps took it to the bound, then nothing more
-
-
-def test_a_follower_no_request_waits_for_applies_at_idle_priority_in_long_steps(monkeypatch):
-    """The primary serves no request, so nothing waits for its apply lock but its own folds and
-    forks: its applier runs at SCHED_IDLE (any thread that wakes takes the core at once) and takes
-    FOLLOW_STEP_UNSERVED records a step whatever their CPU (a fixed part paid once for many), where a
-    worker's applier runs at nice 10 in steps bounded by their CPU."""
-    monkeypatch.setattr(sharedlog, "thread_time", lambda: 0.0)  # steps that take no CPU: a worker's would double
-    calls, done, backlog = [], threading.Event(), [2 * FOLLOW_STEP_UNSERVED + 5]
-
-    def catch_up(most: int) -> int:
-        calls.append((most, os.sched_getscheduler(0)))
-        applied = min(most, backlog[0])
-        backlog[0] -= applied
-        if not backlog[0]:
-            done.set()
-        return applied
-
-    follower = Follower(catch_up, lambda: backlog[0], lambda err: None, interval=0.01, serves=False).start()
-    try:
-        assert done.wait(5)
-    finally:
-        follower.stop()
-    assert calls[:3] == [(FOLLOW_STEP_UNSERVED, os.SCHED_IDLE)] * 3  # 64, 64, then the last 5
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left as it was
 
 
 def test_a_follower_that_fails_to_apply_says_so_once_and_both_its_threads_end():
