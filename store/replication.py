@@ -1,7 +1,8 @@
 """The worker processes' link to their primary: calls over a socketpair, and a retirement notice.
 
-The primary loads the collection, then forks the workers: each starts from the primary's image of
-the indexes, shared copy-on-write (a page is copied only when one side writes it). Writes never go
+The primary loads the collection, then forks the workers (and serves requests itself): each starts
+from the primary's image of the indexes, shared copy-on-write (a page is copied only when one side
+writes it). Writes never go
 through here: every process appends to the one log itself (:mod:`store.sharedlog`). A worker calls
 the primary for what only it does (a version swap, a snapshot file, parsing a large body in its
 parser processes, saying it has retired), and the primary tells a worker to retire.
@@ -14,8 +15,9 @@ Fork pitfalls, each tested (tests/service/test_workers.py):
 - ONNX Runtime's thread pools do not survive a fork: sessions with one intra-op thread (no pool)
   are shared; others are opened by each worker after the fork (service.workers).
 - Locks held by the primary's other threads stay held in the child: a worker builds its own locks
-  and never touches the primary's log handles, checkpointer or threads. Forks happen with every
-  shard's commits paused in every process, so the image is exactly at the log's end.
+  and never touches the primary's log handles, checkpointer or threads, and the primary forks with
+  its own requests held off (service.forking). Forks happen with every shard's commits paused in
+  every process, so the image is exactly at the log's end.
 
 Messages are pickled: both ends are this program, never a client.
 """
