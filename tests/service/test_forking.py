@@ -43,6 +43,15 @@ def _request(path: str) -> dict:
     return {"type": "http", "path": path}
 
 
+def _serving(requests: Quiescence, events: list, path: str):
+    """A started loop serving ``requests``, and the future of one request to ``path``, under way."""
+    loop = _Loop()
+    loop.run(_started(requests)).result(5)
+    under_way = loop.run(requests(_request(path), None, None))
+    _eventually(lambda: ("start", path) in events)
+    return loop, under_way
+
+
 def _eventually(condition, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -53,11 +62,8 @@ def _eventually(condition, seconds: float = 5.0) -> None:
 def test_a_hold_waits_for_the_requests_under_way_and_holds_off_new_ones():
     events, slow = [], threading.Event()
     requests = Quiescence(_app(events, {"/slow": slow}))
-    loop = _Loop()
+    loop, first = _serving(requests, events, "/slow")
     try:
-        loop.run(_started(requests)).result(5)
-        first = loop.run(requests(_request("/slow"), None, None))
-        _eventually(lambda: ("start", "/slow") in events)
         inside = threading.Event()
 
         def fork_like() -> None:
@@ -87,11 +93,8 @@ def test_a_request_waiting_on_the_process_itself_does_not_hold_a_hold_up():
     events, waiting = [], threading.Event()
     requests = Quiescence(None)
     requests.app = _app(events, {"/waits-on-process": waiting}, requests)
-    loop = _Loop()
+    loop, pending = _serving(requests, events, "/waits-on-process")
     try:
-        loop.run(_started(requests)).result(5)
-        pending = loop.run(requests(_request("/waits-on-process"), None, None))
-        _eventually(lambda: ("start", "/waits-on-process") in events)
         held = threading.Event()
 
         def fork_like() -> None:
