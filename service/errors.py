@@ -13,6 +13,10 @@ from fastapi.responses import JSONResponse
 from service.auth import routed_path
 from store.errors import ChangeNotDurable, ChangeNotSaved, ChannelClosed, ItemNotFound, NotFollowing, SnapshotError, SnapshotNotFound
 
+class ServerStopping(RuntimeError):
+    """SIGTERM/SIGINT reached the server: a version swap or a snapshot that has not started gives up."""
+
+
 STATUS: dict[type[Exception], int] = {
     ItemNotFound: 404,  # an unknown id in a get, delete, locate, or search by ids
     SnapshotNotFound: 404,
@@ -21,6 +25,7 @@ STATUS: dict[type[Exception], int] = {
     ChangeNotDurable: 503,  # in the log and served, its fsync failed: send it again once the disk is fixed
     ChannelClosed: 503,  # a worker process whose primary is gone (it stops too): retry, another answers
     NotFollowing: 503,  # a worker process that cannot apply the log (it stops, a fork replaces it): retry
+    ServerStopping: 503,  # a restart follows (compose, systemd): retry then
 }
 
 
@@ -41,6 +46,8 @@ def _detail(request: Request, err: Exception) -> str:
         return f"this worker lost the process that stores changes ({err}); nothing was applied; retry"
     if isinstance(err, NotFollowing):
         return f"{err}; it stops and a fresh one takes its place; retry"
+    if isinstance(err, ServerStopping):
+        return f"{err}; nothing was changed; retry once the server is back"
     return str(err)
 
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -54,13 +54,14 @@ from prometheus_client import values
 from index.embedder import MODALITIES, Embedder, choose_providers
 from service.app import create_app
 from service.bodies import share_parsers, start_parsers, stop_parsers, validate_in_parser
+from service.errors import ServerStopping
 from service.forking import Quiescence, close_client_connections
 from service.prefork import preload, release_free_heap, warm_up
 from service.settings import Settings
 from service.state import ServiceState
 from service.timeouts import deadline_protocol
 from store.collection import Collection
-from store.errors import ChangeNotSaved, ChannelClosed
+from store.errors import ChannelClosed
 from store.replication import Channel, Hub, Replica
 from store.sharedlog import OPEN, SEALED, WAITING, Follower, LogState, Position
 from store.served import check_not_moved
@@ -106,7 +107,7 @@ class Primary:
         self._failure: str | None = None  # the index no longer matches the log: the server stops
         self.state = PrimaryState(settings, collection, self)
         self.requests = Quiescence(create_app(settings, state=self.state))  # slot 0's, held off while this process forks
-        self.server = PrimaryServer(_uvicorn_config(settings, self.requests), self.requests, self._stopping)
+        self.server = PrimaryServer(_uvicorn_config(settings, self.requests), self.requests, self._stop)
         self._follower: Follower | None = None
         self._attach(collection, OPEN)
 
@@ -136,7 +137,7 @@ class Primary:
         with self._gate:
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
-                raise ChangeNotSaved("item", "the server is stopping")
+                raise ServerStopping("the server is stopping: no snapshot starts now")
             self._in_flight += 1
         try:
             yield
@@ -151,7 +152,7 @@ class Primary:
         with self._gate:
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
-                raise RuntimeError("the server is stopping")
+                raise ServerStopping("the server is stopping: no version swap starts now")
             self._swapping = True
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
@@ -210,13 +211,14 @@ class Primary:
     def _retire(self, pids: list[int]) -> None:
         """Wait for the old generation to finish its requests and exit; changes resume once it has."""
         deadline = time.monotonic() + STOP_GRACE_S
-        while any(pid in self.workers for pid in pids) and time.monotonic() < deadline:
+        stopping = self._stopping
+        while any(pid in self.workers for pid in pids) and time.monotonic() < deadline and not stopping.is_set():
             time.sleep(0.05)
         for pid in pids:
-            if pid in self.workers:
+            if pid in self.workers and not stopping.is_set():
                 log.warning("worker %d did not finish its requests within %.0f s; killing it", pid, STOP_GRACE_S)
                 _signal(pid, signal.SIGKILL)
-        while any(pid in self.workers for pid in pids):
+        while any(pid in self.workers for pid in pids) and not stopping.is_set():  # once stopping, the supervisor no longer counts the dead: the stop waits for them
             time.sleep(0.05)
         self._open_gate()
 
@@ -229,7 +231,7 @@ class Primary:
         self._forks.put((list(range(1, self.settings.workers)), done))
         while not done.wait(0.1):  # the supervisor forks; once it stops looking, nobody will
             if self._stopping.is_set():
-                raise RuntimeError("the server is stopping")
+                raise ServerStopping("the server stopped during the version swap")
         return old
 
     def _fork_worker(self, slot: int) -> None:
@@ -258,9 +260,8 @@ class Primary:
 
     def run(self) -> int:
         """Fork the workers, serve slot 0 and look after the workers until SIGTERM/SIGINT."""
-        stop = self._stopping
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # what uvicorn restores (and calls) once it stopped
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())  # what uvicorn restores (and calls) once it stopped
+        signal.signal(signal.SIGINT, lambda *_: self._stop())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self._swap_on_sighup, daemon=True).start())  # until the app's loop takes it
         for slot in range(1, self.settings.workers):  # before this process serves: nothing to hold off
             self._fork_worker(slot)
@@ -269,12 +270,17 @@ class Primary:
         try:
             self.server.run(sockets=[self.sockets[0]])  # until SIGTERM/SIGINT, or the supervisor stops it
         finally:
-            stop.set()
+            self._stop()
             supervisor.join()
-            with self._gate:  # calls waiting for a swap give up (a swap waiting for its forks does too)
-                self._gate.notify_all()
             self._stop_all()
         return 1 if self._failure else 0
+
+    def _stop(self) -> None:
+        """SIGTERM/SIGINT, or the supervisor gave up: calls waiting for a swap give up now, not once
+        the server has stopped, which waits for them (a swap waiting for its forks does too)."""
+        self._stopping.set()
+        with self._gate:
+            self._gate.notify_all()
 
     def _supervise(self) -> None:
         """Fork the workers asked for (a swap's generation) and replace those that die."""
@@ -305,7 +311,7 @@ class Primary:
             log.exception("the primary's supervisor failed: stopping the server")
             self._failure = self._failure or "supervisor failed"
         finally:
-            stop.set()
+            self._stop()
             self.server.should_exit = True
             for pid in list(self.workers):  # they finish their requests while this process finishes its own
                 _signal(pid, signal.SIGTERM)
@@ -532,14 +538,14 @@ class WorkerServer(uvicorn.Server):
 
 class PrimaryServer(uvicorn.Server):
     """Slot 0's server, in the primary's main thread: it tells ``requests`` its event loop, and
-    ``stopping`` when SIGTERM/SIGINT stops it (the workers then stop beside it, not after it)."""
+    calls ``on_stop`` when SIGTERM/SIGINT stops it (the workers then stop beside it, not after it)."""
 
-    def __init__(self, config: uvicorn.Config, requests: Quiescence, stopping: threading.Event):
+    def __init__(self, config: uvicorn.Config, requests: Quiescence, on_stop: Callable[[], None]):
         super().__init__(config)
-        self.requests, self.stopping = requests, stopping
+        self.requests, self.on_stop = requests, on_stop
 
     def handle_exit(self, sig: int, frame) -> None:
-        self.stopping.set()
+        self.on_stop()
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
