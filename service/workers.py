@@ -195,9 +195,9 @@ class Primary:
             self.hub.send(pid, ("retire",))
         deadline = time.monotonic() + RETIRE_WAIT_S
         for pid, stopped in asked.items():
-            while not stopped.wait(0.05) and pid in self.workers and time.monotonic() < deadline:
+            while not stopped.wait(0.05) and pid in self.workers and time.monotonic() < deadline and not self._stopping.is_set():
                 pass
-            if not stopped.is_set() and pid in self.workers:
+            if not stopped.is_set() and pid in self.workers and not self._stopping.is_set():  # once stopping, the stop sends it
                 log.warning("worker %d did not stop taking requests within %.0f s; sending SIGTERM", pid, RETIRE_WAIT_S)
                 _signal(pid, signal.SIGTERM)
             self._retiring.pop(pid, None)
