@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from service.auth import routed_path
 from store.errors import ChangeNotDurable, ChangeNotSaved, ChannelClosed, ItemNotFound, NotFollowing, SnapshotError, SnapshotNotFound
 
+
 class ServerStopping(RuntimeError):
-    """SIGTERM/SIGINT reached the server: a version swap or a snapshot that has not started gives up."""
+    """SIGTERM/SIGINT reached the server: a version swap or a snapshot that waited for another gives up."""
 
 
 STATUS: dict[type[Exception], int] = {
@@ -47,7 +48,7 @@ def _detail(request: Request, err: Exception) -> str:
     if isinstance(err, NotFollowing):
         return f"{err}; it stops and a fresh one takes its place; retry"
     if isinstance(err, ServerStopping):
-        return f"{err}; nothing was changed; retry once the server is back"
+        return f"{err}; retry once the server is back"
     return str(err)
 
 

@@ -137,7 +137,7 @@ class Primary:
         with self._gate:
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
-                raise ServerStopping("the server is stopping: no snapshot starts now")
+                raise ServerStopping("the server is stopping: no snapshot was taken")
             self._in_flight += 1
         try:
             yield
@@ -152,7 +152,7 @@ class Primary:
         with self._gate:
             self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
             if self._stopping.is_set():
-                raise ServerStopping("the server is stopping: no version swap starts now")
+                raise ServerStopping("the server is stopping: no version was swapped in")
             self._swapping = True
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
@@ -231,7 +231,7 @@ class Primary:
         self._forks.put((list(range(1, self.settings.workers)), done))
         while not done.wait(0.1):  # the supervisor forks; once it stops looking, nobody will
             if self._stopping.is_set():
-                raise ServerStopping("the server stopped during the version swap")
+                raise ServerStopping("the server stopped during the version swap; GET /v1/info says which version serves")
         return old
 
     def _fork_worker(self, slot: int) -> None:
