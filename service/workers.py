@@ -135,9 +135,7 @@ class Primary:
     def _unless_swapping(self) -> Iterator[None]:
         """Run the block outside any version swap (it waits for this to end, this for it)."""
         with self._gate:
-            self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
-            if self._stopping.is_set():
-                raise ServerStopping("the server is stopping: no snapshot was taken")
+            self._wait_out_swap("no snapshot was taken")
             self._in_flight += 1
         try:
             yield
@@ -146,13 +144,17 @@ class Primary:
                 self._in_flight -= 1
                 self._gate.notify_all()
 
+    def _wait_out_swap(self, refused: str) -> None:
+        """Holding the gate: wait until no swap is under way; give up, saying ``refused``, once the server stops."""
+        self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
+        if self._stopping.is_set():
+            raise ServerStopping(f"the server is stopping: {refused}")
+
     def _swap(self, model_dir: Path | None, index_dir: Path | None) -> tuple[str, str, dict]:
         """Load a version, fork its workers, switch this process's requests to it, retire the old
         workers; (previous, version, sizes)."""
         with self._gate:
-            self._gate.wait_for(lambda: not self._swapping or self._stopping.is_set())
-            if self._stopping.is_set():
-                raise ServerStopping("the server is stopping: no version was swapped in")
+            self._wait_out_swap("no version was swapped in")
             self._swapping = True
             self._gate.wait_for(lambda: self._in_flight == 0)
         try:
@@ -211,14 +213,14 @@ class Primary:
     def _retire(self, pids: list[int]) -> None:
         """Wait for the old generation to finish its requests and exit; changes resume once it has."""
         deadline = time.monotonic() + STOP_GRACE_S
-        stopping = self._stopping
+        stopping = self._stopping  # once set, the supervisor no longer counts the dead: the stop waits for them
         while any(pid in self.workers for pid in pids) and time.monotonic() < deadline and not stopping.is_set():
             time.sleep(0.05)
         for pid in pids:
             if pid in self.workers and not stopping.is_set():
                 log.warning("worker %d did not finish its requests within %.0f s; killing it", pid, STOP_GRACE_S)
                 _signal(pid, signal.SIGKILL)
-        while any(pid in self.workers for pid in pids) and not stopping.is_set():  # once stopping, the supervisor no longer counts the dead: the stop waits for them
+        while any(pid in self.workers for pid in pids) and not stopping.is_set():
             time.sleep(0.05)
         self._open_gate()
 
