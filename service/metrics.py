@@ -7,6 +7,7 @@ worker answers, adds them up over the processes (the primary's folds included).
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable
 
@@ -17,6 +18,23 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 BYTES_BUCKETS = tuple(2**i for i in range(10, 37, 2))  # 1 KiB .. 64 GiB
+
+
+class ProcessFilesCollector(MultiProcessCollector):
+    """prometheus_client's multiprocess collector, but a process's file that is still empty is read as
+    holding nothing yet. A process creates its file and sizes it a moment later; read in between,
+    prometheus_client 0.26 fails the whole scrape (``struct.error``: a 500 on /metrics after a worker
+    starts, prometheus/client_python#1199). A worker killed in that moment leaves the empty file for good."""
+
+    def collect(self):
+        return self.merge([path for path in glob.glob(os.path.join(self._path, "*.db")) if _holds_anything(path)], accumulate=True)
+
+
+def _holds_anything(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0  # once sized, a file only grows
+    except FileNotFoundError:  # a dead process's gauge file, removed since the glob
+        return False
 
 
 class Metrics:
@@ -43,7 +61,7 @@ class Metrics:
         self.reading = self.registry  # what /metrics and the console read: every process's figures with workers
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.reading = CollectorRegistry()
-            MultiProcessCollector(self.reading)
+            ProcessFilesCollector(self.reading)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
