@@ -55,7 +55,7 @@ def _worker_connections(server: Server, count: int = 2, deadline_s: float = 30.0
 def _metric(server: Server, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples carrying ``labels`` in /metrics."""
     status, text = _get_text(server, "/metrics")
-    assert status == 200
+    assert status == 200, f"/metrics answered {status}: {text[:500]}\nthe server's log:\n{server.log()[-3000:]}"
     total = 0.0
     for line in text.splitlines():
         sample = line.split("{")[0].split(" ")[0]
@@ -312,7 +312,7 @@ def test_a_primary_whose_index_no_longer_matches_the_log_stops_the_server(tiny, 
             code = server.proc.wait(STOP_GRACE_S + 20)
         except subprocess.TimeoutExpired:
             raise AssertionError("the primary kept serving an index that no longer matches its log") from None
-        stderr = server.proc.stderr.read()
+        stderr = server.log()
         assert code == 1, stderr[-3000:]
         assert "no longer matches" in stderr and "restart" in stderr, stderr[-3000:]
         deadline = time.monotonic() + 10

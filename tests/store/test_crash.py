@@ -9,6 +9,7 @@ naming the file and the byte offset.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -48,10 +49,13 @@ class Server:
         }
         cmd = [sys.executable, "-m", "service", "serve", "--model", str(model), "--index", str(index), "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._log_lines: collections.deque[str] = collections.deque(maxlen=1000)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)  # unread, a full pipe would block the server's logging
+        self._reader.start()
         deadline = time.monotonic() + 60
         while True:  # serve loads (snapshot + replay) before it binds: the port answering means ready
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode} on restart:\n{self.proc.stderr.read()[-3000:]}")
+                raise AssertionError(f"the server exited with {self.proc.returncode} on restart:\n{self.log()[-3000:]}")
             try:
                 if self.request("GET", "/readyz")[0] == 200:
                     return
@@ -71,12 +75,21 @@ class Server:
             if own:
                 conn.close()
 
+    def _read_log(self) -> None:
+        with self.proc.stderr:
+            self._log_lines.extend(self.proc.stderr)
+
+    def log(self) -> str:
+        """The server's last log lines (its stderr), through its end once it has exited."""
+        if self.proc.poll() is not None:
+            self._reader.join(10)  # its forked processes hold the pipe until they are gone too
+        return "".join(self._log_lines)
+
     def kill(self) -> int:
         """SIGKILL the server; returns how many snapshot writers it had forked then (they must die with it)."""
         writers = [pid for pid in self.processes() if pid != self.proc.pid]
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        self.proc.stderr.close()
         deadline = time.monotonic() + 5
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.01)
